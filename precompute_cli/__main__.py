@@ -1,0 +1,3 @@
+from precompute_cli.cli import main
+
+main()

@@ -1,0 +1,147 @@
+"""What a conversion will do, as a plain value: the table to compute, the tensors to remove, the shards to write.
+
+`make_plan` checks the recipe's expectations against the checkpoint's headers (names, shapes) so that every
+mismatch is found before a byte is written. `--dry-run`, `inspect`, the report and the tests read the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from precompute_cli.errors import InputError
+from precompute_cli.recipes import Recipe, recipe_for
+from precompute_cli.source import Source
+from precompute_cli.spec import Config
+from precompute_cli.st_io import NAME_TO_ST, TensorInfo, itemsize
+
+TABLE_NAME = "precompute.table"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    rows: int
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    columns: dict[str, tuple[int, int] | None]
+    name: str = TABLE_NAME
+
+    @property
+    def width(self) -> int:
+        return max(stop for span in self.columns.values() if span for stop in span[1:])
+
+    @property
+    def ref(self) -> TensorRef:
+        return TensorRef(self.name, self.dtype, (self.rows, self.width))
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str  # output file name
+    source: Path
+    kept: tuple[TensorInfo, ...]  # copied byte for byte, in the source's data order
+    source_count: int  # tensors in the source shard
+    has_table: bool
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.has_table and len(self.kept) == self.source_count
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: Source
+    recipe: Recipe
+    table: TablePlan
+    removed: tuple[TensorRef, ...]
+    shards: tuple[ShardPlan, ...]  # empty when planned from a config alone
+    inputs: dict[str, tuple[Path, TensorInfo]]  # tensors the fold reads
+    params_before: int | None  # exact when tensors are known
+    bytes_before: int | None
+
+    @property
+    def from_config_only(self) -> bool:
+        return not self.shards
+
+
+def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:
+    cfg = Config.load(source.config_path)
+    if vocab_size is not None:
+        cfg.data["vocab_size"] = vocab_size
+    return recipe_for(cfg)
+
+
+def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None) -> Plan:
+    """Refuse what cannot be folded, then match the recipe's tensors against the checkpoint's."""
+    cfg = recipe.cfg
+    if "precompute" in cfg.data:
+        raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a 'precompute' block)")
+    reason = recipe.refusal()
+    if reason:
+        raise InputError(f"{cfg.path}: {reason}")
+    expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
+                **recipe.embedding_transforms(), **recipe.folded()}
+    tensors = source.tensors() if source.shards else {}
+    for name, shape in expected.items():
+        if tensors and name not in tensors:
+            raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
+                             f"but the checkpoint has no tensor {name}")
+        if tensors and tensors[name][1].shape != shape:
+            raise InputError(f"{tensors[name][0]}: tensor {name} has shape {list(tensors[name][1].shape)}, "
+                             f"the config implies {list(shape)}")
+    dtype_of = {n: (tensors[n][1].dtype if tensors else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
+    for name in expected:
+        if dtype_of[name] not in ("F32", "F16", "BF16", "F64"):
+            raise InputError(f"{source.ref}: tensor {name} is {dtype_of[name]}; only float checkpoints can be folded")
+    table = TablePlan(
+        rows=recipe.spec.vocab_size,
+        dtype=_table_dtype(table_dtype, dtype_of[recipe.embedding]),
+        columns=recipe.columns(),
+    )
+    removed = tuple(TensorRef(n, dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
+    shards = _shards(tensors, {r.name for r in removed}, recipe.embedding) if tensors else ()
+    return Plan(
+        source=source, recipe=recipe, table=table, removed=removed, shards=shards,
+        inputs={n: tensors[n] for n in expected} if tensors else {},
+        params_before=sum(i.numel for _, i in tensors.values()) if tensors else None,
+        bytes_before=sum(i.nbytes for _, i in tensors.values()) if tensors else None,
+    )
+
+
+def _table_dtype(requested: str | None, embedding_dtype: str) -> str:
+    if requested is None:
+        return embedding_dtype
+    if requested not in NAME_TO_ST:
+        raise InputError(f"--table-dtype {requested!r}: choose one of {', '.join(NAME_TO_ST)}")
+    return NAME_TO_ST[requested]
+
+
+def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str) -> tuple[ShardPlan, ...]:
+    """Mirror the source's shards; the table goes where the embedding was."""
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for path, info in tensors.values():
+        by_file.setdefault(path, []).append(info)
+    table_home = tensors[embedding][0]
+    single = len(by_file) == 1
+    plans = []
+    for path, infos in sorted(by_file.items()):
+        kept = tuple(sorted((i for i in infos if i.name not in removed), key=lambda i: i.start))
+        if kept or path == table_home:
+            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home))
+    return tuple(plans)

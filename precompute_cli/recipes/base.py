@@ -1,0 +1,126 @@
+"""The recipe interface and the registry of recipes by model_type.
+
+A recipe is everything this project knows about one architecture family: how to read its config into a
+ModelSpec, the names and shapes of the tensors layer 0 reads before attention, how to compute the table row
+of a token from them, and which modules the runtime replaces. Nothing outside recipes/ knows a tensor name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from precompute_cli.errors import InputError
+from precompute_cli.spec import Config, ModelSpec
+
+Shape = tuple[int, ...]
+Weights = Callable[[str], torch.Tensor]  # tensor name -> its values in float32
+
+
+@dataclass(frozen=True)
+class RuntimePatch:
+    """What the runtime replaces in a transformers model (module paths in memory, relative to the model)."""
+
+    layer: str  # decoder layer 0, e.g. "model.layers.0"
+    projections: dict[str, str]  # "q"/"k"/"v" -> path under `layer`; or "qkv" for one fused projection
+    identities: tuple[str, ...] = ()  # under `layer`: norms whose effect is inside the table
+    zeros: tuple[str, ...] = ()  # under `layer`: branches whose output is inside the residual columns
+    # model-level modules applied to the embedding; they pass through when the table holds x
+    embedding_transforms: tuple[str, ...] = ()
+    fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (q, k, v) -> fused output
+
+
+@dataclass
+class Recipe:
+    """Base class: one instance per config. Subclasses set `model_types` and fill in the hooks."""
+
+    cfg: Config
+    spec: ModelSpec = field(init=False)
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.spec = self.describe()
+
+    # -- detection ---------------------------------------------------------------------------------------------
+    def describe(self) -> ModelSpec:
+        raise NotImplementedError
+
+    def refusal(self) -> str | None:
+        """Why this particular config cannot be folded (a flag we do not understand), or None."""
+        return None
+
+    # -- what layer 0 reads --------------------------------------------------------------------------------------
+    @property
+    def embedding(self) -> str:
+        """Name of the input embedding tensor on disk."""
+        raise NotImplementedError
+
+    def embedding_transforms(self) -> dict[str, Shape]:
+        """Tensors applied to the embedding row before layer 0 (BLOOM's word_embeddings_layernorm)."""
+        return {}
+
+    def folded(self) -> dict[str, Shape]:
+        """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""
+        raise NotImplementedError
+
+    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Table columns for a chunk of embedding rows `x` (stored dtype): residual, q, k, v in float32."""
+        raise NotImplementedError
+
+    def runtime_patch(self) -> RuntimePatch:
+        raise NotImplementedError
+
+    # -- derived -------------------------------------------------------------------------------------------------
+    @property
+    def stores_residual(self) -> bool:
+        """The table holds x (or x + FFN): always for parallel blocks, and for serial ones whose embedding goes."""
+        return self.spec.block == "parallel" or not self.spec.tied_embeddings
+
+    def removed(self) -> dict[str, Shape]:
+        """Every tensor the converted checkpoint no longer needs."""
+        names = dict(self.folded())
+        if self.stores_residual:
+            names.update(self.embedding_transforms())
+            if not self.spec.tied_embeddings:
+                names[self.embedding] = (self.spec.vocab_size, self.spec.hidden_size)
+        return names
+
+    def columns(self) -> dict[str, tuple[int, int] | None]:
+        """[start, stop) column ranges of the table, in the order residual | q | k | v."""
+        s = self.spec
+        widths = {"residual": s.hidden_size if self.stores_residual else 0, "q": s.q_dim, "k": s.kv_dim, "v": s.kv_dim}
+        out: dict[str, tuple[int, int] | None] = {}
+        start = 0
+        for name, width in widths.items():
+            out[name] = (start, start + width) if width else None
+            start += width
+        return out
+
+
+REGISTRY: dict[str, type[Recipe]] = {}
+
+
+def register(cls: type[Recipe]) -> type[Recipe]:
+    for model_type in cls.model_types:
+        REGISTRY[model_type] = cls
+    return cls
+
+
+def recipe_for(cfg: Config) -> Recipe:
+    """The recipe bound to this config; refuses unknown architectures and checkpoints we cannot read."""
+    model_type = cfg.model_type
+    if cfg.get("quantization_config") is not None:
+        method = cfg.get("quantization_config.quant_method", default="unknown")
+        raise InputError(f"{cfg.path}: quantized checkpoint ({method}); precompute needs the unquantized weights")
+    cls = REGISTRY.get(model_type)
+    if cls is None:
+        raise InputError(f"{cfg.path}: model_type {model_type!r} has no recipe; supported: {', '.join(supported())}")
+    return cls(cfg)
+
+
+def supported() -> list[str]:
+    """Model types that convert (recipes that refuse every config, such as absolute positions, are left out)."""
+    return sorted(t for t, cls in REGISTRY.items() if getattr(cls, "foldable", True))

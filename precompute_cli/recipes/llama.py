@@ -1,0 +1,98 @@
+"""The serial Llama skeleton: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, granite.
+
+x = embed_tokens[t] (granite: * embedding_multiplier); h = RMSNorm(x; input_layernorm); q, k, v = W h (+ b);
+qwen3*: per-head RMSNorm q_norm / k_norm before RoPE. Only Q, K, V fold: the FFN (dense or MoE) reads the
+attention output. Per-type differences are the tables below, read from transformers' configuration files.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from precompute_cli.recipes import ops
+from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
+from precompute_cli.spec import ModelSpec
+
+# Where q/k/v biases come from: a config key and its default, or a fixed answer.
+_BIAS = {
+    "llama": ("attention_bias", False), "qwen3": ("attention_bias", False), "qwen3_moe": ("attention_bias", False),
+    "granite": ("attention_bias", False), "qwen2_moe": ("qkv_bias", True),
+    "mistral": (None, False), "mixtral": (None, False), "qwen2": (None, True),
+}
+_KV_DEFAULT = {"mistral": 8, "mixtral": 8, "qwen3_moe": 4}
+_EPS_DEFAULT = {"mixtral": 1e-5}
+_QK_NORM = {"qwen3", "qwen3_moe"}
+_EXPERT_KEYS = {
+    "mixtral": ("num_local_experts", "num_experts"),
+    "qwen2_moe": ("num_experts", "num_local_experts"),
+    "qwen3_moe": ("num_experts", "num_local_experts"),
+}
+
+
+@register
+class Llama(Recipe):
+    model_types = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite")
+    prefix = "model.layers.0."
+
+    def describe(self) -> ModelSpec:
+        c, t = self.cfg, self.cfg.model_type
+        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
+        head_dim = c.int("head_dim", default=128 if t == "qwen3" else d // heads)
+        experts = c.int(*_EXPERT_KEYS[t], default=8 if t == "mixtral" else 0) if t in _EXPERT_KEYS else 1
+        moe_width = "moe_intermediate_size" if t in ("qwen2_moe", "qwen3_moe") else "intermediate_size"
+        return ModelSpec(
+            model_type=t, block="serial", positional="rope",
+            hidden_size=d, num_heads=heads,
+            num_kv_heads=c.int("num_key_value_heads", default=_KV_DEFAULT.get(t, heads)),
+            head_dim=head_dim, intermediate_size=c.int(moe_width if experts > 1 else "intermediate_size"),
+            ffn_matrices=3, num_experts=max(experts, 1), vocab_size=c.int("vocab_size"),
+            num_layers=c.int("num_hidden_layers"), tied_embeddings=bool(c.get("tie_word_embeddings", default=False)),
+            dtype=c.dtype,
+        )
+
+    @property
+    def has_bias(self) -> bool:
+        key, default = _BIAS[self.cfg.model_type]
+        return bool(self.cfg.get(key, default=default)) if key else default
+
+    @property
+    def embedding(self) -> str:
+        return "model.embed_tokens.weight"
+
+    def folded(self) -> dict[str, Shape]:
+        s, p = self.spec, self.prefix
+        out: dict[str, Shape] = {p + "input_layernorm.weight": (s.hidden_size,)}
+        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
+            out[f"{p}self_attn.{name}_proj.weight"] = (width, s.hidden_size)
+            if self.has_bias:
+                out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        if self.cfg.model_type in _QK_NORM:
+            out[p + "self_attn.q_norm.weight"] = (s.head_dim,)
+            out[p + "self_attn.k_norm.weight"] = (s.head_dim,)
+        return out
+
+    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        p, s = self.prefix, self.spec
+        # The residual columns replace the embedding module's output; granite multiplies after that module
+        # (in GraniteModel.forward, which still runs), so its residual stays unscaled while q/k/v see the product.
+        out = {"residual": x.float()}
+        if s.model_type == "granite":
+            x = x * float(self.cfg.get("embedding_multiplier", default=1.0))
+        eps = float(self.cfg.get("rms_norm_eps", default=_EPS_DEFAULT.get(s.model_type, 1e-6)))
+        h = ops.rms_norm(x.float(), w(p + "input_layernorm.weight"), eps)
+        for name in "qkv":
+            bias = w(f"{p}self_attn.{name}_proj.bias") if self.has_bias else None
+            out[name] = ops.linear(h, w(f"{p}self_attn.{name}_proj.weight"), bias)
+        if s.model_type in _QK_NORM:
+            for name in "qk":
+                heads = out[name].unflatten(-1, (-1, s.head_dim))
+                out[name] = ops.rms_norm(heads, w(f"{p}self_attn.{name}_norm.weight"), eps).flatten(-2)
+        return out
+
+    def runtime_patch(self) -> RuntimePatch:
+        qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if self.cfg.model_type in _QK_NORM else ()
+        return RuntimePatch(
+            layer="model.layers.0",
+            projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+            identities=("input_layernorm", *qk_norms),
+        )

@@ -1,0 +1,188 @@
+"""Numbers about a conversion, as values: the paper's read and memory analysis, and the size-delta report.
+
+The paper's convention counts only Q, K, V (and for parallel blocks FFN) weight *matrices* as eliminated;
+`eliminated_params` counts every element we actually remove (norms, biases, routers, the untied embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from precompute_cli.execute import Result
+from precompute_cli.plan import Plan, TensorRef
+from precompute_cli.spec import ModelSpec
+
+BATCHES = (1, 16, 256, 1024)
+
+
+def linear_weights(spec: ModelSpec, parallel: bool) -> int:
+    """The paper's num_weights_Q_K_V_FFN: layer 0's Q, K, V matrices, plus the FFN's when it folds too."""
+    qkv = spec.hidden_size * (spec.q_dim + 2 * spec.kv_dim)
+    ffn = spec.ffn_matrices * spec.hidden_size * spec.intermediate_size * spec.num_experts
+    return qkv + (ffn if parallel else 0)
+
+
+def estimated_params(spec: ModelSpec) -> int:
+    """Weight matrices of the whole model from the config alone (norms and biases left out)."""
+    d = spec.hidden_size
+    attn = d * (2 * spec.q_dim + 2 * spec.kv_dim)
+    ffn = spec.ffn_matrices * d * spec.intermediate_size * spec.num_experts
+    router = d * spec.num_experts if spec.num_experts > 1 else 0
+    embeddings = spec.vocab_size * d * (1 if spec.tied_embeddings else 2)
+    return embeddings + spec.num_layers * (attn + ffn + router)
+
+
+def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
+    """inspect's figures: detected architecture, and what converting would gain or cost."""
+    recipe = plan.recipe
+    spec = replace(recipe.spec, block="parallel") if assume_parallel else recipe.spec
+    parallel = spec.block == "parallel"
+    eliminated_linear = linear_weights(spec, parallel)
+    eliminated = sum(r.numel for r in plan.removed)
+    if assume_parallel and recipe.spec.block == "serial":
+        ffn = linear_weights(spec, True) - linear_weights(spec, False)
+        eliminated += ffn + (spec.hidden_size * spec.num_experts if spec.num_experts > 1 else 0)
+    stores_residual = parallel or not spec.tied_embeddings
+    table_width = (spec.hidden_size if stores_residual else 0) + spec.q_dim + 2 * spec.kv_dim
+    table_params = table_width * spec.vocab_size
+    total = plan.params_before if plan.params_before is not None else estimated_params(spec)
+    delta = table_params - eliminated
+    reads = spec.hidden_size + spec.q_dim + 2 * spec.kv_dim
+    paper_increase = (spec.q_dim + 2 * spec.kv_dim) * spec.vocab_size - eliminated_linear
+    return {
+        **{k: v for k, v in spec.as_dict().items() if k not in ("num_heads", "num_kv_heads", "head_dim")},
+        "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+        "num_layers": spec.num_layers,
+        "assumed_parallel": assume_parallel,
+        "precomputable": True,
+        "reason": None,
+        "eliminated_params": eliminated,
+        "eliminated_linear_params": eliminated_linear,
+        "table_width": table_width,
+        "table_params": table_params,
+        "total_params": total,
+        "total_params_exact": plan.params_before is not None,
+        "param_delta": delta,
+        "param_delta_pct": 100.0 * delta / total if total else None,
+        "memory_increase_paper": paper_increase,
+        "memory_increase_paper_pct": 100.0 * paper_increase / total if total else None,
+        "reads_per_token": reads,
+        "reads_without_precompute": {str(b): b * spec.hidden_size + eliminated_linear for b in BATCHES},
+        "reads_with_precompute": {str(b): b * reads for b in BATCHES},
+        "reduction_factor": {str(b): (b * spec.hidden_size + eliminated_linear) / (b * reads) for b in BATCHES},
+        "removed": [_tensor(r) for r in plan.removed],
+        "table": _tensor(plan.table.ref),
+        "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
+    }
+
+
+def refused(spec: ModelSpec, reason: str) -> dict[str, Any]:
+    """inspect's answer for a checkpoint we cannot fold: the detection, and why not."""
+    return {**spec.as_dict(), "precomputable": False, "reason": reason, "eliminated_params": 0,
+            "eliminated_linear_params": 0, "table_width": 0, "param_delta": 0, "param_delta_pct": 0.0,
+            "reads_per_token": spec.hidden_size, "reduction_factor": {str(b): 1.0 for b in BATCHES}}
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    source: str
+    revision: str | None
+    out: str
+    model_type: str
+    block: str
+    removed: list[dict[str, Any]]
+    added: list[dict[str, Any]]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    param_delta: int
+    param_delta_pct: float
+    byte_delta: int
+    byte_delta_pct: float
+    seconds: float
+    files: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def conversion_report(plan: Plan, result: Result) -> ConversionReport:
+    removed = list(plan.removed)
+    added = [plan.table.ref]
+    params_after = plan.params_before - sum(r.numel for r in removed) + sum(a.numel for a in added)
+    bytes_after = plan.bytes_before - sum(r.nbytes for r in removed) + sum(a.nbytes for a in added)
+    return ConversionReport(
+        source=plan.source.ref, revision=plan.source.revision, out=str(result.out),
+        model_type=plan.recipe.spec.model_type, block=plan.recipe.spec.block,
+        removed=[_tensor(r) for r in removed], added=[_tensor(a) for a in added],
+        params_before=plan.params_before, params_after=params_after,
+        bytes_before=plan.bytes_before, bytes_after=bytes_after,
+        param_delta=params_after - plan.params_before,
+        param_delta_pct=100.0 * (params_after - plan.params_before) / plan.params_before,
+        byte_delta=bytes_after - plan.bytes_before,
+        byte_delta_pct=100.0 * (bytes_after - plan.bytes_before) / plan.bytes_before,
+        seconds=round(result.seconds, 3),
+        files=[asdict(f) for f in result.files],
+    )
+
+
+def _tensor(ref: TensorRef) -> dict[str, Any]:
+    return {"name": ref.name, "shape": list(ref.shape), "dtype": ref.dtype, "params": ref.numel, "bytes": ref.nbytes}
+
+
+def render_analysis(console: Console, data: dict[str, Any], title: str) -> None:
+    arch = Table(title=title, show_header=False)
+    for key in ("model_type", "block", "attention", "ffn", "num_experts", "positional", "hidden_size", "q_dim",
+                "kv_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "num_layers", "tied_embeddings",
+                "dtype"):
+        if key in data:
+            arch.add_row(key, str(data[key]))
+    console.print(arch)
+    if not data["precomputable"]:
+        console.print(f"[bold red]Not precomputable:[/] {data['reason']}")
+        return
+    gain = Table(title="Converting it" + (" (assuming a parallel attention/FFN block)" if data["assumed_parallel"]
+                                          else ""), show_header=False)
+    gain.add_row("eliminated weights (paper: Q, K, V" + (", FFN" if data["block"] == "parallel" else "") + ")",
+                 f"{data['eliminated_linear_params']:,}")
+    gain.add_row("eliminated parameters (every tensor removed)", f"{data['eliminated_params']:,}")
+    gain.add_row("table", f"{data['vocab_size']:,} x {data['table_width']:,} = {data['table_params']:,}")
+    gain.add_row("reads per token with precompute", f"{data['reads_per_token']:,}")
+    for b in BATCHES:
+        gain.add_row(f"first-layer reads, batch {b}: without / with",
+                     f"{data['reads_without_precompute'][str(b)]:,} / {data['reads_with_precompute'][str(b)]:,}"
+                     f"  ({data['reduction_factor'][str(b)]:,.0f}x)")
+    exact = "" if data["total_params_exact"] else " (total estimated from config)"
+    gain.add_row("memory increase, paper's formula",
+                 f"{data['memory_increase_paper']:+,} ({data['memory_increase_paper_pct']:+.1f}%){exact}")
+    gain.add_row("parameter delta, exact", f"{data['param_delta']:+,} ({data['param_delta_pct']:+.2f}%){exact}")
+    console.print(gain)
+
+
+def render_conversion(console: Console, report: ConversionReport) -> None:
+    tensors = Table(title=f"{report.source} -> {report.out}")
+    for col in ("", "tensor", "shape", "dtype", "bytes"):
+        tensors.add_column(col, justify="right" if col == "bytes" else "left")
+    for sign, rows in (("-", report.removed), ("+", report.added)):
+        for t in rows:
+            tensors.add_row(sign, t["name"], "x".join(map(str, t["shape"])), t["dtype"], f"{t['bytes']:,}")
+    console.print(tensors)
+    sizes = Table(show_header=True)
+    for col in ("", "before", "after", "delta"):
+        sizes.add_column(col, justify="right")
+    sizes.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}",
+                  f"{report.param_delta:+,} ({report.param_delta_pct:+.2f}%)")
+    sizes.add_row("bytes", f"{report.bytes_before:,}", f"{report.bytes_after:,}",
+                  f"{report.byte_delta:+,} ({report.byte_delta_pct:+.2f}%)")
+    console.print(sizes)
+    files = Table(title=f"output files ({report.seconds:.2f} s)")
+    for col in ("file", "bytes", "sha256"):
+        files.add_column(col)
+    for f in report.files:
+        files.add_row(f["name"], f"{f['bytes']:,}", f["sha256"][:16] + "...")
+    console.print(files)

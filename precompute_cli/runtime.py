@@ -1,0 +1,153 @@
+"""Run a converted checkpoint: a transformers model whose layer 0 reads Q, K, V (and x) from the table.
+
+The model is loaded by transformers' own `from_pretrained` (so its weight conversions, such as fused MoE
+experts, apply), then the recipe's RuntimePatch says which modules to swap: the input embedding becomes a
+table lookup, layer 0's projections return their table columns, folded norms pass through, and a folded
+parallel FFN returns zeros (its output is already inside the residual columns). The eliminated weights are
+dropped with the modules that held them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from precompute_cli.errors import InputError
+from precompute_cli.recipes import recipe_for
+from precompute_cli.source import resolve
+from precompute_cli.spec import Config
+
+
+class TableEmbedding(nn.Module):
+    """The input embedding of a converted model: one table row per token, shared with layer 0's projections."""
+
+    def __init__(self, table: torch.Tensor, residual: tuple[int, int] | None, embedding: nn.Module | None):
+        super().__init__()
+        self.table = nn.Parameter(table, requires_grad=False)
+        self.residual = residual
+        self.embedding = embedding  # kept only when the output head is tied to it, or x is not in the table
+        self.rows: torch.Tensor | None = None
+        self.num_embeddings, self.embedding_dim = table.shape[0], (
+            residual[1] - residual[0] if residual else embedding.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.embedding is not None:
+            return self.embedding.weight
+        return self.table[:, self.residual[0]:self.residual[1]]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.rows = self.table[input_ids]
+        if self.residual is None:
+            return self.embedding(input_ids)
+        return self.rows[..., self.residual[0]:self.residual[1]]
+
+    def columns(self, span: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        rows = self.rows
+        if rows is None or rows.shape[:-1] != like.shape[:-1]:
+            raise RuntimeError("layer 0 ran on inputs that did not come through the table (inputs_embeds "
+                               "are not supported by a precomputed model; pass input_ids)")
+        return rows[..., span[0]:span[1]]
+
+
+class TableColumns(nn.Module):
+    """Stands in for a Q, K or V projection of layer 0: returns the token's precomputed columns."""
+
+    def __init__(self, table: TableEmbedding, span: tuple[int, int]):
+        super().__init__()
+        self.span = span
+        self._table = [table]  # a list, so the table is not registered twice as a submodule
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._table[0].columns(self.span, hidden_states)
+
+
+class TableFusedQKV(nn.Module):
+    """Stands in for a fused QKV projection: q, k, v from the table, laid out as the model's fused output."""
+
+    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], fuse):
+        super().__init__()
+        self.spans, self.fuse = spans, fuse
+        self._table = [table]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        t = self._table[0]
+        return self.fuse(*(t.columns(self.spans[n], hidden_states) for n in "qkv"))
+
+
+class PassThrough(nn.Module):
+    """A folded norm: its effect is already inside the table."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """A folded parallel FFN: its output is already inside the residual columns."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
+               revision: str | None = None, offline: bool = False, token: str | None = None) -> nn.Module:
+    """A transformers causal LM for a converted checkpoint (needs the `runtime` extra: transformers)."""
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise InputError("load_model needs transformers: pip install 'precompute-cli[runtime]'") from None
+    src = resolve(str(path_or_hub_id), revision=revision, offline=offline, token=token)
+    cfg = Config.load(src.config_path)
+    block = cfg.data.get("precompute")
+    if not isinstance(block, dict) or block.get("format") != 1:
+        raise InputError(f"{src.config_path}: not a precomputed checkpoint (no 'precompute' block of format 1)")
+    recipe = recipe_for(Config({k: v for k, v in cfg.data.items() if k != "precompute"}, cfg.path))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.root, dtype=dtype or "auto", trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
+    model_dtype = next(model.parameters()).dtype
+    table = _read_table(src, block["table"]).to(model_dtype)
+    patch_model(model, recipe, block, table)
+    return model.to(device).eval()
+
+
+def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> None:
+    """Swap the modules the recipe names; what they held (the eliminated weights) is released."""
+    patch = recipe.runtime_patch()
+    spans = {k: tuple(v) if v else None for k, v in block["columns"].items()}
+    keep_embedding = recipe.spec.tied_embeddings or spans["residual"] is None
+    embedding = TableEmbedding(table, spans["residual"], model.get_input_embeddings() if keep_embedding else None)
+    model.set_input_embeddings(embedding)
+    layer = model.get_submodule(patch.layer)
+    if "qkv" in patch.projections:
+        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fuse))
+    else:
+        for name, path in patch.projections.items():
+            layer.set_submodule(path, TableColumns(embedding, spans[name]))
+    for path in patch.identities:
+        layer.set_submodule(path, PassThrough())
+    for path in patch.zeros:
+        layer.set_submodule(path, Zero())
+    if spans["residual"] is not None:
+        for path in patch.embedding_transforms:
+            model.set_submodule(path, PassThrough())
+
+
+def _read_table(src, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    for shard in src.shards:
+        with safe_open(shard, framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise InputError(f"{src.root}: the config names table {name}, but no shard holds it")

@@ -1,0 +1,120 @@
+"""Where a checkpoint comes from: a Hub id, a local folder, a single .safetensors file or a config.json.
+
+Everything after this module sees a `Source`: a local folder, its config, its safetensors shards in order,
+and the files copied verbatim. Pickled weights are refused here, never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from precompute_cli.errors import InputError
+from precompute_cli.st_io import Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+# Files copied verbatim to the output (and the only non-weight files downloaded from the Hub).
+AUX_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "*.tiktoken", "generation_config.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+)
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", INDEX_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    ref: str  # what the user named: hub id or path
+    root: Path
+    config_path: Path
+    shards: tuple[Path, ...] = ()
+    revision: str | None = None
+    aux: tuple[Path, ...] = field(default=())
+
+    @property
+    def is_hub(self) -> bool:
+        return self.revision is not None
+
+    def headers(self) -> dict[Path, Header]:
+        return {path: read_header(path) for path in self.shards}
+
+    def tensors(self) -> dict[str, tuple[Path, TensorInfo]]:
+        """Every tensor of the checkpoint by name, checked against the index file when there is one."""
+        found: dict[str, tuple[Path, TensorInfo]] = {}
+        for path, header in self.headers().items():
+            for name, info in header.tensors.items():
+                if name in found:
+                    raise InputError(f"{path}: tensor {name} also appears in {found[name][0].name}")
+                found[name] = (path, info)
+        index = self.root / INDEX_NAME
+        if len(self.shards) > 1 and index.exists():
+            weight_map = _read_index(index)
+            for name, shard in weight_map.items():
+                if name not in found or found[name][0].name != shard:
+                    raise InputError(f"{index}: says {name} is in {shard}, but that shard does not hold it")
+        return found
+
+
+def resolve(ref: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Source:
+    """A local path if one exists by that name, else a Hub repository id."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _local(ref, path)
+    if not HUB_ID.match(ref) or ref.startswith((".", "/")) or ref.endswith((".json", ".safetensors")):
+        raise InputError(f"{ref}: no such file or folder")
+    from precompute_cli.hub import download
+
+    folder, sha = download(ref, revision=revision, offline=offline, token=token)
+    return _local(ref, folder, revision=sha)
+
+
+def _local(ref: str, path: Path, revision: str | None = None) -> Source:
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise InputError(f"{path}: pickled weights; precompute reads only safetensors and never unpickles")
+        if path.suffix == ".safetensors":
+            return Source(ref, path.parent, path.parent / "config.json", (path,), revision, _aux(path.parent))
+        if path.suffix == ".json":
+            return Source(ref, path.parent, path, (), revision, ())
+        raise InputError(f"{path}: expected a folder, a .safetensors file or a config.json")
+    config = path / "config.json"
+    if not config.exists():
+        raise InputError(f"{path}: no config.json in this folder")
+    return Source(ref, path, config, _shards(path), revision, _aux(path))
+
+
+def _shards(folder: Path) -> tuple[Path, ...]:
+    index = folder / INDEX_NAME
+    if index.exists():
+        names = sorted(set(_read_index(index).values()))
+        for name in names:
+            if not (folder / name).is_file():
+                raise InputError(f"{index}: names shard {name}, which is missing")
+        return tuple(folder / n for n in names)
+    shards = tuple(sorted(folder.glob("*.safetensors")))
+    if not shards and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise InputError(f"{folder}: only pickled weights (.bin/.pt); precompute reads only safetensors "
+                         "and never unpickles")
+    return shards
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{index}: not a valid safetensors index (needs a weight_map object)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index}: weight_map must map tensor names to shard file names")
+    if any(os.sep in v or v.startswith(".") for v in weight_map.values()):
+        raise InputError(f"{index}: weight_map names a shard outside the checkpoint folder")
+    return weight_map
+
+
+def _aux(folder: Path) -> tuple[Path, ...]:
+    found = {p for pattern in AUX_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return tuple(sorted(found))

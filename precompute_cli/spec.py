@@ -1,0 +1,116 @@
+"""What a checkpoint is, read from config.json alone (never by executing code from the checkpoint).
+
+`Config` reads keys in any of their historical spellings; `ModelSpec` is the detected architecture.
+Which keys and defaults an architecture uses is the business of its recipe (recipes/), which builds the spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from precompute_cli.errors import InputError
+
+_MISSING = object()
+
+
+class Config:
+    """A config.json as a dict, with lookups that accept several spellings of one key."""
+
+    def __init__(self, data: dict[str, Any], path: str = "config.json"):
+        self.data = data
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: no config.json (every checkpoint needs one)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: config.json is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: config.json must hold a JSON object")
+        return cls(data, str(path))
+
+    def get(self, *keys: str, default: Any = None) -> Any:
+        """The first of `keys` present (dotted keys look inside nested objects), else `default`."""
+        for key in keys:
+            value = self._lookup(key)
+            if value is not _MISSING and value is not None:
+                return value
+        return default
+
+    def int(self, *keys: str, default: int | None = None) -> int:
+        value = self.get(*keys, default=default)
+        if value is None:
+            raise InputError(f"{self.path}: none of {', '.join(keys)} is set")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
+            raise InputError(f"{self.path}: {keys[0]} must be a non-negative integer, got {value!r}")
+        return int(value)
+
+    def _lookup(self, key: str) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    @property
+    def model_type(self) -> str:
+        value = self.data.get("model_type")
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{self.path}: no model_type, so the architecture cannot be detected")
+        return value
+
+    @property
+    def dtype(self) -> str:
+        return str(self.get("dtype", "torch_dtype", default="float32")).removeprefix("torch.")
+
+    def rope_theta(self, default: float = 10000.0) -> float:
+        return float(self.get("rope_parameters.rope_theta", "rope_theta", default=default))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The detected architecture: everything the plan, the report and the runtime need to know about it."""
+
+    model_type: str
+    block: str  # "serial" | "parallel"
+    positional: str  # "rope" | "alibi" | "absolute" | "none"
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    ffn_matrices: int  # 3 for a GLU (gate, up, down), 2 for a plain MLP
+    num_experts: int  # 1 for a dense FFN
+    vocab_size: int
+    num_layers: int
+    tied_embeddings: bool
+    dtype: str
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention(self) -> str:
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        return "MQA" if self.num_kv_heads == 1 else "GQA"
+
+    @property
+    def ffn(self) -> str:
+        return "moe" if self.num_experts > 1 else "dense"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "attention": self.attention, "ffn": self.ffn,
+                "q_dim": self.q_dim, "kv_dim": self.kv_dim}
