@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from precompute_cli import __version__
-from precompute_cli.errors import PrecomputeError
+from precompute_cli import __version__, hub
+from precompute_cli.check import MANIFEST, failures
+from precompute_cli.check import check as check_folder
+from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.execute import execute, precompute_block
-from precompute_cli.plan import load_recipe, make_plan
+from precompute_cli.modelcard import CARD_NAME
+from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.recipes import supported
 from precompute_cli.report import analysis, conversion_report, refused, render_analysis, render_conversion
-from precompute_cli.source import resolve
+from precompute_cli.source import INDEX_NAME, is_hub_id, resolve
 from precompute_cli.spec import Config
+from precompute_cli.st_io import NAME_TO_ST
+from precompute_cli.verify import DEFAULT_TOKENS, RUN_DTYPES, VerifyResult, render_verify, verify_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Precompute the first transformer layer into a per-token table.")
@@ -40,19 +49,42 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; write nothing."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this path."),
+    verify_after: bool = typer.Option(False, "--verify", help="Run `verify` on OUT right after converting "
+                                      "(its result joins the --json report; exit 1 if it fails)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="ORG/NAME",
+                                           help="Upload OUT, with a generated model card, to this Hub repository."),
+    private: bool = typer.Option(False, "--private", help="Create the --push-to-hub repository as private."),
+    max_shard_size: str | None = typer.Option(None, "--max-shard-size", metavar="SIZE",
+                                              help="Re-shard the output (e.g. 2GB, 500MB, 4GiB); "
+                                                   "default: mirror the source's shards."),
+    link: bool = typer.Option(False, "--link", help="Hard-link unchanged shards instead of copying them (same "
+                              "file system; the output then shares those files with the source)."),
+    device: str = typer.Option("cpu", "--device", help="Where the table's GEMM runs: cpu, or cuda where a GPU is."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
-    src = resolve(source, revision=revision, offline=offline, token=token)
-    plan = make_plan(src, load_recipe(src), table_dtype)
     if dry_run:
-        _print_plan(plan, out)
+        _dry_run(source, out, revision, offline, token, table_dtype, push_to_hub, private,
+                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
         return
+    if push_to_hub:
+        hub.check_push_target(push_to_hub, offline, token)  # before converting, not after
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    src = resolve(source, revision=revision, offline=offline, token=token)
+    plan = make_plan(src, load_recipe(src), table_dtype, shard_bytes)
     with _progress("folding layer 0") as update:
-        result = execute(plan, out, overwrite=overwrite, progress=update)
+        result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
     report = conversion_report(plan, result)
     render_conversion(console, report)
+    verified = _verify(src, resolve(str(out))) if verify_after else None
     if json_path:
-        json_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        extra = {"verify": verified.as_dict()} if verified else {}
+        json_path.write_text(json.dumps({**report.as_dict(), **extra}, indent=2) + "\n")
+    if verified and not verified.passed:
+        raise PrecomputeError(verified.failure)
+    if push_to_hub:
+        url = hub.publish(out, push_to_hub, report.as_dict(), precompute_block(plan), private=private, token=token,
+                          verify=verified.as_dict() if verified else None)
+        console.print(f"[bold green]pushed[/] {out} to {url}")
 
 
 @app.command()
@@ -65,8 +97,13 @@ def inspect(
     revision: str | None = REVISION,
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
+    check: bool = typer.Option(False, "--check", help="Re-hash every file of a converted folder against the "
+                               "SHA256SUMS that convert wrote into it; exit 2 if any file changed or is missing."),
 ) -> None:
     """Explain a checkpoint: its architecture and what converting it gains, or what a converted one holds."""
+    if check:
+        _check(Path(checkpoint), as_json)
+        return
     src = resolve(checkpoint, revision=revision, offline=offline, token=token)
     cfg = Config.load(src.config_path)
     if "precompute" in cfg.data:
@@ -90,6 +127,72 @@ def inspect(
         render_analysis(console, data, title=f"{checkpoint}")
 
 
+def _check(folder: Path, as_json: bool) -> None:
+    results = check_folder(folder)
+    bad = failures(results)
+    if as_json:
+        print(json.dumps({"folder": str(folder), "ok": not bad, "files": [asdict(r) for r in results]}, indent=2))
+    else:
+        for r in results:
+            console.print(f"  {r.status:>8}  {escape(r.name)}", soft_wrap=True)
+    if bad:
+        listed = ", ".join(f"{r.name} ({r.status})" for r in bad)
+        raise InputError(f"{folder / MANIFEST}: {len(bad)} of the files it lists failed the check: {listed}")
+    console.print(f"[bold green]ok[/]: every file listed in {escape(str(folder / MANIFEST))} matches its sha256",
+                  soft_wrap=True)
+
+
+@app.command()
+def verify(
+    original: str = typer.Argument(..., help="The checkpoint before conversion (Hub id or path)."),
+    converted: str = typer.Argument(..., help="The converted checkpoint (Hub id or path)."),
+    tokens: int = typer.Option(DEFAULT_TOKENS, "--tokens", help="Greedy tokens to generate and compare."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Text to generate from (needs ORIGINAL's tokenizer)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
+    dtype: str = typer.Option("float32", "--dtype", help=f"Run the converted model in {', '.join(RUN_DTYPES)}."),
+    offline: bool = OFFLINE,
+    token: str | None = TOKEN,
+) -> None:
+    """Prove CONVERTED computes what ORIGINAL does: logits, top-1, greedy text, and table rows against float64."""
+    result = _verify(resolve(original, offline=offline, token=token), resolve(converted, offline=offline, token=token),
+                     dtype=dtype, tokens=tokens, prompt=prompt)
+    if json_path:
+        json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    if not result.passed:
+        raise PrecomputeError(result.failure)
+
+
+def _verify(original, converted, **options) -> VerifyResult:
+    with console.status(f"verifying {converted.ref} against {original.ref}"):
+        result = verify_checkpoint(original, converted, **options)
+    render_verify(console, result)
+    return result
+
+
+@app.command("convert-all")
+def convert_all(
+    config: Path = typer.Argument(..., help="Release file (TOML) listing the models; see configs/release.toml."),
+    out_root: Path = typer.Argument(..., help="Folder for the outputs, the release state and release-summary.json."),
+    push: bool = typer.Option(False, "--push", help="Upload each model to its `repo`, with a model card."),
+    force: bool = typer.Option(False, "--force", help="Convert even the models unchanged since the last run."),
+    offline: bool = OFFLINE,
+    token: str | None = TOKEN,
+) -> None:
+    """Convert and verify every model of a release file (and publish with --push); exit 1 if any failed."""
+    from precompute_cli.release import SUMMARY_NAME
+    from precompute_cli.release import convert_all as run
+
+    summary = run(config, out_root, push=push, offline=offline, token=token, force=force, progress=_progress,
+                  report=lambda o: console.print(f"[bold]{o.status}[/] {o.name}" + (f": {o.error}" if o.error else "")
+                                                 + "".join(f" ({n})" for n in o.notes)))
+    counts = summary["counts"]
+    console.print(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed; "
+                  f"summary in {out_root / SUMMARY_NAME}")
+    if counts["failed"]:
+        raise PrecomputeError(f"{counts['failed']} of {len(summary['models'])} models failed "
+                              f"(see {out_root / SUMMARY_NAME})")
+
+
 def _print_plan(plan, out: Path) -> None:
     console.print(f"[bold]dry run[/]: {plan.source.ref} -> {out} (nothing written)")
     console.print_json(json.dumps(precompute_block(plan)))
@@ -99,6 +202,44 @@ def _print_plan(plan, out: Path) -> None:
         console.print(f"  {shard.name}: {how}")
     for aux in plan.source.aux:
         console.print(f"  {aux.name}: copied verbatim")
+
+
+def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token: str | None,
+             table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None) -> None:
+    """What would be downloaded, written and uploaded; nothing is (a Hub checkpoint not yet in the cache is
+    sized from its safetensors headers on the Hub, and its config read through a temporary folder)."""
+    pull = hub.plan_pull(source, revision, offline, token) if is_hub_id(source) else None
+    if pull:
+        console.print(f"[bold]download[/]: {pull.repo_id} at commit {pull.revision}: "
+                      f"{pull.download_bytes:,} bytes to fetch" + (" (all in the local cache)"
+                                                                   if pull.complete_in_cache else ""))
+        for f in pull.files:
+            console.print(f"  {f.name}: " + ("cached" if f.cached else f"{f.size or 0:,} bytes"))
+    if pull is None or pull.complete_in_cache:
+        src = resolve(source, revision=pull.revision if pull else revision, offline=bool(pull) or offline,
+                      token=token)
+        plan = make_plan(src, load_recipe(src), table_dtype, max_shard_size)
+        _print_plan(plan, out)
+        before, after = plan.bytes_before, None if plan.bytes_before is None else (
+            plan.bytes_before - sum(r.nbytes for r in plan.removed) + plan.table.ref.nbytes)
+        files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (
+            [INDEX_NAME] if len(plan.shards) > 1 else [])
+    else:
+        tensors = hub.remote_tensors(pull.repo_id, pull.revision, token)
+        with hub.remote_source(pull.repo_id, pull.revision, token) as src:
+            recipe = load_recipe(src)
+            emb = tensors.get(recipe.embedding, ("", ()))[0]
+            dtype = table_dtype or {v: k for k, v in NAME_TO_ST.items()}.get(emb)
+            plan = make_plan(src, recipe, dtype)
+            console.print(f"[bold]dry run[/]: {source} -> {out} (nothing written)")
+            console.print_json(json.dumps(precompute_block(plan)))
+        before, after = hub.remote_bytes(tensors, [r.name for r in plan.removed], plan.table.ref.nbytes, source)
+        files = [f.name for f in pull.files]
+    if before is not None:
+        console.print(f"[bold]write[/]: {out}: tensor bytes {before:,} -> {after:,} ({after - before:+,})")
+    if push_to:
+        console.print(f"[bold]upload[/]: {out} -> {push_to}" + (" (private)" if private else "") +
+                      f": {', '.join(sorted(set(files) | {MANIFEST, CARD_NAME}))}")
 
 
 class _progress:
@@ -132,12 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     if args in (["--version"], ["-V"]):
         print(f"precompute-cli {__version__}")
         sys.exit(0)
+    previous = _sigterm_interrupts()
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except PrecomputeError as exc:
         if debug:
             traceback.print_exc()
-        console.print(f"[bold red]error:[/] {exc}")
+        _say("error", str(exc))
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -145,11 +287,34 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("[bold red]interrupted[/]: nothing was written")
-        sys.exit(130)
+        code = INTERRUPTED
     except Exception as exc:  # an internal error: ours to fix
         if debug:
             traceback.print_exc()
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        _say("internal error", f"{type(exc).__name__}: {exc} (run with --debug for a traceback)")
         sys.exit(1)
-    sys.exit(0)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code == INTERRUPTED:  # typer turns KeyboardInterrupt into a returned 130, so both paths end here
+        _say("interrupted", "stopped before finishing; no partial output was left behind")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED = 130  # 128 + SIGINT, also used for SIGTERM (README: exit codes)
+
+
+def _say(label: str, sentence: str) -> None:
+    """One line on stderr: the sentence verbatim (no rich markup inside it, no wrapping), so CI logs can grep it."""
+    console.print(f"[bold red]{label}:[/] {escape(sentence)}", soft_wrap=True)
+
+
+def _sigterm_interrupts():
+    """SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so every cleanup runs; returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -3,11 +3,12 @@ that becomes OUT only once everything is written and flushed.
 
 Memory stays flat: kept tensors move file to file inside the kernel (copy_file_range), the embedding is read in
 row chunks as the GEMM consumes them, and each finished chunk of the table is written straight to its offset.
+The copies and the sha256 of every shard run in a second thread (transfer.py) while the GEMM runs here.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import shutil
@@ -23,10 +24,12 @@ from pathlib import Path
 import torch
 
 import precompute_cli
-from precompute_cli.errors import InputError
-from precompute_cli.plan import Plan, ShardPlan
+from precompute_cli.check import sha256, write_manifest
+from precompute_cli.errors import InputError, PrecomputeError
+from precompute_cli.plan import Plan
 from precompute_cli.source import INDEX_NAME
-from precompute_cli.st_io import DTYPES, OutTensor, ShardWriter, copy_range, read_tensor
+from precompute_cli.st_io import DTYPES, OutTensor, ShardWriter, read_header, read_tensor
+from precompute_cli.transfer import ShardJob, TableProgress, move_and_hash
 
 CHUNK_BYTES = 64 << 20  # float32 working set per chunk of vocabulary rows
 Progress = Callable[[int, int], None]  # (rows done, rows total)
@@ -62,44 +65,103 @@ def precompute_block(plan: Plan) -> dict:
     }
 
 
-def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress | None = None) -> Result:
+def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress | None = None,
+            link: bool = False, device: str = "cpu") -> Result:
+    """`link` hard-links unchanged shards instead of copying them; `device` runs the GEMM there ("cuda")."""
     started = time.perf_counter()
     out = Path(out)
+    compute_on = _device(device)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: already exists and is not empty (use --overwrite to replace it)")
-    with _staging(out) as tmp:
-        _write_shards(plan, tmp, progress)
-        _write_metadata(plan, tmp)
-        files = tuple(_describe(p) for p in sorted(tmp.iterdir()))
-        _fsync_dir(tmp)
-    return Result(out, files, time.perf_counter() - started)
+    try:
+        with _staging(out) as tmp:
+            digests = _write_shards(plan, tmp, progress, link, compute_on)
+            _write_metadata(plan, tmp)
+            _check_written(tmp)
+            files = {p.name: _describe(p, digests.get(p.name)) for p in tmp.iterdir()}
+            manifest = write_manifest(tmp, {name: f.sha256 for name, f in files.items()})
+            files[manifest.name] = _describe(manifest)
+            _fsync_all(tmp)
+    except OSError as exc:  # the output side failed (full disk, permissions): the input is fine, so exit 1
+        raise _write_error(out, exc) from None
+    return Result(out, tuple(files[name] for name in sorted(files)), time.perf_counter() - started)
+
+
+def _write_error(out: Path, exc: OSError) -> PrecomputeError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PrecomputeError(f"{out}: no space left on the device while writing the output; nothing was written")
+    return PrecomputeError(f"{exc.filename or out}: {exc.strerror or exc} while writing the output; "
+                           "nothing was written")
+
+
+def _check_written(tmp: Path) -> None:
+    """Every file we wrote must pass our own strict reader (layout, offsets, size) before it can become OUT."""
+    for path in sorted(tmp.glob("*.safetensors")):
+        try:
+            read_header(path)
+        except InputError as exc:
+            raise PrecomputeError(f"wrote an invalid safetensors file (a bug; please report it): {exc}") from None
 
 
 @contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside OUT, renamed into place on success and deleted on any failure or signal."""
+    """A temporary folder beside OUT, renamed into place on success and deleted on any failure or signal.
+
+    The swap and the cleanup run with SIGINT/SIGTERM deferred, so a second Ctrl-C cannot strand a half-deleted
+    folder; folders made for OUT's parent are removed again when nothing was committed."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.precompute-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     previous = _raise_on_sigterm()
+    committed = False
     try:
         yield tmp
-        old = out.parent / f".{out.name}.precompute-old-{os.getpid()}"
-        if out.exists():
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old.exists():
-                os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(out.parent)
+        with _signals_deferred():
+            old = out.parent / f".{out.name}.precompute-old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            if out.exists():
+                os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                if old.exists():
+                    os.rename(old, out)
+                raise
+            committed = True
+            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(out.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            with _signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+                for folder in [] if committed else created:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then raise KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt(signal.Signals(received[0]).name)
 
 
 def _raise_on_sigterm():
@@ -113,72 +175,73 @@ def _raise_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _write_shards(plan: Plan, tmp: Path, progress: Progress | None) -> None:
-    writers: list[ShardWriter] = []
+def _device(name: str) -> torch.device:
+    """--device: cpu, or cuda[:N] where torch sees a GPU (checked before anything is written)."""
     try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: expected cpu or cuda (or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "no GPU is visible" if torch.backends.cuda.is_built() else "this torch build has no CUDA support"
+        raise InputError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: expected cpu or cuda (or cuda:N)")
+    return device
+
+
+def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool = False,
+                  device: torch.device | None = None) -> dict[str, str]:
+    """Every shard written; returns the sha256 of each, computed by the copy thread behind the writes."""
+    writers: list[ShardWriter] = []
+    finished = False
+    try:
+        jobs = []
+        for shard in plan.shards:
+            if shard.unchanged:
+                jobs.append(ShardJob(shard, tmp / shard.name, None))
+                continue
+            tensors = [OutTensor(i.name, i.dtype, i.shape) for i in shard.kept]
+            if shard.has_table:
+                t = plan.table.ref
+                tensors.append(OutTensor(t.name, t.dtype, t.shape))
+            writer = ShardWriter(tmp / shard.name, tensors)
+            writers.append(writer)
+            span = (writer.offsets[t.name], writer.offsets[t.name] + t.nbytes) if shard.has_table else None
+            jobs.append(ShardJob(shard, tmp / shard.name, writer, span))
+        table_writer = next((j.writer for j in jobs if j.table), None)
+        if table_writer is None:
+            raise InputError(f"{plan.source.ref}: no safetensors weights to convert")
+        written = TableProgress()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy") as pool:
-            copies = []
-            table_writer = None
-            for shard in plan.shards:
-                if shard.unchanged:
-                    copies.append(pool.submit(_copy_file, shard.source, tmp / shard.name))
-                    continue
-                tensors = [OutTensor(i.name, i.dtype, i.shape) for i in shard.kept]
-                if shard.has_table:
-                    t = plan.table.ref
-                    tensors.append(OutTensor(t.name, t.dtype, t.shape))
-                writer = ShardWriter(tmp / shard.name, tensors)
-                writers.append(writer)
-                copies.append(pool.submit(_copy_kept, shard, writer))
-                if shard.has_table:
-                    table_writer = writer
-            if table_writer is None:
-                raise InputError(f"{plan.source.ref}: no safetensors weights to convert")
-            _compute_table(plan, table_writer, progress)
-            for job in copies:
-                job.result()
+            mover = pool.submit(move_and_hash, jobs, link, written)
+            try:
+                _compute_table(plan, table_writer, progress, written, device)
+            except BaseException:
+                written.stop()
+                raise
+            digests = mover.result()
+        finished = True
+        return digests
     finally:
         for writer in writers:
-            writer.close()
+            writer.close(sync=finished)  # a failed run's files are deleted next: flushing them only delays exit
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    with open(src, "rb") as s, open(dst, "wb") as d:
-        copy_range(s.fileno(), 0, d.fileno(), 0, os.fstat(s.fileno()).st_size)
-        os.fsync(d.fileno())
-
-
-def _copy_kept(shard: ShardPlan, writer: ShardWriter) -> None:
-    """Copy kept tensors in runs: tensors adjacent in the source stay adjacent in the output."""
-    with open(shard.source, "rb") as src:
-        run_start = run_name = None
-        run_end = 0
-        for info in shard.kept:
-            if run_name is not None and info.start == run_end and _adjacent(writer, run_name, run_start, info):
-                run_end = info.end
-                continue
-            if run_name is not None:
-                writer.copy_from(run_name, src.fileno(), run_start, run_end - run_start)
-            run_name, run_start, run_end = info.name, info.start, info.end
-        if run_name is not None:
-            writer.copy_from(run_name, src.fileno(), run_start, run_end - run_start)
-
-
-def _adjacent(writer: ShardWriter, run_name: str, run_start: int, info) -> bool:
-    return writer.offsets[info.name] - writer.offsets[run_name] == info.start - run_start
-
-
-def _compute_table(plan: Plan, writer: ShardWriter, progress: Progress | None) -> None:
+def _compute_table(plan: Plan, writer: ShardWriter, progress: Progress | None,
+                   written: TableProgress | None = None, device: torch.device | None = None) -> None:
+    """float32 chunks of vocabulary rows, each written to its offset; nothing accumulates between chunks."""
     recipe, table = plan.recipe, plan.table
-    cache: dict[str, torch.Tensor] = {}
+    device = device or torch.device("cpu")
+    cache: dict[str, torch.Tensor] = {}  # layer 0's weights in float32 (for a parallel MoE block: every expert)
 
     def weight(name: str) -> torch.Tensor:
         if name not in cache:
             path, info = plan.inputs[name]
-            cache[name] = read_tensor(path, info).float()
+            cache[name] = read_tensor(path, info).to(device).float()
         return cache[name]
 
     emb_path, emb_info = plan.inputs[recipe.embedding]
+    _prefetch(emb_path, emb_info.start, emb_info.nbytes)
     spec = recipe.spec
     per_row = 4 * (spec.hidden_size * 2 + table.width + spec.intermediate_size * max(spec.ffn_matrices - 1, 1))
     chunk = max(1, min(table.rows, CHUNK_BYTES // per_row))
@@ -187,12 +250,29 @@ def _compute_table(plan: Plan, writer: ShardWriter, progress: Progress | None) -
     spans = [(name, span) for name, span in table.columns.items() if span]
     with torch.inference_mode():
         for start in range(0, table.rows, chunk):
+            if written is not None and written.failed:
+                return  # the copy thread failed: its exception is what the caller reports
             stop = min(start + chunk, table.rows)
-            cols = recipe.fold(weight, read_tensor(emb_path, emb_info, (start, stop)))
-            rows = torch.cat([cols[name] for name, _ in spans], dim=-1).to(out_dtype)
+            cols = recipe.fold(weight, read_tensor(emb_path, emb_info, (start, stop)).to(device))
+            rows = torch.cat([cols[name] for name, _ in spans], dim=-1).to(out_dtype).cpu()
+            del cols
             writer.write(table.name, rows, start * row_bytes)
+            if written is not None:
+                written.advance(stop * row_bytes)
             if progress:
                 progress(stop, table.rows)
+
+
+def _prefetch(path: Path, start: int, nbytes: int) -> None:
+    """Ask the kernel to read the embedding ahead, so a cold page cache does not stall the GEMM."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_metadata(plan: Plan, tmp: Path) -> None:
@@ -209,12 +289,16 @@ def _write_metadata(plan: Plan, tmp: Path) -> None:
         shutil.copyfile(path, tmp / path.name)
 
 
-def _describe(path: Path) -> OutputFile:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            digest.update(block)
-    return OutputFile(path.name, path.stat().st_size, digest.hexdigest())
+def _describe(path: Path, digest: str | None = None) -> OutputFile:
+    """`digest` when the copy thread already hashed the file behind its writes."""
+    return OutputFile(path.name, path.stat().st_size, digest or sha256(path))
+
+
+def _fsync_all(folder: Path) -> None:
+    """Flush every file's data and the folder's entries before the folder can be renamed into place."""
+    for path in folder.iterdir():
+        _fsync_dir(path)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,40 +1,223 @@
-"""The Hugging Face Hub: download only what conversion needs (never pickled weights)."""
+"""The Hugging Face Hub both ways: pull only what conversion needs (never pickled weights), push a converted folder.
+
+Everything goes through huggingface_hub, so the user's cache, token (HF_TOKEN or the saved login) and offline
+mode (HF_HUB_OFFLINE or --offline) behave as in every other Hub tool. Failures become one InputError sentence.
+"""
 
 from __future__ import annotations
 
-import os
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from precompute_cli.errors import InputError
+from precompute_cli.errors import InputError, PrecomputeError
+from precompute_cli.source import AUX_PATTERNS, WEIGHT_PATTERNS
+
+PATTERNS = [*WEIGHT_PATTERNS, *AUX_PATTERNS]  # the only files ever downloaded (source.py owns the lists)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    name: str
+    size: int | None
+    cached: bool
+
+
+@dataclass(frozen=True)
+class Pull:
+    """What `download` would fetch: the commit a revision resolves to and the matching files."""
+
+    repo_id: str
+    revision: str  # commit sha
+    files: tuple[HubFile, ...]
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files if not f.cached)
+
+    @property
+    def complete_in_cache(self) -> bool:
+        return all(f.cached for f in self.files)
+
+
+def is_offline(offline: bool = False) -> bool:
+    """--offline, or HF_HUB_OFFLINE as huggingface_hub read it at import (tests patch the constant)."""
+    from huggingface_hub import constants
+
+    return offline or bool(constants.HF_HUB_OFFLINE)
 
 
 def download(repo_id: str, revision: str | None = None, offline: bool = False,
              token: str | None = None) -> tuple[Path, str]:
     """Snapshot the config, safetensors and tokenizer files; returns the folder and the resolved commit sha."""
     from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo_id, revision, offline):
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS,
+                                        local_files_only=is_offline(offline), token=token))
+    # A cache snapshot folder is named by its commit, whatever branch or tag the user asked for.
+    return folder, folder.name
+
+
+def resolve_revision(repo_id: str, revision: str | None = None, offline: bool = False,
+                     token: str | None = None) -> str:
+    """The commit sha `revision` names now (from the cache's refs when offline); downloads nothing."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(repo_id, revision, offline):
+        resolved = HfApi(token=token).resolve_revision(repo_id, revision=revision,
+                                                       local_files_only=is_offline(offline))
+    return str(resolved.resolved)
+
+
+def plan_pull(repo_id: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Pull:
+    """List what a pull would fetch without fetching it (offline: what the cache already holds)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    if is_offline(offline):
+        folder, sha = download(repo_id, revision, offline=True, token=token)
+        names = filter_repo_objects([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()],
+                                    allow_patterns=PATTERNS)
+        return Pull(repo_id, sha, tuple(HubFile(n, (folder / n).stat().st_size, True) for n in sorted(names)))
+    with _hub_errors(repo_id, revision, offline):
+        infos = snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS, token=token, dry_run=True)
+    sha = infos[0].commit_hash if infos else resolve_revision(repo_id, revision, token=token)
+    return Pull(repo_id, sha, tuple(HubFile(i.filename, i.file_size, not i.will_download)
+                                    for i in sorted(infos, key=lambda i: i.filename)))
+
+
+def remote_tensors(repo_id: str, sha: str, token: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor's dtype and shape from the safetensors headers on the Hub (a few KB of range requests)."""
+    from huggingface_hub import get_safetensors_metadata
+
+    with _hub_errors(repo_id, sha, False):
+        meta = get_safetensors_metadata(repo_id, revision=sha, token=token)
+    return {name: (t.dtype, tuple(t.shape)) for f in meta.files_metadata.values() for name, t in f.tensors.items()}
+
+
+def remote_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], removed: list[str], table_bytes: int,
+                 repo_id: str) -> tuple[int, int]:
+    """(bytes before, bytes after) of converting a checkpoint known only by its headers."""
+    from precompute_cli.st_io import DTYPES
+
+    def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+        if dtype not in DTYPES:
+            raise InputError(f"{repo_id}: a tensor has dtype {dtype}, which precompute cannot read")
+        return math.prod(shape) * DTYPES[dtype].itemsize
+
+    sizes = {name: nbytes(*t) for name, t in tensors.items()}
+    missing = [n for n in removed if n not in sizes]
+    if missing:
+        raise InputError(f"{repo_id}: the checkpoint on the Hub has no tensor {missing[0]}, which the config implies")
+    before = sum(sizes.values())
+    return before, before - sum(sizes[n] for n in removed) + table_bytes
+
+
+def check_repo_id(repo_id: str, where: str = "--push-to-hub") -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise InputError(f"{where} {repo_id!r}: not a valid Hub repository id (ORG/NAME)") from None
+
+
+def check_push_target(repo_id: str, offline: bool = False, token: str | None = None) -> None:
+    """Fail before converting, not after: a valid repo id, a reachable Hub and a token to write with."""
+    from huggingface_hub import get_token
+
+    check_repo_id(repo_id)
+    if is_offline(offline):
+        raise InputError(f"--push-to-hub {repo_id}: uploading needs the network, but offline mode is on "
+                         "(--offline or HF_HUB_OFFLINE)")
+    if not (token or get_token()):
+        raise InputError(f"--push-to-hub {repo_id}: no Hub token; set HF_TOKEN or run `hf auth login`")
+
+
+def push(folder: Path, repo_id: str, private: bool = False, token: str | None = None,
+         message: str | None = None) -> str:
+    """Create the repository if needed and upload `folder` as one commit; returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with _hub_errors(repo_id, None, False, action="upload to"):
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message=message or "Upload precomputed checkpoint")
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
+@contextmanager
+def remote_source(repo_id: str, sha: str, token: str | None = None) -> Iterator:
+    """A config-only Source for a commit on the Hub, in a temporary folder (for dry runs: nothing stays behind)."""
+    from huggingface_hub import hf_hub_download
+
+    from precompute_cli.source import Source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with _hub_errors(repo_id, sha, False):
+            path = Path(hf_hub_download(repo_id, "config.json", revision=sha, token=token, local_dir=tmp))
+        yield Source(repo_id, path.parent, path, (), sha, ())
+
+
+def publish(folder: Path, repo_id: str, report: dict, block: dict, private: bool = False,
+            token: str | None = None, verify: dict | None = None) -> str:
+    """Write the model card into `folder`, then upload the folder to `repo_id` as one commit; returns its URL."""
+    from precompute_cli import modelcard
+
+    modelcard.write(folder, modelcard.build(report, block, repo_id, verify))
+    src, tool = block["source"], block["tool"]
+    origin = f"{src['id']}@{src['revision']}" if src.get("revision") else Path(src["id"]).name
+    return push(folder, repo_id, private=private, token=token,
+                message=f"{tool['name']} {tool['version']}: layer 0 of {origin} precomputed")
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, offline: bool, action: str = "download") -> Iterator[None]:
+    """huggingface_hub's exceptions as one sentence each (most specific first: they subclass each other)."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        RevisionResolutionError,
     )
 
-    from precompute_cli.source import AUX_PATTERNS, WEIGHT_PATTERNS
-
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    at = f" at revision {revision!r}" if revision else ""
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=[*WEIGHT_PATTERNS, *AUX_PATTERNS],
-            local_files_only=offline, token=token,
-        )
+        yield
+    except PrecomputeError:
+        raise
     except GatedRepoError:
-        raise InputError(f"{repo_id}: gated repository; log in (huggingface-cli login) or set HF_TOKEN") from None
+        raise InputError(f"{repo_id}: gated repository; accept its terms on the Hub, then log in "
+                         "(`hf auth login`) or set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise InputError(f"{repo_id}: no such model on the Hub (or it is private and needs a token)") from None
+        raise InputError(f"{repo_id}: no such model on the Hub (or it is private and needs a token: "
+                         "set HF_TOKEN or run `hf auth login`)") from None
     except RevisionNotFoundError:
-        raise InputError(f"{repo_id}: revision {revision!r} does not exist") from None
-    except LocalEntryNotFoundError:
-        raise InputError(f"{repo_id}: not in the local Hub cache and offline mode forbids downloading") from None
+        raise InputError(f"{repo_id}: revision {revision!r} does not exist on the Hub") from None
+    except IncompleteSnapshotError:
+        raise InputError(f"{repo_id}{at}: the local Hub cache holds only part of this snapshot and offline mode "
+                         "forbids downloading the rest") from None
+    except (LocalEntryNotFoundError, RevisionResolutionError):
+        why = "offline mode forbids downloading" if is_offline(offline) else "the Hub cannot be reached"
+        raise InputError(f"{repo_id}{at}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and {why}") from None
+    except HFValidationError as exc:
+        raise InputError(f"{repo_id}: not a valid Hub repository id or revision ({exc})") from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise InputError(f"{repo_id}: the Hub refused to let you {action} it (HTTP {status}); check that "
+                             "your token (HF_TOKEN or `hf auth login`) has access") from None
+        raise PrecomputeError(f"{repo_id}: cannot {action} ({exc})") from None
     except OSError as exc:
-        raise InputError(f"{repo_id}: cannot download ({exc})") from None
-    return Path(folder), Path(folder).name
+        raise PrecomputeError(f"{repo_id}: cannot {action} ({exc})") from None

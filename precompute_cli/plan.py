@@ -56,12 +56,18 @@ class ShardPlan:
     name: str  # output file name
     source: Path
     kept: tuple[TensorInfo, ...]  # copied byte for byte, in the source's data order
-    source_count: int  # tensors in the source shard
+    source_count: int  # tensors in the source shard (-1: gathered from several source shards)
     has_table: bool
+    sources: tuple[Path, ...] = ()  # per kept tensor, when they come from several files (--max-shard-size)
 
     @property
     def unchanged(self) -> bool:
+        """The output file is the source file, byte for byte: copied (or hard-linked) whole."""
         return not self.has_table and len(self.kept) == self.source_count
+
+    def pieces(self) -> list[tuple[Path, TensorInfo]]:
+        """(source file, tensor) for every kept tensor, in output order."""
+        return list(zip(self.sources or [self.source] * len(self.kept), self.kept, strict=True))
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,11 @@ def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:
     return recipe_for(cfg)
 
 
-def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None) -> Plan:
-    """Refuse what cannot be folded, then match the recipe's tensors against the checkpoint's."""
+def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
+              max_shard_size: int | None = None) -> Plan:
+    """Refuse what cannot be folded, then match the recipe's tensors against the checkpoint's.
+
+    Output shards mirror the source's; `max_shard_size` (bytes of tensor data per file) re-shards instead."""
     cfg = recipe.cfg
     if "precompute" in cfg.data:
         raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a 'precompute' block)")
@@ -98,6 +107,8 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None) ->
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
                 **recipe.embedding_transforms(), **recipe.folded()}
     tensors = source.tensors() if source.shards else {}
+    if source.shards and not tensors:  # else it would pass for a plan from the config alone
+        raise InputError(f"{source.ref}: its safetensors files hold no tensors")
     for name, shape in expected.items():
         if tensors and name not in tensors:
             raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
@@ -108,14 +119,21 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None) ->
     dtype_of = {n: (tensors[n][1].dtype if tensors else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
     for name in expected:
         if dtype_of[name] not in ("F32", "F16", "BF16", "F64"):
-            raise InputError(f"{source.ref}: tensor {name} is {dtype_of[name]}; only float checkpoints can be folded")
+            where = tensors[name][0] if tensors else source.config_path
+            raise InputError(f"{where}: tensor {name} is {dtype_of[name]}; only float checkpoints can be folded")
     table = TablePlan(
         rows=recipe.spec.vocab_size,
         dtype=_table_dtype(table_dtype, dtype_of[recipe.embedding]),
         columns=recipe.columns(),
     )
     removed = tuple(TensorRef(n, dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
-    shards = _shards(tensors, {r.name for r in removed}, recipe.embedding) if tensors else ()
+    removed_names = {r.name for r in removed}
+    if not tensors:
+        shards: tuple[ShardPlan, ...] = ()
+    elif max_shard_size is None:
+        shards = _shards(tensors, removed_names, recipe.embedding)
+    else:
+        shards = _resharded(tensors, removed_names, recipe.embedding, table, max_shard_size)
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
         inputs={n: tensors[n] for n in expected} if tensors else {},
@@ -144,4 +162,57 @@ def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embe
         kept = tuple(sorted((i for i in infos if i.name not in removed), key=lambda i: i.start))
         if kept or path == table_home:
             plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home))
+    return tuple(plans)
+
+
+def parse_size(text: str) -> int:
+    """--max-shard-size: bytes, or a number with a unit as transformers spells it ("2GB", "500MB", "4GiB")."""
+    value = text.strip()
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    number, multiplier = value, 1
+    for unit, factor in units.items():
+        if value.upper().endswith(unit):
+            number, multiplier = value[: -len(unit)], factor
+            break
+    try:
+        size = int(float(number) * multiplier)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise InputError(f"--max-shard-size {text!r}: give a positive size such as 2GB, 500MB or 4GiB")
+    return size
+
+
+def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str, table: TablePlan,
+               max_shard_size: int) -> tuple[ShardPlan, ...]:
+    """Split the output afresh, in the source's order, the table where the embedding was (after it when kept).
+
+    huggingface_hub's size-based split (what save_pretrained uses): a tensor larger than the limit, such as a big
+    table, gets a file of its own. A file that comes out equal to a whole source shard is copied whole."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    shard_order = {path: i for i, path in enumerate(sorted({p for p, _ in tensors.values()}))}
+    ordered = sorted(tensors.values(), key=lambda pi: (shard_order[pi[0]], pi[1].start))
+    entries: dict[str, tuple[Path, TensorInfo] | None] = {}  # None stands for the table
+    for path, info in ordered:
+        if info.name not in removed:
+            entries[info.name] = (path, info)
+        if info.name == embedding:
+            entries[table.name] = None
+    split = split_state_dict_into_shards_factory(
+        entries, get_storage_size=lambda e: table.ref.nbytes if e is None else e[1].nbytes,
+        filename_pattern=SINGLE_FILE.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=max_shard_size)
+    counts: dict[Path, int] = {}
+    for path, _ in tensors.values():
+        counts[path] = counts.get(path, 0) + 1
+    plans = []
+    for name, names in split.filename_to_tensors.items():
+        pieces = [entries[n] for n in names if entries[n] is not None]
+        files = {p for p, _ in pieces}
+        has_table = table.name in names
+        whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))]
+        home = pieces[0][0] if pieces else next(iter(tensors.values()))[0]
+        plans.append(ShardPlan(name, home, tuple(i for _, i in pieces), len(pieces) if whole else -1, has_table,
+                               () if whole else tuple(p for p, _ in pieces)))
     return tuple(plans)

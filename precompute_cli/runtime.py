@@ -40,10 +40,18 @@ class TableEmbedding(nn.Module):
         return self.table[:, self.residual[0]:self.residual[1]]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:  # a second lookup in one forward pass would replace layer 0's q, k, v
+            self.rows = None
+            raise RuntimeError("the input embedding was used twice before layer 0 (token_type_ids?); a precomputed "
+                               "model takes input_ids only")
         self.rows = self.table[input_ids]
         if self.residual is None:
             return self.embedding(input_ids)
         return self.rows[..., self.residual[0]:self.residual[1]]
+
+    def reset(self, *args) -> None:
+        """Called before each forward pass of the whole model."""
+        self.rows = None
 
     def columns(self, span: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         rows = self.rows
@@ -128,6 +136,7 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     keep_embedding = recipe.spec.tied_embeddings or spans["residual"] is None
     embedding = TableEmbedding(table, spans["residual"], model.get_input_embeddings() if keep_embedding else None)
     model.set_input_embeddings(embedding)
+    model.register_forward_pre_hook(embedding.reset)
     layer = model.get_submodule(patch.layer)
     if "qkv" in patch.projections:
         layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fuse))

@@ -65,12 +65,19 @@ def resolve(ref: str, revision: str | None = None, offline: bool = False, token:
     path = Path(ref).expanduser()
     if path.exists():
         return _local(ref, path)
-    if not HUB_ID.match(ref) or ref.startswith((".", "/")) or ref.endswith((".json", ".safetensors")):
+    if not is_hub_id(ref):
         raise InputError(f"{ref}: no such file or folder")
     from precompute_cli.hub import download
 
     folder, sha = download(ref, revision=revision, offline=offline, token=token)
     return _local(ref, folder, revision=sha)
+
+
+def is_hub_id(ref: str) -> bool:
+    """True when `ref` names no local path and reads as a Hub repository id (ORG/NAME or NAME)."""
+    if Path(ref).expanduser().exists():
+        return False
+    return bool(HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not ref.endswith((".json", ".safetensors"))
 
 
 def _local(ref: str, path: Path, revision: str | None = None) -> Source:
@@ -92,6 +99,8 @@ def _shards(folder: Path) -> tuple[Path, ...]:
     index = folder / INDEX_NAME
     if index.exists():
         names = sorted(set(_read_index(index).values()))
+        if not names:
+            raise InputError(f"{index}: its weight_map names no tensors, so it points to no shard")
         for name in names:
             if not (folder / name).is_file():
                 raise InputError(f"{index}: names shard {name}, which is missing")
@@ -106,7 +115,7 @@ def _shards(folder: Path) -> tuple[Path, ...]:
 def _read_index(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise InputError(f"{index}: not a valid safetensors index (needs a weight_map object)") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index}: weight_map must map tensor names to shard file names")

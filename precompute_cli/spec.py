@@ -7,6 +7,7 @@ Which keys and defaults an architecture uses is the business of its recipe (reci
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,10 @@ class Config:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise InputError(f"{path}: no config.json (every checkpoint needs one)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8, huge integers, nesting too deep
             raise InputError(f"{path}: config.json is not valid JSON ({exc})") from None
+        except OSError as exc:  # a folder named config.json, no permission
+            raise InputError(f"{path}: cannot read config.json ({exc.strerror})") from None
         if not isinstance(data, dict):
             raise InputError(f"{path}: config.json must hold a JSON object")
         return cls(data, str(path))
@@ -40,13 +43,30 @@ class Config:
         for key in keys:
             value = self._lookup(key)
             if value is not _MISSING and value is not None:
+                self._check_kind(key, value, default)
                 return value
         return default
+
+    def _check_kind(self, key: str, value: Any, default: Any) -> None:
+        """A value of another kind than its default (a list where an epsilon belongs, "false" for a flag) is the
+        config's fault, not ours: refuse it here, once for every recipe, rather than fail inside the fold."""
+        if isinstance(default, bool):
+            ok = isinstance(value, bool) or (type(value) is int and value in (0, 1))
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            return
+        if not ok:
+            kind = {bool: "true or false", str: "a string"}.get(type(default), "a finite number")
+            raise InputError(f"{self.path}: {key} must be {kind}, got {value!r}")
 
     def int(self, *keys: str, default: int | None = None) -> int:
         value = self.get(*keys, default=default)
         if value is None:
-            raise InputError(f"{self.path}: none of {', '.join(keys)} is set")
+            raise InputError(f"{self.path}: " + (f"{keys[0]} is not set" if len(keys) == 1
+                                                  else f"none of {', '.join(keys)} is set"))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
             raise InputError(f"{self.path}: {keys[0]} must be a non-negative integer, got {value!r}")
         return int(value)

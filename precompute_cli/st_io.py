@@ -76,7 +76,7 @@ def read_header(path: Path) -> Header:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, an integer of thousands of digits, nesting too deep
         raise InputError(f"{path}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
@@ -91,6 +91,9 @@ def read_header(path: Path) -> Header:
         if t.start != cursor:
             problem = "overlap" if t.start < cursor else "leave a gap"
             raise InputError(f"{path}: tensor {t.name} and its neighbours {problem} in the data section")
+        if t.end > size:
+            raise InputError(f"{path}: tensor {t.name} runs past the end of the file (to byte {t.end} of {size}); "
+                             "the file is truncated or its header is wrong")
         cursor = t.end
     if cursor != size:
         raise InputError(f"{path}: data section is {size - data_start} bytes, header describes "
@@ -102,7 +105,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise InputError(f"{path}: header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object here is unhashable: check the type first
         raise InputError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise InputError(f"{path}: tensor {name} has an invalid shape {shape!r}")
@@ -199,8 +202,10 @@ class ShardWriter:
     def copy_from(self, name: str, src_fd: int, src_off: int, nbytes: int) -> None:
         copy_range(src_fd, src_off, self.fd, self.offsets[name], nbytes)
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Flush the file to disk and close it; `sync=False` for a file being abandoned (it is deleted next)."""
         if self.fd >= 0:
-            os.fsync(self.fd)
+            if sync:
+                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1

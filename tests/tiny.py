@@ -71,7 +71,12 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
         else:
             own, ours = (a - ref).abs().mean().item(), (b - ref).abs().mean().item()
             assert ours <= 1.25 * own + 1e-6, (ours, own)
-            assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+            # greedy choices must agree where the float32 reference is decisive; a near tie (top-2 gap within
+            # twice the original's own error in this dtype) may flip either way in a correct conversion
+            top2 = ref.topk(2, dim=-1).values
+            decisive = (top2[..., 0] - top2[..., 1]) > 2 * (a - ref).abs().max()
+            if decisive.any():
+                assert (a.argmax(-1) == b.argmax(-1))[decisive].float().mean().item() >= 0.9
     if dtype == torch.float32:
         with torch.no_grad():
             g1 = original.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)

@@ -67,7 +67,10 @@ class Recipe:
         raise NotImplementedError
 
     def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Table columns for a chunk of embedding rows `x` (stored dtype): residual, q, k, v in float32."""
+        """Table columns for a chunk of embedding rows `x` (stored dtype): residual, q, k, v in float32.
+
+        Given float64 `x` and weights, the columns must come out in float64 (verify recomputes rows so):
+        upcast with ops.upcast, never .float()."""
         raise NotImplementedError
 
     def runtime_patch(self) -> RuntimePatch:
@@ -118,7 +121,16 @@ def recipe_for(cfg: Config) -> Recipe:
     cls = REGISTRY.get(model_type)
     if cls is None:
         raise InputError(f"{cfg.path}: model_type {model_type!r} has no recipe; supported: {', '.join(supported())}")
-    return cls(cfg)
+    try:
+        recipe = cls(cfg)
+    except ZeroDivisionError:  # a hostile or broken config: heads = 0 and the like
+        raise InputError(f"{cfg.path}: a size the {model_type} layout divides by (such as num_attention_heads) "
+                         "is zero") from None
+    for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+        if getattr(recipe.spec, name) <= 0:
+            raise InputError(f"{cfg.path}: {model_type} {name} comes out as {getattr(recipe.spec, name)}; "
+                             "it must be positive")
+    return recipe
 
 
 def supported() -> list[str]:

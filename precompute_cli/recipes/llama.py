@@ -75,11 +75,12 @@ class Llama(Recipe):
         p, s = self.prefix, self.spec
         # The residual columns replace the embedding module's output; granite multiplies after that module
         # (in GraniteModel.forward, which still runs), so its residual stays unscaled while q/k/v see the product.
-        out = {"residual": x.float()}
+        x = ops.upcast(x)  # before granite's multiplier: the float32 run multiplies in float32
+        out = {"residual": x}
         if s.model_type == "granite":
             x = x * float(self.cfg.get("embedding_multiplier", default=1.0))
         eps = float(self.cfg.get("rms_norm_eps", default=_EPS_DEFAULT.get(s.model_type, 1e-6)))
-        h = ops.rms_norm(x.float(), w(p + "input_layernorm.weight"), eps)
+        h = ops.rms_norm(x, w(p + "input_layernorm.weight"), eps)
         for name in "qkv":
             bias = w(f"{p}self_attn.{name}_proj.bias") if self.has_bias else None
             out[name] = ops.linear(h, w(f"{p}self_attn.{name}_proj.weight"), bias)

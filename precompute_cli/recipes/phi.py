@@ -1,0 +1,92 @@
+"""Phi (phi-1, phi-1.5, phi-2): a parallel block with one LayerNorm shared by attention and MLP.
+
+x = embed_tokens[t]; h = LN(x; input_layernorm); q, k, v = W h + b (biases always);
+qk_layernorm: a LayerNorm over head_dim, shared by all heads, on q and k before RoPE;
+out = x + dense(attn) + fc2(act(fc1 h)), so the whole MLP of layer 0 folds into the residual columns.
+The LM head has a bias; tying is off by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from precompute_cli.recipes import ops
+from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
+from precompute_cli.spec import ModelSpec
+
+
+@register
+class Phi(Recipe):
+    model_types = ("phi",)
+    prefix = "model.layers.0."
+
+    def describe(self) -> ModelSpec:
+        c = self.cfg
+        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
+        return ModelSpec(
+            model_type="phi", block="parallel", positional="rope",
+            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
+            head_dim=c.int("head_dim", default=d // max(heads, 1)),
+            intermediate_size=c.int("intermediate_size"), ffn_matrices=2, num_experts=1,
+            vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
+            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype,
+        )
+
+    def refusal(self) -> str | None:
+        if self.act not in ops.ACTIVATIONS:
+            return f"hidden_act {self.act!r} is not one precompute knows how to fold"
+        return None
+
+    @property
+    def act(self) -> str:
+        return self.cfg.get("hidden_act", default="gelu_new")
+
+    @property
+    def qk_layernorm(self) -> bool:
+        return bool(self.cfg.get("qk_layernorm", default=False))
+
+    @property
+    def embedding(self) -> str:
+        return "model.embed_tokens.weight"
+
+    def folded(self) -> dict[str, Shape]:
+        s, p = self.spec, self.prefix
+        d, inner = s.hidden_size, s.intermediate_size
+        out: dict[str, Shape] = {p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,)}
+        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
+            out[f"{p}self_attn.{name}_proj.weight"] = (width, d)
+            out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        if self.qk_layernorm:
+            # PhiAttention sizes these LayerNorms hidden_size // num_attention_heads.
+            for name in "qk":
+                out[f"{p}self_attn.{name}_layernorm.weight"] = (d // s.num_heads,)
+                out[f"{p}self_attn.{name}_layernorm.bias"] = (d // s.num_heads,)
+        out.update({
+            p + "mlp.fc1.weight": (inner, d), p + "mlp.fc1.bias": (inner,),
+            p + "mlp.fc2.weight": (d, inner), p + "mlp.fc2.bias": (d,),
+        })
+        return out
+
+    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        p, s = self.prefix, self.spec
+        x = ops.upcast(x)
+        eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
+        h = ops.layer_norm(x, w(p + "input_layernorm.weight"), w(p + "input_layernorm.bias"), eps)
+        out = {n: ops.linear(h, w(f"{p}self_attn.{n}_proj.weight"), w(f"{p}self_attn.{n}_proj.bias")) for n in "qkv"}
+        if self.qk_layernorm:
+            for n in "qk":
+                heads = out[n].unflatten(-1, (-1, s.head_dim))
+                norm = f"{p}self_attn.{n}_layernorm."
+                out[n] = ops.layer_norm(heads, w(norm + "weight"), w(norm + "bias"), eps).flatten(-2)
+        out["residual"] = x + ops.mlp(h, w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias"),
+                                      w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"), self.act)
+        return out
+
+    def runtime_patch(self) -> RuntimePatch:
+        qk = ("self_attn.q_layernorm", "self_attn.k_layernorm") if self.qk_layernorm else ()
+        return RuntimePatch(
+            layer="model.layers.0",
+            projections={n: f"self_attn.{n}_proj" for n in "qkv"},
+            identities=("input_layernorm", *qk),
+            zeros=("mlp",),
+        )

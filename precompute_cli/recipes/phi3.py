@@ -1,0 +1,57 @@
+"""Phi-3 (serial; only Q, K, V fold): Llama wiring with one fused projection.
+
+x = embed_tokens[t]; h = RMSNorm(x; input_layernorm, rms_norm_eps default 1e-5); qkv = qkv_proj h, whose rows are
+blocked [q; k; v] (H*hd, then KV*hd, then KV*hd) and carry no bias. Partial rotary and longrope act after the fold.
+The runtime's stand-in for qkv_proj re-fuses the table's q, k, v columns in the same blocked order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from precompute_cli.recipes import ops
+from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
+from precompute_cli.spec import ModelSpec
+
+
+def fuse_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """qkv_proj's output layout: [q | k | v] along the last axis."""
+    return torch.cat((q, k, v), dim=-1)
+
+
+@register
+class Phi3(Recipe):
+    model_types = ("phi3",)
+    prefix = "model.layers.0."
+
+    def describe(self) -> ModelSpec:
+        c = self.cfg
+        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
+        return ModelSpec(
+            model_type=c.model_type, block="serial", positional="rope",
+            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
+            head_dim=c.int("head_dim", default=d // heads), intermediate_size=c.int("intermediate_size"),
+            ffn_matrices=3, num_experts=1, vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
+            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype,
+        )
+
+    @property
+    def embedding(self) -> str:
+        return "model.embed_tokens.weight"
+
+    def folded(self) -> dict[str, Shape]:
+        s, p = self.spec, self.prefix
+        return {p + "input_layernorm.weight": (s.hidden_size,),
+                p + "self_attn.qkv_proj.weight": (s.q_dim + 2 * s.kv_dim, s.hidden_size)}
+
+    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        p, s = self.prefix, self.spec
+        eps = float(self.cfg.get("rms_norm_eps", default=1e-5))
+        x = ops.upcast(x)
+        h = ops.rms_norm(x, w(p + "input_layernorm.weight"), eps)
+        q, k, v = ops.linear(h, w(p + "self_attn.qkv_proj.weight")).split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
+        return {"residual": x, "q": q, "k": k, "v": v}
+
+    def runtime_patch(self) -> RuntimePatch:
+        return RuntimePatch(layer="model.layers.0", projections={"qkv": "self_attn.qkv_proj"},
+                            identities=("input_layernorm",), fuse=fuse_blocked)

@@ -1,0 +1,401 @@
+"""The numeric proof that a converted checkpoint computes what its original computes.
+
+Two kinds of evidence. The model runs: the converted model (load_model) and the original (transformers) see the
+same inputs (ids covering the vocabulary's start, middle and end, a left-padded batch, a greedy generation) and
+their logits are compared. The table itself: rows are recomputed in float64 from the original's weights with the
+recipe's own `fold` (every row the runs touched, the vocabulary's edges and a random sample), so a wrong row is
+found exactly, whatever precision the runs had.
+
+Tolerances depend on the precision in play (the run's dtype or the table's, whichever is lower). In float32 the
+converted model must match the original's float32 run to FLOAT32_LOGIT_TOL and generate the same greedy text.
+In bfloat16/float16 the table must not cost precision the model did not already lose: the converted model may be
+no further from the original's float32 run than the original itself is when run in that precision. Lower precision
+also flips discontinuities (MoE routing) at a few positions by chance, so those criteria set aside the worst
+LOSSY_OUTLIERS of positions; the float64 row check, which covers every token the runs used, keeps them honest.
+Models load one at a time, so verifying needs the memory of one model.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from precompute_cli.errors import InputError, PrecomputeError
+from precompute_cli.plan import Plan, load_recipe, make_plan
+from precompute_cli.source import Source
+from precompute_cli.spec import Config
+from precompute_cli.st_io import NAME_TO_ST, TensorInfo, read_tensor
+
+# -- tolerances (the README quotes these) -------------------------------------------------------------------------
+FLOAT32_LOGIT_TOL = 1e-4  # float32: max |converted - original| / max |original logit|; granted in every mode
+LOSSY_MEAN_RATIO = 1.25  # lower precision: mean |converted - float32 original| <= 1.25 x the original's own ...
+LOSSY_MAX_RATIO = 2.0  # ... and the largest such error <= 2 x the original's own largest
+LOSSY_OUTLIERS = 0.05  # ... after setting aside each model's worst 5% of positions (at least one)
+# Rounding unit (machine epsilon) of each table dtype: a stored value may differ from the exact one by half of it,
+# relative to its row's scale; the other half is room for the float32 arithmetic of the fold.
+ROUNDING_UNIT = {"F64": 2.0**-52, "F32": 2.0**-23, "BF16": 2.0**-7, "F16": 2.0**-10}
+TABLE_COMPUTE_SLACK = 1e-5  # the fold's float32 accumulation, relative to a row's scale
+
+RUN_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_TOKENS = 16
+DEFAULT_PROMPT = "The first layer of a transformer"
+PROBE_SHAPE = (2, 16)  # each of the two probe batches
+TABLE_SAMPLE = 64  # random table rows checked besides the edges and every token the runs used
+
+
+def table_tolerance(table_dtype: str) -> float:
+    """Largest allowed |stored - float64| / row scale for a table stored in `table_dtype` (safetensors name)."""
+    return ROUNDING_UNIT[table_dtype] + TABLE_COMPUTE_SLACK
+
+
+def criterion_dtype(run_dtype: str, table_dtype: str) -> str:
+    """The lowest precision in play: the run's or the table's, whichever has the larger rounding unit."""
+    table_name = {st: name for name, st in NAME_TO_ST.items()}[table_dtype]
+    lowest = max((run_dtype, table_name), key=lambda n: torch.finfo(getattr(torch, n)).eps)
+    return "float32" if lowest == "float64" else lowest
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool | None  # None: reported, not judged
+    value: str  # what was measured
+    limit: str  # what was allowed
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Everything verify measured, as a plain value (the CLI, convert-all and model cards render it).
+
+    Logit differences are against the original's float32 run; "own" numbers are the original's own run in the
+    criterion dtype (lower precision only); "trimmed" numbers set aside the `outliers` worst positions."""
+
+    original: str
+    converted: str
+    dtype: str  # the converted model ran in this dtype
+    table_dtype: str
+    criterion: str  # "float32", or the lower precision whose own error the converted model may have
+    positions: int  # logit positions compared (both probe batches, padding left out)
+    outliers: int  # positions the lower-precision criteria set aside (0 in float32)
+    max_abs_diff: float
+    max_rel_diff: float  # max_abs_diff / the largest |logit| of the original's float32 run
+    mean_abs_diff: float
+    trimmed_mean_abs_diff: float
+    trimmed_max_abs_diff: float
+    own_trimmed_mean_abs_diff: float | None
+    own_trimmed_max_abs_diff: float | None
+    top1_agreement: float  # fraction of positions whose argmax is the float32 original's
+    own_top1_agreement: float | None
+    top1_decisive_flips: int  # disagreements the allowed error cannot explain
+    greedy_identical: bool  # converted vs the original's float32 run
+    greedy_original: list[int]  # new tokens
+    greedy_converted: list[int]
+    prompt: str | None  # the text prompt, or None when generation started from token ids
+    table_row_error: float  # worst |stored - float64| / row scale
+    table_row_tolerance: float
+    table_worst_row: int
+    table_rows_checked: int
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed is not False for c in self.checks)
+
+    @property
+    def failure(self) -> str | None:
+        """One sentence naming the failed checks, or None."""
+        failed = [f"{c.name} ({c.value}; allowed {c.limit})" for c in self.checks if c.passed is False]
+        if not failed:
+            return None
+        return f"{self.converted} does not verify against {self.original}: " + "; ".join(failed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed, "failure": self.failure}
+
+
+# -- inputs and runs ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Probe:
+    """The inputs every model sees."""
+
+    ids: torch.Tensor  # (batch, length), no padding
+    padded: torch.Tensor  # (batch, length), the last row left-padded
+    mask: torch.Tensor  # attention mask of `padded`
+    prompt_ids: torch.Tensor  # (1, length): where greedy generation starts
+    pad_id: int
+
+    def tokens(self) -> set[int]:
+        return set(torch.cat([self.ids.flatten(), self.padded[self.mask.bool()], self.prompt_ids.flatten()]).tolist())
+
+
+def edges(vocab: int) -> list[int]:
+    """The vocabulary's first, middle and last three ids."""
+    mid = vocab // 2
+    return sorted({i for i in (0, 1, 2, mid - 1, mid, mid + 1, vocab - 3, vocab - 2, vocab - 1) if 0 <= i < vocab})
+
+
+def make_probe(vocab: int, seed: int, prompt_ids: torch.Tensor | None = None, pad_id: int = 0) -> Probe:
+    """Random ids with the vocabulary's edges among them at shuffled positions, and a left-padded batch."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = PROBE_SHAPE
+    fixed = torch.tensor(edges(vocab))
+    ids = torch.cat([fixed, torch.randint(0, vocab, (b * n - len(fixed),), generator=g)])
+    ids = ids[torch.randperm(b * n, generator=g)].reshape(b, n)
+    padded = torch.randint(0, vocab, (b, n), generator=g)
+    mask = torch.ones_like(padded)
+    mask[-1, : n // 4] = 0
+    padded[mask == 0] = pad_id
+    return Probe(ids, padded, mask, ids[:1, :6] if prompt_ids is None else prompt_ids, pad_id)
+
+
+@dataclass(frozen=True)
+class Run:
+    logits: torch.Tensor  # (positions, vocab) float32: the unpadded batch, then the padded batch's real tokens
+    greedy: list[int]  # new tokens
+
+
+def run_model(model: torch.nn.Module, probe: Probe, tokens: int) -> Run:
+    with torch.no_grad():
+        plain = model(probe.ids).logits.float().flatten(0, 1)
+        padded = model(probe.padded, attention_mask=probe.mask).logits.float()[probe.mask.bool()]
+        out = model.generate(probe.prompt_ids, attention_mask=torch.ones_like(probe.prompt_ids),
+                             max_new_tokens=tokens, do_sample=False, pad_token_id=probe.pad_id)
+    return Run(torch.cat([plain, padded]), out[0, probe.prompt_ids.shape[1]:].tolist())
+
+
+# -- the table ----------------------------------------------------------------------------------------------------
+def locate_table(plan: Plan, converted: Source, block: dict) -> tuple[Path, TensorInfo]:
+    """Where CONVERTED's table is, after checking it has the layout ORIGINAL's recipe folds to."""
+    found = converted.tensors().get(block["table"])
+    if found is None:
+        raise InputError(f"{converted.ref}: the config names table {block['table']}, but no shard holds it")
+    path, info = found
+    columns = {k: tuple(v) if v else None for k, v in block["columns"].items()}
+    if info.shape != plan.table.ref.shape or columns != plan.recipe.columns():
+        raise InputError(f"{path}: table {info.name} has shape {list(info.shape)} and columns {block['columns']}, "
+                         f"but {plan.source.ref} folds to {list(plan.table.ref.shape)} with {plan.recipe.columns()} "
+                         "(converted from another model?)")
+    return found
+
+
+def table_row_error(plan: Plan, table: tuple[Path, TensorInfo], rows: list[int]) -> tuple[float, int]:
+    """Worst |stored - float64 recomputation| / row scale over `rows` (each column group scaled on its own),
+    and the row where it is."""
+    recipe = plan.recipe
+    cache: dict[str, torch.Tensor] = {}
+
+    def weight(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache[name] = read_tensor(*plan.inputs[name]).double()
+        return cache[name]
+
+    emb_path, emb_info = plan.inputs[recipe.embedding]
+    x = torch.cat([read_tensor(emb_path, emb_info, (r, r + 1)) for r in rows]).double()
+    with torch.no_grad():
+        exact = recipe.fold(weight, x)
+    stored = torch.cat([read_tensor(*table, (r, r + 1)) for r in rows]).double()
+    worst, worst_row = 0.0, rows[0]
+    for name, span in recipe.columns().items():
+        if span is None:
+            continue
+        if exact[name].dtype != torch.float64:
+            raise PrecomputeError(f"the {recipe.spec.model_type} recipe's fold returns {exact[name].dtype} for "
+                                  "float64 input, so its table cannot be checked in float64 (upcast with ops.upcast)")
+        ref, got = exact[name], stored[:, span[0]:span[1]]
+        scale = ref.abs().amax(-1)
+        scale = scale.clamp_min(1e-6 * scale.median().item() + 1e-300)  # an all-zero row (a zeroed pad token)
+        err = torch.nan_to_num((got - ref).abs().amax(-1) / scale, nan=math.inf)
+        i = int(err.argmax())
+        if err[i].item() > worst:
+            worst, worst_row = err[i].item(), rows[i]
+    return worst, worst_row
+
+
+def sample_rows(vocab: int, seed: int, used: set[int]) -> list[int]:
+    g = torch.Generator().manual_seed(seed + 1)
+    picked = torch.randint(0, vocab, (TABLE_SAMPLE,), generator=g).tolist()
+    return sorted({r for r in (*edges(vocab), *picked, *used) if 0 <= r < vocab})
+
+
+# -- the proof ----------------------------------------------------------------------------------------------------
+def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32", tokens: int = DEFAULT_TOKENS,
+                      prompt: str | None = None, seed: int = 0) -> VerifyResult:
+    """Compare CONVERTED with ORIGINAL: the models' runs (one model in memory at a time), then the table's rows."""
+    if dtype not in RUN_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(RUN_DTYPES)}")
+    if tokens < 1:
+        raise InputError(f"--tokens {tokens}: generate at least one token")
+    if "precompute" in Config.load(original.config_path).data:
+        raise InputError(f"{original.ref}: this is a converted checkpoint; pass the original first, then the converted")
+    block = Config.load(converted.config_path).data.get("precompute")
+    if not isinstance(block, dict) or block.get("format") != 1:
+        raise InputError(f"{converted.config_path}: not a precomputed checkpoint (no 'precompute' block of format 1)")
+    plan = make_plan(original, load_recipe(original))
+    if plan.from_config_only:
+        raise InputError(f"{original.ref}: no safetensors weights to verify against")
+    table = locate_table(plan, converted, block)
+    criterion = criterion_dtype(dtype, block["dtype"])
+
+    tokenizer = _tokenizer(original, prompt is not None)
+    prompt_text = (prompt or DEFAULT_PROMPT) if tokenizer is not None else None
+    prompt_ids = tokenizer(prompt_text, return_tensors="pt").input_ids if tokenizer is not None else None
+    pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
+    probe = make_probe(plan.recipe.spec.vocab_size, seed, prompt_ids, pad_id)
+
+    with _quiet_loading():
+        conv = run_model(_load_converted(converted, dtype), probe, tokens)
+        gc.collect()
+        model = _load_original(original, "float32")
+        ref = run_model(model, probe, tokens)
+        tie = _near_tie(model, probe, ref.greedy, conv.greedy) if criterion == "float32" else None
+        del model
+        gc.collect()
+        own = run_model(_load_original(original, criterion), probe, tokens) if criterion != "float32" else None
+        gc.collect()
+
+    rows = sample_rows(plan.recipe.spec.vocab_size, seed, probe.tokens() | set(ref.greedy) | set(conv.greedy))
+    row_error, worst_row = table_row_error(plan, table, rows)
+    row_tol = table_tolerance(block["dtype"])
+    numbers, checks = _compare(ref, conv, own, criterion)
+    checks.insert(0, Check("table rows", row_error <= row_tol,
+                           f"worst row error {row_error:.3g} (token {worst_row}; {len(rows)} rows vs float64)",
+                           f"{row_tol:.3g} for a {block['dtype']} table"))
+    identical = conv.greedy == ref.greedy
+    if criterion == "float32":
+        how = "identical" if identical else f"differs from step {tie}, a near-tie" if tie is not None else "differs"
+        checks.append(Check("greedy generation", identical or tie is not None, f"{how} ({tokens} tokens)",
+                            "identical"))
+    else:
+        checks.append(Check("greedy generation", None, f"{'identical' if identical else 'differs'} ({tokens} "
+                            "tokens, vs float32 original)", f"not judged in {criterion}"))
+    return VerifyResult(
+        original=original.ref, converted=converted.ref, dtype=dtype, table_dtype=block["dtype"], criterion=criterion,
+        **numbers, greedy_identical=identical, greedy_original=ref.greedy, greedy_converted=conv.greedy,
+        prompt=prompt_text, table_row_error=row_error, table_row_tolerance=row_tol, table_worst_row=worst_row,
+        table_rows_checked=len(rows), checks=tuple(checks),
+    )
+
+
+def _compare(ref: Run, conv: Run, own: Run | None, criterion: str) -> tuple[dict[str, Any], list[Check]]:
+    """Logit numbers and checks: exact in float32, relative to the original's own error in lower precision."""
+    positions = ref.logits.shape[0]
+    outliers = 0 if own is None else max(1, math.ceil(LOSSY_OUTLIERS * positions))
+    scale = ref.logits.abs().max().item() or 1.0
+    slack = FLOAT32_LOGIT_TOL * scale
+
+    def trimmed(run: Run) -> tuple[float, float]:
+        err = (run.logits - ref.logits).abs()
+        keep = positions - outliers
+        return err.mean(-1).sort().values[:keep].mean().item(), err.amax(-1).sort().values[keep - 1].item()
+
+    err = (conv.logits - ref.logits).abs()
+    t_mean, t_max = trimmed(conv)
+    o_mean, o_max = trimmed(own) if own is not None else (None, None)
+    # an argmax that differs from the float32 original's must be a near-tie the allowed error could flip
+    flip_room = 2 * (slack if o_max is None else LOSSY_MAX_RATIO * o_max + slack)
+    top_ref = ref.logits.argmax(-1)
+    top_conv = conv.logits.argmax(-1)
+    margin = (ref.logits.gather(-1, top_ref[:, None]) - ref.logits.gather(-1, top_conv[:, None]))[:, 0]
+    decisive = int(((top_ref != top_conv) & (margin > flip_room)).sum())
+    numbers = dict(
+        positions=positions, outliers=outliers, max_abs_diff=err.max().item(), max_rel_diff=err.max().item() / scale,
+        mean_abs_diff=err.mean().item(), trimmed_mean_abs_diff=t_mean, trimmed_max_abs_diff=t_max,
+        own_trimmed_mean_abs_diff=o_mean, own_trimmed_max_abs_diff=o_max,
+        top1_agreement=(top_ref == top_conv).float().mean().item(),
+        own_top1_agreement=(own.logits.argmax(-1) == top_ref).float().mean().item() if own is not None else None,
+        top1_decisive_flips=decisive,
+    )
+    top1 = Check("top-1", decisive <= outliers, f"{numbers['top1_agreement']:.1%} agree, {decisive} decisive flips",
+                 f"{outliers} flips beyond a near-tie (margin {flip_room:.2g})")
+    if own is None:
+        rel, diff = numbers["max_rel_diff"], numbers["max_abs_diff"]
+        return numbers, [Check("logits", rel <= FLOAT32_LOGIT_TOL, f"max rel diff {rel:.3g} (abs {diff:.3g})",
+                               f"{FLOAT32_LOGIT_TOL:g} of the largest logit"), top1]
+    aside = f"worst {outliers} of {positions} positions aside"
+    return numbers, [
+        Check("logits, mean error", t_mean <= LOSSY_MEAN_RATIO * o_mean + slack,
+              f"{t_mean:.3g} vs the original's own {o_mean:.3g} in {criterion} ({aside})",
+              f"{LOSSY_MEAN_RATIO:g}x own + {slack:.2g}"),
+        Check("logits, max error", t_max <= LOSSY_MAX_RATIO * o_max + slack,
+              f"{t_max:.3g} vs the original's own {o_max:.3g} in {criterion} ({aside})",
+              f"{LOSSY_MAX_RATIO:g}x own + {slack:.2g}"),
+        top1,
+    ]
+
+
+def _near_tie(model: torch.nn.Module, probe: Probe, ref: list[int], conv: list[int]) -> int | None:
+    """The step where the greedy generations part, if the float32 original itself nearly tied there."""
+    step = next((i for i, (a, b) in enumerate(zip(ref, conv, strict=False)) if a != b), None)
+    if step is None:
+        return None
+    ids = torch.cat([probe.prompt_ids, torch.tensor([ref[:step]], dtype=probe.prompt_ids.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].double()
+    margin = (logits[ref[step]] - logits[conv[step]]).item()
+    return step if margin <= 2 * FLOAT32_LOGIT_TOL * logits.abs().max().item() else None
+
+
+@contextmanager
+def _quiet_loading():
+    """transformers' per-load progress bars would bury the verdict."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise InputError("verify needs transformers: pip install 'precompute-cli[runtime]'") from None
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_original(src: Source, dtype: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(src.root, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
+
+
+def _load_converted(src: Source, dtype: str) -> torch.nn.Module:
+    from precompute_cli.runtime import load_model
+
+    return load_model(src.root, dtype=dtype)
+
+
+def _tokenizer(src: Source, required: bool):
+    """The original's tokenizer when its folder has one; --prompt without one is an error."""
+    if not any((src.root / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if required:
+            raise InputError(f"{src.ref}: no tokenizer beside the checkpoint, so --prompt cannot be encoded")
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.root, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{src.ref}: its tokenizer does not load ({exc})") from None
+
+
+def render_verify(console: Console, result: VerifyResult) -> None:
+    """The pass/fail table and the verdict (on stderr through `console`)."""
+    table = Table(title=f"verify {result.converted} against {result.original}: run in {result.dtype}, "
+                        f"{result.table_dtype} table, {result.criterion} tolerances")
+    for col in ("check", "", "measured", "allowed"):
+        table.add_column(col)
+    marks = {True: "[bold green]PASS[/]", False: "[bold red]FAIL[/]", None: "[dim]info[/]"}
+    for c in result.checks:
+        table.add_row(c.name, marks[c.passed], c.value, c.limit)
+    console.print(table)
+    console.print(f"{result.positions} logit positions: max abs diff {result.max_abs_diff:.3g}, max rel diff "
+                  f"{result.max_rel_diff:.3g}, top-1 agreement {result.top1_agreement:.1%}")
+    if result.passed:
+        console.print("[bold green]verified[/]")

@@ -1,0 +1,313 @@
+"""Benchmark `precompute convert` against its two physical floors: moving the bytes and the float32 GEMM.
+
+For each model: a synthetic checkpoint of the real model's shapes (random values, the real config, the real
+tensor names as transformers writes them) is written once, then measured in one run:
+  - conversion: `python -m precompute_cli convert SRC OUT` as a child process (imports included), wall time
+    and peak RSS from the operating system (wait4's ru_maxrss of that child alone);
+  - `cp -r SRC DST`, and `cp -r` followed by `sync` (the conversion fsyncs its output; cp does not);
+  - the bare float32 GEMMs the fold needs (every 2-D layer-0 weight the table replaces, times the vocabulary),
+    in this process with torch on the same number of threads;
+and prints a markdown table: the ratio conversion / max(cp -r, GEMM) (target <= 1.15) and whether the peak
+RSS stays under the table's bytes + 1 GiB.
+
+Page cache: by default the source is read once before every timed step, so each starts from a warm cache
+(dropping caches needs /proc/sys/vm/drop_caches, which is not writable here). --cold evicts the source's pages
+instead (posix_fadvise DONTNEED after sync, which needs no privileges) before every timed step.
+
+    python scripts/bench_convert.py            # Llama-3.2-1B, Mistral-7B (2 and 14 layers), Pythia-1.4B
+    python scripts/bench_convert.py --quick    # same widths, 2 layers, 4096-token vocabularies
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from precompute_cli.plan import load_recipe, make_plan
+from precompute_cli.recipes import REGISTRY
+from precompute_cli.source import INDEX_NAME, resolve
+from precompute_cli.st_io import DTYPES, OutTensor, ShardWriter
+
+GIB = 1 << 30
+LLAMA_32_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                   tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                   hidden_act="silu")
+MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, max_position_embeddings=32768,
+                  hidden_act="silu")
+PYTHIA_14B = dict(model_type="gpt_neox", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                  num_attention_heads=16, vocab_size=50304, rotary_pct=0.25, rotary_emb_base=10000,
+                  use_parallel_residual=True, tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu",
+                  max_position_embeddings=2048)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    config: dict
+    dtype: str  # torch dtype name the checkpoint is stored in
+    layers: int
+    max_shard_size: str | None  # None: one model.safetensors, as the Hub ships these sizes
+    quick_layers: int = 2
+
+
+MODELS = [
+    Model("llama-3.2-1b", LLAMA_32_1B, "bfloat16", 16, None),
+    Model("mistral-7b-2L", MISTRAL_7B, "bfloat16", 2, None, quick_layers=1),
+    Model("mistral-7b-14L", MISTRAL_7B, "bfloat16", 14, "2GB", quick_layers=5),
+    Model("pythia-1.4b", PYTHIA_14B, "float16", 24, None),
+]
+
+
+def quick(model: Model) -> Model:
+    """Same widths, fewer layers and a 4096-token vocabulary: seconds instead of minutes (not real shapes)."""
+    config = {**model.config, "vocab_size": 4096}
+    shard = "500MB" if model.max_shard_size else None
+    return Model(model.name + "-quick", config, model.dtype, model.quick_layers, shard)
+
+
+# -- synthetic checkpoints ---------------------------------------------------------------------------------------
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """On-disk tensor names and shapes, from transformers itself: the model on the meta device (no memory),
+    tied weights dropped and transformers' renamings reverted exactly as save_pretrained does."""
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return {name: tuple(t.shape) for name, t in dict(revert_weight_conversion(model, state)).items()}
+
+
+def write_checkpoint(model: Model, folder: Path) -> bool:
+    """config.json and safetensors shards (with an index when sharded), filled from a pool of random values.
+    False when an earlier run already wrote this very checkpoint there."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from transformers import AutoConfig
+
+    marker = folder / "bench-source.json"
+    spec = {"config": model.config, "dtype": model.dtype, "layers": model.layers, "shard": model.max_shard_size}
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = AutoConfig.for_model(**{**model.config, "num_hidden_layers": model.layers})
+    config.dtype = model.dtype
+    config.save_pretrained(folder)
+    dtype = getattr(torch, model.dtype)
+    st_dtype = next(k for k, v in DTYPES.items() if v == dtype)
+    shapes = tensor_shapes(config)
+    split = split_state_dict_into_shards_factory(
+        shapes, get_storage_size=lambda s: math.prod(s) * dtype.itemsize,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=model.max_shard_size or 1 << 62)
+    gen = torch.Generator().manual_seed(0)
+    pool = (torch.randn(32 << 20, generator=gen) * 0.02).to(dtype)  # 32M values, reused at random offsets
+    for filename, names in split.filename_to_tensors.items():
+        writer = ShardWriter(folder / filename, [OutTensor(n, st_dtype, shapes[n]) for n in names])
+        try:
+            for n in names:
+                numel, done = math.prod(shapes[n]), 0
+                while done < numel:
+                    take = min(numel - done, pool.numel() // 2)
+                    at = int(torch.randint(0, pool.numel() - take + 1, (1,), generator=gen))
+                    writer.write(n, pool[at:at + take], done * dtype.itemsize)
+                    done += take
+        finally:
+            writer.close()
+    if len(split.filename_to_tensors) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(s) * dtype.itemsize for s in shapes.values())},
+                 "weight_map": split.tensor_to_filename}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    marker.write_text(json.dumps(spec))
+    return True
+
+
+# -- measurements ------------------------------------------------------------------------------------------------
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def prepare_cache(folder: Path, cold: bool) -> None:
+    """Warm: read every source byte once. Cold: write back dirty pages, then drop the source's cached pages."""
+    os.sync()
+    for path in files_of(folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if cold:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 64 << 20):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS in bytes of one child process (wait4 reports that child alone)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode(errors='replace')[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def time_copy(src: Path, work: Path, cold: bool, then_sync: bool) -> float:
+    dst = work / "copy"
+    shutil.rmtree(dst, ignore_errors=True)
+    prepare_cache(src, cold)
+    started = time.perf_counter()
+    run(["cp", "-r", str(src), str(dst)])
+    if then_sync:
+        os.sync()
+    seconds = time.perf_counter() - started
+    shutil.rmtree(dst)
+    os.sync()
+    return seconds
+
+
+def time_convert(src: Path, work: Path, cold: bool) -> tuple[float, int]:
+    out = work / "converted"
+    shutil.rmtree(out, ignore_errors=True)
+    prepare_cache(src, cold)
+    seconds, rss = run([sys.executable, "-m", "precompute_cli", "convert", str(src), str(out)])
+    shutil.rmtree(out)
+    os.sync()
+    return seconds, rss
+
+
+def gemm_shapes(plan) -> list[tuple[int, int]]:
+    """(in, out) of every matrix the fold multiplies the vocabulary's rows by: layer 0's 2-D folded weights."""
+    return [(shape[1], shape[0]) for shape in plan.recipe.folded().values() if len(shape) == 2]
+
+
+def time_gemm(rows: int, shapes: list[tuple[int, int]], chunk: int = 4096) -> float:
+    """The bare float32 GEMMs over all `rows` vocabulary rows, in chunks into preallocated outputs."""
+    total = 0.0
+    with torch.inference_mode():
+        for d_in, d_out in shapes:
+            w = torch.randn(d_out, d_in)
+            x = torch.randn(min(chunk, rows), d_in)
+            y = torch.empty(x.shape[0], d_out)
+            torch.mm(x, w.t(), out=y)  # warm-up (allocations, kernel choice)
+            started = time.perf_counter()
+            for start in range(0, rows, chunk):
+                n = min(chunk, rows - start)
+                torch.mm(x[:n], w.t(), out=y[:n])
+            total += time.perf_counter() - started
+    return total
+
+
+def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict) -> dict:
+    src = work / model.name
+    started = time.perf_counter()
+    write_checkpoint(model, src)
+    print(f"  {model.name}: checkpoint ready ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+    plan = make_plan(resolve(str(src)), load_recipe(resolve(str(src))))
+    shapes = gemm_shapes(plan)
+    key = (plan.table.rows, tuple(shapes))
+    if key not in gemm_cache:
+        gemm_cache[key] = min(time_gemm(plan.table.rows, shapes) for _ in range(repeat))
+    convert_s, rss = min(time_convert(src, work, cold) for _ in range(repeat))
+    copy_s = min(time_copy(src, work, cold, then_sync=False) for _ in range(repeat))
+    copy_sync_s = min(time_copy(src, work, cold, then_sync=True) for _ in range(repeat))
+    gemm_s = gemm_cache[key]
+    table = plan.table.ref.nbytes
+    return {
+        "model": model.name, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
+        "shards": len(plan.source.shards), "table_bytes": table, "convert_s": convert_s, "cp_s": copy_s,
+        "cp_sync_s": copy_sync_s, "gemm_s": gemm_s,
+        "gflop": 2 * plan.table.rows * sum(i * o for i, o in shapes) / 1e9,
+        "ratio": convert_s / max(copy_s, gemm_s), "ratio_sum": convert_s / (copy_s + gemm_s),
+        "peak_rss": rss, "rss_bound": table + GIB, "rss_ok": rss < table + GIB,
+    }
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, torch {torch.__version__} on "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}, {platform.system()} "
+            f"{platform.release()}")
+
+
+def markdown(rows: list[dict], cold: bool) -> str:
+    head = ("| model | source GB | shards | table MB | convert s | cp -r s | cp -r + sync s | GEMM s (GFLOP) "
+            "| convert / max(cp, GEMM) | convert / (cp + GEMM) | peak RSS MB | table + 1 GiB MB | RSS under bound |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} | {r['shards']} | {r['table_bytes'] / 1e6:,.0f} "
+            f"| {r['convert_s']:.1f} | {r['cp_s']:.1f} | {r['cp_sync_s']:.1f} | {r['gemm_s']:.1f} ({r['gflop']:,.0f}) "
+            f"| **{r['ratio']:.2f}** | {r['ratio_sum']:.2f} | {r['peak_rss'] / 1e6:,.0f} "
+            f"| {r['rss_bound'] / 1e6:,.0f} | {'yes' if r['rss_ok'] else '**no**'} |")
+    cache = "cold (source evicted before each step)" if cold else "warm (source read once before each step)"
+    return "\n".join([f"Machine: {machine()}. Page cache: {cache}.", "", *lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, 4096-token vocabularies (a smoke run)")
+    parser.add_argument("--models", default=",".join(m.name for m in MODELS),
+                        help="comma-separated subset of: " + ", ".join(m.name for m in MODELS))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where checkpoints are written and kept for later runs (default: a temporary folder, "
+                             "deleted afterwards)")
+    parser.add_argument("--cold", action="store_true", help="evict the source from the page cache before each step")
+    parser.add_argument("--repeat", type=int, default=1, help="run each step N times and keep the fastest")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    wanted = args.models.split(",")
+    unknown = set(wanted) - {m.name for m in MODELS}
+    if unknown:
+        parser.error(f"unknown models: {', '.join(sorted(unknown))}")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-convert-", dir=os.environ.get("TMPDIR", "/tmp")))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, gemm_cache = [], {}
+    try:
+        for model in (m for m in MODELS if m.name in wanted):
+            if model.config["model_type"] not in REGISTRY:
+                print(f"  {model.name}: skipped, this precompute_cli has no {model.config['model_type']} recipe",
+                      file=sys.stderr)
+                continue
+            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, gemm_cache))
+            print(f"  {model.name}: done ({rows[-1]['convert_s']:.1f} s to convert)", file=sys.stderr, flush=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(markdown(rows, args.cold))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "cold": args.cold, "rows": rows}, indent=2) + "\n")
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n(benchmark process itself peaked at {maxrss:,.0f} MB, outside the conversion's figure)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The Hub both ways, offline: pulls run huggingface_hub's real code against a cache laid out on disk as the Hub's
+is (models--ORG--NAME/blobs, snapshots/<commit>/ symlinks, refs/<branch or tag>); pushes patch HfApi's methods
+and check what would be uploaded. No test reaches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+from huggingface_hub import HfApi, ModelCard, constants
+from safetensors import safe_open
+from tiny import build, convert
+
+from precompute_cli import hub, modelcard
+from precompute_cli.st_io import read_header
+
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+
+
+def add_commit(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)):
+    """Lay a commit out as huggingface_hub's cache does: content-addressed blobs (sha256 for LFS files, the git
+    blob sha1 otherwise), snapshot entries as relative symlinks to them, and refs files holding the commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for name, data in files.items():
+        lfs = name.endswith((".safetensors", ".bin"))
+        blob_id = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / blob_id
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny Llama checkpoints with different weights (two commits of one repo), built once."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {"a": build(root / "a", "llama", seed=0), "b": build(root / "b", "llama", seed=1)}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hub cache; huggingface_hub read HF_HUB_CACHE/HF_HUB_OFFLINE at import, so patch its constants."""
+    root = tmp_path / "hub-cache"
+    root.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return root
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    from precompute_cli.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    return code, " ".join(err.split())
+
+
+def table(path: Path):
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return f.get_tensor("precompute.table")
+
+
+def test_pull_from_cache_by_id(tmp_path, tiny, cache, capsys):
+    add_commit(cache, "org/tiny", COMMIT_A, {**files_of(tiny["a"]), "pytorch_model.bin": b"never read",
+                                             "README.md": b"# upstream card\n"})
+    code, err = run(capsys, "convert", "org/tiny", str(tmp_path / "out"))
+    assert code == 0, err
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    assert block["source"] == {"id": "org/tiny", "revision": COMMIT_A}
+    # the same bytes as converting the folder itself: the Hub path changes where files come from, nothing else
+    assert convert(tiny["a"], tmp_path / "local") == 0
+    assert files_of(tmp_path / "out")["model.safetensors"] == files_of(tmp_path / "local")["model.safetensors"]
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "generation_config.json" in names
+    assert not names & {"pytorch_model.bin", "README.md"}
+
+
+def test_revision_by_tag_and_by_commit(tmp_path, tiny, cache, capsys):
+    add_commit(cache, "org/tiny", COMMIT_A, files_of(tiny["a"]), refs=("main",))
+    add_commit(cache, "org/tiny", COMMIT_B, files_of(tiny["b"]), refs=("v2",))
+    expected = {}
+    for key in "ab":
+        assert convert(tiny[key], tmp_path / f"local-{key}") == 0
+        expected[key] = table(tmp_path / f"local-{key}")
+    assert not bool((expected["a"] == expected["b"]).all())  # the two commits really differ
+    for revision, commit, key in ((None, COMMIT_A, "a"), ("v2", COMMIT_B, "b"), (COMMIT_A, COMMIT_A, "a")):
+        out = tmp_path / f"out-{revision}"
+        code, err = run(capsys, "convert", "org/tiny", str(out), *(["--revision", revision] if revision else []))
+        assert code == 0, err
+        assert json.loads((out / "config.json").read_text())["precompute"]["source"]["revision"] == commit
+        assert bool((table(out) == expected[key]).all())
+
+
+def test_offline_flag_never_touches_the_network(tmp_path, tiny, cache, capsys, monkeypatch):
+    add_commit(cache, "org/tiny", COMMIT_A, files_of(tiny["a"]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # only --offline says so
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(HfApi, "repo_info", no_network)
+    monkeypatch.setattr(HfApi, "list_repo_tree", no_network)
+    code, err = run(capsys, "convert", "org/tiny", str(tmp_path / "out"), "--offline")
+    assert code == 0, err
+    assert hub.resolve_revision("org/tiny", offline=True) == COMMIT_A
+
+
+@pytest.mark.parametrize("revision", [None, "v9"])
+def test_missing_repo_or_revision_offline_is_exit_2(tmp_path, tiny, cache, capsys, revision):
+    add_commit(cache, "org/tiny", COMMIT_A, files_of(tiny["a"]))
+    repo = "org/absent" if revision is None else "org/tiny"
+    code, err = run(capsys, "convert", repo, str(tmp_path / "out"), *(["--revision", revision] if revision else []))
+    assert code == 2
+    assert f"{repo}" in err and "not in the local Hub cache" in err and "offline mode forbids downloading" in err
+    assert (f"revision '{revision}'" in err) == (revision is not None)
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_only_repo_is_refused(tmp_path, tiny, cache, capsys):
+    add_commit(cache, "org/pickled", COMMIT_A, {"config.json": (tiny["a"] / "config.json").read_bytes(),
+                                                "pytorch_model.bin": b"\x80\x04 not to be unpickled"})
+    code, err = run(capsys, "convert", "org/pickled", str(tmp_path / "out"))
+    assert code == 2
+    assert "only pickled weights" in err and "never unpickles" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_from_cache_writes_nothing(tmp_path, tiny, cache, capsys):
+    add_commit(cache, "org/tiny", COMMIT_A, files_of(tiny["a"]))
+    before = sorted(str(p) for p in cache.rglob("*"))
+    out = tmp_path / "out"
+    code, err = run(capsys, "convert", "org/tiny", str(out), "--dry-run", "--push-to-hub", "me/tiny-pre", "--private")
+    assert code == 0, err
+    assert not out.exists()
+    assert sorted(str(p) for p in cache.rglob("*")) == before  # not even a ref written into the cache
+    assert f"at commit {COMMIT_A}: 0 bytes to fetch (all in the local cache)" in err
+    assert "upload" in err and "me/tiny-pre (private)" in err and "README.md" in err
+    # the predicted size matches what the conversion then does
+    assert convert(tiny["a"], tmp_path / "real", "--json", str(tmp_path / "r.json")) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert f"tensor bytes {report['bytes_before']:,} -> {report['bytes_after']:,}" in err
+
+
+def test_dry_run_of_an_uncached_repo_sizes_it_from_the_hub_headers(tmp_path, tiny, cache, capsys, monkeypatch):
+    """The online path, with the three Hub calls it makes replaced by answers built from a real checkpoint
+    (this checks our use of their results, not huggingface_hub's network code, which no offline test can reach)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    src = tiny["a"]
+    sizes = {p.name: p.stat().st_size for p in src.iterdir()}
+
+    def snapshot_download(repo_id, *, revision, allow_patterns, token, dry_run):
+        assert dry_run and "*.safetensors" in allow_patterns and "*.bin" not in allow_patterns
+        return [SimpleNamespace(filename=n, file_size=s, commit_hash=COMMIT_A, will_download=True)
+                for n, s in sizes.items()]
+
+    def get_safetensors_metadata(repo_id, revision, token):
+        header = read_header(src / "model.safetensors")
+        tensors = {n: SimpleNamespace(dtype=t.dtype, shape=list(t.shape)) for n, t in header.tensors.items()}
+        return SimpleNamespace(files_metadata={"model.safetensors": SimpleNamespace(tensors=tensors)})
+
+    def hf_hub_download(repo_id, filename, revision, token, local_dir):
+        assert revision == COMMIT_A
+        (Path(local_dir) / filename).write_bytes((src / filename).read_bytes())
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    code, err = run(capsys, "convert", "org/tiny", str(tmp_path / "out"), "--dry-run")
+    assert code == 0, err
+    assert not (tmp_path / "out").exists()
+    assert f"{sum(sizes.values()):,} bytes to fetch" in err
+    assert convert(src, tmp_path / "real", "--json", str(tmp_path / "r.json")) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert f"tensor bytes {report['bytes_before']:,} -> {report['bytes_after']:,}" in err
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """HfApi.create_repo and upload_folder recorded instead of called; the README is read at upload time."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls: dict[str, dict] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = {"repo_id": repo_id, **kwargs}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        calls["upload_folder"] = {"repo_id": repo_id, "folder": folder, "files": files_of(folder), **kwargs}
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'c' * 40}")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "repo_info", no_network)
+    monkeypatch.setattr(HfApi, "list_repo_tree", no_network)
+    return calls
+
+
+def test_push_uploads_the_folder_with_a_model_card(tmp_path, tiny, capsys, fake_hub):
+    out = tmp_path / "out"
+    assert convert(tiny["a"], tmp_path / "first", "--json", str(tmp_path / "r.json")) == 0
+    # pushing needs the network: --offline is refused before anything is converted
+    code, err = run(capsys, "convert", str(tiny["a"]), str(out), "--offline", "--push-to-hub", "me/tiny-pre",
+                    "--token", "hf_x")
+    assert code == 2 and "uploading needs the network" in err and not out.exists() and not fake_hub
+    code, err = run(capsys, "convert", str(tiny["a"]), str(out), "--push-to-hub", "me/tiny-pre", "--private",
+                    "--token", "hf_x", "--verify")
+    assert code == 0, err
+    assert fake_hub["create_repo"]["repo_id"] == "me/tiny-pre"
+    assert fake_hub["create_repo"]["private"] is True and fake_hub["create_repo"]["exist_ok"] is True
+    upload = fake_hub["upload_folder"]
+    assert upload["repo_id"] == "me/tiny-pre" and upload["folder"] == out
+    assert "layer 0 of a precomputed" in upload["commit_message"]
+    # everything the conversion wrote is uploaded as is (the same bytes as an earlier conversion), plus the card
+    first = files_of(tmp_path / "first")
+    assert set(upload["files"]) == set(first) | {"README.md"}
+    assert all(upload["files"][n] == b for n, b in first.items())
+    card = upload["files"]["README.md"].decode()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "the local checkpoint `a`" in card
+    assert f"| bytes | {report['bytes_before']:,} | {report['bytes_after']:,} |" in card
+    assert f"{report['param_delta_pct']:+.2f}%" in card
+    assert 'load_model("me/tiny-pre")' in card
+    assert "precompute.table" in card and "model.layers.0.self_attn.q_proj.weight" in card
+    assert "and passed:" in card and "| FAIL |" not in card  # --verify ran and its checks are in the card
+    assert (out / "README.md").read_text() == card
+    assert "pushed" in err
+
+
+def test_push_needs_a_token_and_a_valid_repo_id(tmp_path, tiny, capsys, fake_hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    code, err = run(capsys, "convert", str(tiny["a"]), str(tmp_path / "out"), "--push-to-hub", "me/x")
+    assert code == 2 and "no Hub token" in err
+    code, err = run(capsys, "convert", str(tiny["a"]), str(tmp_path / "out"), "--push-to-hub", "me/x/y",
+                    "--token", "hf_x")
+    assert code == 2 and "not a valid Hub repository id" in err
+    assert not (tmp_path / "out").exists() and not fake_hub
+
+
+def _report_and_block(tmp_path, src: Path) -> tuple[dict, dict]:
+    assert convert(src, tmp_path / "out", "--json", str(tmp_path / "r.json")) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    return report, json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+
+
+def test_model_card_content_and_determinism(tmp_path, tiny):
+    report, block = _report_and_block(tmp_path, tiny["a"])
+    first = str(modelcard.build(report, block, "me/tiny-pre"))
+    report2 = {**report, "seconds": report["seconds"] + 5.0, "out": "/elsewhere"}  # run-specific fields
+    assert str(modelcard.build(report2, block, "me/tiny-pre")) == first
+    card = ModelCard(first)
+    assert card.data.tags == modelcard.TAGS and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model is None  # a local source is not a Hub model to link to
+    assert "the local checkpoint `a`" in first and str(tiny["a"]) not in first
+    assert "No numeric verification was run" in first
+    for r in report["removed"]:
+        assert f"`{r['name']}`" in first
+    table_ref = report["added"][0]
+    assert f"shape {table_ref['shape'][0]} x {table_ref['shape'][1]}, {table_ref['dtype']}" in first
+    assert f"| parameters | {report['params_before']:,} | {report['params_after']:,} |" in first
+    assert 'load_model("me/tiny-pre")' in first and "AutoTokenizer" not in first  # no tokenizer files here
+    verify = {"dtype": "float32", "passed": False,
+              "checks": [{"name": "logits", "passed": False, "value": "3e-2", "limit": "1e-4"},
+                         {"name": "greedy text", "passed": True, "value": "identical", "limit": "identical"}]}
+    failed = str(modelcard.build(report, block, None, verify))
+    assert "and FAILED:" in failed and "| logits | FAIL | 3e-2 | 1e-4 |" in failed
+    assert 'load_model("path/to/this/folder")' in failed
+    written = modelcard.write(tmp_path / "out", modelcard.build(report, block, "me/tiny-pre"))
+    assert written.read_text() == first
+    hub_block = {**block, "source": {"id": "org/tiny", "revision": COMMIT_A}}
+    linked = str(modelcard.build(report, hub_block, "me/tiny-pre"))
+    assert ModelCard(linked).data.base_model == "org/tiny"
+    assert f"[org/tiny](https://huggingface.co/org/tiny) at commit `{COMMIT_A}`" in linked
