@@ -24,8 +24,10 @@ from precompute_cli.spec import Config
 class TableEmbedding(nn.Module):
     """The input embedding of a converted model: one table row per token, shared with layer 0's projections."""
 
-    def __init__(self, table: torch.Tensor, residual: tuple[int, int] | None, embedding: nn.Module | None):
+    def __init__(self, table: torch.Tensor, residual: tuple[int, int] | None, embedding: nn.Module | None,
+                 scale: float = 1.0):
         super().__init__()
+        self.scale = scale
         self.table = nn.Parameter(table, requires_grad=False)
         self.residual = residual
         self.embedding = embedding  # kept only when the output head is tied to it, or x is not in the table
@@ -47,7 +49,8 @@ class TableEmbedding(nn.Module):
         self.rows = self.table[input_ids]
         if self.residual is None:
             return self.embedding(input_ids)
-        return self.rows[..., self.residual[0]:self.residual[1]]
+        x = self.rows[..., self.residual[0]:self.residual[1]]
+        return x if self.scale == 1.0 else x * torch.tensor(self.scale).to(x.dtype)
 
     def reset(self, *args) -> None:
         """Called before each forward pass of the whole model."""
@@ -134,7 +137,8 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     patch = recipe.runtime_patch()
     spans = {k: tuple(v) if v else None for k, v in block["columns"].items()}
     keep_embedding = recipe.spec.tied_embeddings or spans["residual"] is None
-    embedding = TableEmbedding(table, spans["residual"], model.get_input_embeddings() if keep_embedding else None)
+    embedding = TableEmbedding(table, spans["residual"], model.get_input_embeddings() if keep_embedding else None,
+                               patch.embedding_scale)
     model.set_input_embeddings(embedding)
     model.register_forward_pre_hook(embedding.reset)
     layer = model.get_submodule(patch.layer)

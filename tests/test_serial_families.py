@@ -11,6 +11,7 @@ from safetensors import safe_open
 from tiny import assert_equivalent, build, convert
 from transformers import AutoModelForCausalLM
 
+from precompute_cli import load_model
 from precompute_cli.cli import main
 
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
@@ -73,19 +74,25 @@ def test_equivalent_bfloat16(tmp_path, case, extra):
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
 
 
-def test_gemma_residual_is_transformers_scaled_embedding_bit_for_bit(tmp_path):
-    """bf16: x * bf16(sqrt(48)) = x * 6.9375 in bf16, not round(x * 6.928...), exactly as the embedding module does."""
+@pytest.mark.parametrize("run_dtype", [torch.bfloat16, torch.float32])
+def test_gemma_embedding_is_transformers_scaled_embedding_bit_for_bit(tmp_path, run_dtype):
+    """Gemma scales the looked-up row by sqrt(d) cast to the dtype it runs in (bf16: x * 6.9375 for d=48, not
+    x * 6.928...). The table holds the raw row and the runtime repeats the product, so a bf16 checkpoint matches
+    transformers exactly whether it runs in bf16 or in float32."""
     src = build(tmp_path / "src", "gemma", dtype=torch.bfloat16, tie_word_embeddings=False, hidden_size=48, head_dim=16)
     assert convert(src, tmp_path / "out") == 0
     table, columns = table_of(tmp_path / "out")
     assert table.dtype == torch.bfloat16
-    residual = table[:, slice(*columns["residual"])]
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=run_dtype)
+    ids = torch.arange(table.shape[0])
+    assert torch.equal(table[:, slice(*columns["residual"])], model.get_input_embeddings().weight.to(torch.bfloat16))
     with torch.no_grad():
-        expected = model.get_input_embeddings()(torch.arange(table.shape[0]))
-    assert torch.equal(residual, expected)
-    naive = (model.get_input_embeddings().weight.float() * 48 ** 0.5).to(torch.bfloat16)
-    assert not torch.equal(residual, naive)  # the rounding of the scale is visible, so the check above has teeth
+        expected = model.get_input_embeddings()(ids)
+        ours = load_model(tmp_path / "out", dtype=run_dtype).get_input_embeddings()(ids)
+    assert torch.equal(ours, expected)
+    if run_dtype == torch.bfloat16:  # the rounding of the scale is visible, so the check above has teeth
+        naive = (model.get_input_embeddings().weight.float() * 48 ** 0.5).to(torch.bfloat16)
+        assert not torch.equal(ours, naive)
 
 
 def test_olmo_table_is_clamped(tmp_path):

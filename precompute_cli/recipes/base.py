@@ -31,6 +31,9 @@ class RuntimePatch:
     # model-level modules applied to the embedding; they pass through when the table holds x
     embedding_transforms: tuple[str, ...] = ()
     fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (q, k, v) -> fused output
+    # What the model's embedding module multiplies the looked-up row by (Gemma's sqrt(d)). The residual columns hold
+    # the raw row and the runtime repeats the product in the dtype it runs in, as the module does.
+    embedding_scale: float = 1.0
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Gemma: gemma, gemma2, gemma3_text (serial; only Q, K, V fold).
 
-x = embed_tokens[t] * sqrt(hidden_size), the scale cast to the embedding dtype and the product taken in that dtype.
-In transformers 5 the scale sits inside the embedding module (GemmaTextScaledWordEmbedding), and the table's
-residual columns replace that module's output, so they hold the *scaled* x (unlike granite's multiplier).
+x = embed_tokens[t] * sqrt(hidden_size), the scale cast to the run dtype and the product taken in that dtype.
+In transformers 5 the scale sits inside the embedding module (GemmaTextScaledWordEmbedding), so it depends on the
+dtype the model runs in. The table's residual columns therefore hold the raw row and the runtime repeats the product
+(RuntimePatch.embedding_scale), exact in every dtype; q, k, v are folded from the product in the checkpoint's dtype
+(RMSNorm makes them insensitive to the scale's rounding but for eps).
 h = RMSNorm(x) * (1 + w), in float32; q, k, v = W h (+ b if attention_bias); gemma3_text: per-head q_norm/k_norm,
 (1 + w) again, before RoPE. Gemma 2/3's sandwich norms, query_pre_attn_scalar, soft-capping and sliding windows all
 act after RoPE or on the attention output, so none of them touches the table. head_dim defaults to 256 (not d/heads).
@@ -68,10 +70,9 @@ class Gemma(Recipe):
 
     def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
         p, s = self.prefix, self.spec
-        x = self.scale_embedding(x)
+        out = {"residual": ops.upcast(x)}
         eps = float(self.cfg.get("rms_norm_eps", default=1e-6))
-        h = ops.rms_norm(x, w(p + "input_layernorm.weight"), eps, offset=1.0)
-        out = {"residual": x}
+        h = ops.rms_norm(self.scale_embedding(x), w(p + "input_layernorm.weight"), eps, offset=1.0)
         for name in "qkv":
             bias = w(f"{p}self_attn.{name}_proj.bias") if self.has_bias else None
             out[name] = ops.linear(h, w(f"{p}self_attn.{name}_proj.weight"), bias)
@@ -87,4 +88,5 @@ class Gemma(Recipe):
             layer="model.layers.0",
             projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
             identities=("input_layernorm", *qk_norms),
+            embedding_scale=self.spec.hidden_size ** 0.5,
         )

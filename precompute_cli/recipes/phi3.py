@@ -7,16 +7,13 @@ The runtime's stand-in for qkv_proj re-fuses the table's q, k, v columns in the 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
 from precompute_cli.spec import ModelSpec
-
-
-def fuse_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """qkv_proj's output layout: [q | k | v] along the last axis."""
-    return torch.cat((q, k, v), dim=-1)
 
 
 @register
@@ -49,9 +46,9 @@ class Phi3(Recipe):
         eps = float(self.cfg.get("rms_norm_eps", default=1e-5))
         x = ops.upcast(x)
         h = ops.rms_norm(x, w(p + "input_layernorm.weight"), eps)
-        q, k, v = ops.linear(h, w(p + "self_attn.qkv_proj.weight")).split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
+        q, k, v = ops.split_qkv(ops.linear(h, w(p + "self_attn.qkv_proj.weight")), 1, s.q_dim, s.kv_dim)
         return {"residual": x, "q": q, "k": k, "v": v}
 
     def runtime_patch(self) -> RuntimePatch:
         return RuntimePatch(layer="model.layers.0", projections={"qkv": "self_attn.qkv_proj"},
-                            identities=("input_layernorm",), fuse=fuse_blocked)
+                            identities=("input_layernorm",), fuse=partial(ops.join_qkv, groups=1))
