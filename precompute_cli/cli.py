@@ -183,14 +183,27 @@ def convert_all(
     from precompute_cli.release import convert_all as run
 
     summary = run(config, out_root, push=push, offline=offline, token=token, force=force, progress=_progress,
-                  report=lambda o: console.print(f"[bold]{o.status}[/] {o.name}" + (f": {o.error}" if o.error else "")
-                                                 + "".join(f" ({n})" for n in o.notes)))
+                  report=_print_outcome)
     counts = summary["counts"]
     console.print(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed; "
                   f"summary in {out_root / SUMMARY_NAME}")
     if counts["failed"]:
         raise PrecomputeError(f"{counts['failed']} of {len(summary['models'])} models failed "
                               f"(see {out_root / SUMMARY_NAME})")
+
+
+def _print_outcome(o) -> None:
+    """One line per model of convert-all, as it finishes."""
+    facts = [o.revision.removeprefix("sha256:")[:12]] if o.revision else []
+    if o.report:
+        facts.append(f"{o.report['byte_delta_pct']:+.2f}% bytes")
+    if o.verify:
+        facts.append("verified" if o.verify.get("passed") else "verify FAILED")
+    if o.pushed:
+        facts.append(f"on the Hub as {o.pushed}")
+    line = f"[bold]{o.status}[/] {escape(o.name)}" + (f" ({', '.join(facts)})" if facts else "")
+    console.print(line + (f": {escape(o.error)}" if o.error else "") + "".join(f"; {n}" for n in o.notes),
+                  soft_wrap=True)
 
 
 def _print_plan(plan, out: Path) -> None:
@@ -306,6 +319,8 @@ INTERRUPTED = 130  # 128 + SIGINT, also used for SIGTERM (README: exit codes)
 
 def _say(label: str, sentence: str) -> None:
     """One line on stderr: the sentence verbatim (no rich markup inside it, no wrapping), so CI logs can grep it."""
+    # control characters (a newline in a hostile tensor name or path) are shown escaped, keeping it one line
+    sentence = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in sentence)
     console.print(f"[bold red]{label}:[/] {escape(sentence)}", soft_wrap=True)
 
 

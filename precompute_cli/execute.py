@@ -248,15 +248,20 @@ def _compute_table(plan: Plan, writer: ShardWriter, progress: Progress | None,
     out_dtype = DTYPES[table.dtype]
     row_bytes = table.width * out_dtype.itemsize
     spans = [(name, span) for name, span in table.columns.items() if span]
+    # One buffer for every chunk: each column block is cast straight into place (no concatenation, no
+    # fresh allocation per chunk), then written out before the next chunk reuses it.
+    buffer = torch.empty(chunk, table.width, dtype=out_dtype, device=device)
     with torch.inference_mode():
         for start in range(0, table.rows, chunk):
             if written is not None and written.failed:
                 return  # the copy thread failed: its exception is what the caller reports
             stop = min(start + chunk, table.rows)
             cols = recipe.fold(weight, read_tensor(emb_path, emb_info, (start, stop)).to(device))
-            rows = torch.cat([cols[name] for name, _ in spans], dim=-1).to(out_dtype).cpu()
+            rows = buffer[: stop - start]
+            for name, (first, last) in spans:
+                rows[:, first:last].copy_(cols[name])
             del cols
-            writer.write(table.name, rows, start * row_bytes)
+            writer.write(table.name, rows.cpu(), start * row_bytes)
             if written is not None:
                 written.advance(stop * row_bytes)
             if progress:

@@ -1,7 +1,9 @@
 """The Hugging Face Hub both ways: pull only what conversion needs (never pickled weights), push a converted folder.
 
 Everything goes through huggingface_hub, so the user's cache, token (HF_TOKEN or the saved login) and offline
-mode (HF_HUB_OFFLINE or --offline) behave as in every other Hub tool. Failures become one InputError sentence.
+mode (HF_HUB_OFFLINE or --offline) behave as in every other Hub tool. Failures become one sentence: InputError
+(exit 2) for what the user can fix (a wrong id or revision, no token, not cached while offline), PrecomputeError
+(exit 1) when the Hub or the network fails.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def remote_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], removed: list[
 
 
 def check_repo_id(repo_id: str, where: str = "--push-to-hub") -> None:
+    """huggingface_hub's own rules for a repository id, checked before any work is done."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -187,6 +190,7 @@ def _hub_errors(repo_id: str, revision: str | None, offline: bool, action: str =
         HFValidationError,
         IncompleteSnapshotError,
         LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
         RevisionResolutionError,
@@ -206,11 +210,15 @@ def _hub_errors(repo_id: str, revision: str | None, offline: bool, action: str =
     except RevisionNotFoundError:
         raise InputError(f"{repo_id}: revision {revision!r} does not exist on the Hub") from None
     except IncompleteSnapshotError:
-        raise InputError(f"{repo_id}{at}: the local Hub cache holds only part of this snapshot and offline mode "
-                         "forbids downloading the rest") from None
+        rest = ("offline mode forbids downloading the rest" if is_offline(offline)
+                else "the Hub cannot be reached to fetch the rest")
+        raise InputError(f"{repo_id}{at}: the local Hub cache holds only part of this snapshot, and {rest}") from None
     except (LocalEntryNotFoundError, RevisionResolutionError):
         why = "offline mode forbids downloading" if is_offline(offline) else "the Hub cannot be reached"
         raise InputError(f"{repo_id}{at}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and {why}") from None
+    except NotASafetensorsRepoError:
+        raise InputError(f"{repo_id}{at}: no safetensors weights on the Hub; precompute reads only safetensors "
+                         "and never downloads or unpickles .bin/.pt weights") from None
     except HFValidationError as exc:
         raise InputError(f"{repo_id}: not a valid Hub repository id or revision ({exc})") from None
     except HfHubHTTPError as exc:

@@ -42,6 +42,7 @@ from precompute_cli.source import INDEX_NAME, resolve
 from precompute_cli.st_io import DTYPES, OutTensor, ShardWriter
 
 GIB = 1 << 30
+TIME = shutil.which("time", path="/usr/bin:/bin")  # GNU time: peak RSS of the command alone
 LLAMA_32_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                    tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
@@ -161,16 +162,19 @@ def prepare_cache(folder: Path, cold: bool) -> None:
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of one child process (wait4 reports that child alone)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode(errors='replace')[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    """Wall seconds and peak RSS in bytes of one command, the RSS as /usr/bin/time reports it.
+
+    Not this process's wait4: a child forked from it starts its high-water mark at this process's size
+    (torch and the GEMM buffers), which exec does not reset."""
+    with tempfile.NamedTemporaryFile("r") as report:
+        timed = [TIME, "-f", "%M", "-o", report.name, *cmd]
+        started = time.perf_counter()
+        proc = subprocess.run(timed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.decode(errors='replace')[-3000:]}")
+        kib = report.read().strip().splitlines()[-1]
+    return seconds, int(kib) * 1024
 
 
 def time_copy(src: Path, work: Path, cold: bool, then_sync: bool) -> float:
@@ -284,6 +288,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="run each step N times and keep the fastest")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    if TIME is None:
+        sys.exit("bench_convert needs GNU time at /usr/bin/time for the peak RSS (Debian: apt-get install time)")
     wanted = args.models.split(",")
     unknown = set(wanted) - {m.name for m in MODELS}
     if unknown:

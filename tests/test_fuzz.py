@@ -77,13 +77,18 @@ def mutated_header(draw) -> bytes:
     header = json.loads(json.dumps(HEADER))
     for _ in range(draw(st.integers(1, 3))):
         name = draw(st.sampled_from(NAMES))
-        kind = draw(st.sampled_from(["dtype", "shape", "offsets", "field", "drop", "add", "metadata", "swap"]))
+        kind = draw(st.sampled_from(["dtype", "shape", "reshape", "offsets", "field", "drop", "add", "metadata",
+                                     "swap"]))
         entry = header[name] if name in header else header.setdefault(name, {})
         if kind == "dtype":
             entry["dtype"] = draw(st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "U8", "BOOL", "F8_E4M3",
-                                                   "I64", "Q4_K", "F4", "", "f16"]) | json_values)
+                                                   "I16", "I64", "Q4_K", "F4", "", "f16"]) | json_values)
         elif kind == "shape":
             entry["shape"] = draw(st.lists(st.integers(-2, 2 ** 40) | st.integers(0, 16), max_size=3) | json_values)
+        elif kind == "reshape" and isinstance(entry.get("shape"), list):  # same size: only the plan can object
+            numel = int(np.prod(ARRAYS[name].shape))
+            rows = draw(st.sampled_from([d for d in range(1, numel + 1) if numel % d == 0]))
+            entry["shape"] = [rows, numel // rows]
         elif kind == "offsets":
             entry["data_offsets"] = draw(st.lists(offsets, min_size=2, max_size=2) | st.lists(offsets, max_size=3)
                                          | json_values)

@@ -294,3 +294,18 @@ def test_model_card_content_and_determinism(tmp_path, tiny):
     linked = str(modelcard.build(report, hub_block, "me/tiny-pre"))
     assert ModelCard(linked).data.base_model == "org/tiny"
     assert f"[org/tiny](https://huggingface.co/org/tiny) at commit `{COMMIT_A}`" in linked
+
+
+def test_partial_snapshot_offline_is_exit_2(tmp_path, tiny, cache, capsys):
+    """huggingface_hub remembers a commit's file listing (trees/<commit>.json); a snapshot missing a listed file
+    (an interrupted download) is refused rather than converted without it."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    files = files_of(tiny["a"])
+    add_commit(cache, "org/tiny", COMMIT_A, {n: b for n, b in files.items() if n != "model.safetensors"})
+    write_tree_cache(str(cache / "models--org--tiny"), COMMIT_A,
+                     {n: TreeCacheEntry(size=len(b), blob_id="0" * 40) for n, b in files.items()})
+    code, err = run(capsys, "convert", "org/tiny", str(tmp_path / "out"))
+    assert code == 2
+    assert "holds only part of this snapshot, and offline mode forbids downloading the rest" in err
+    assert not (tmp_path / "out").exists()
