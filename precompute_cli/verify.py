@@ -259,7 +259,6 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
         del model
         gc.collect()
         own = run_model(_load_original(original, criterion), probe, tokens) if criterion != "float32" else None
-        gc.collect()
 
     rows = sample_rows(plan.recipe.spec.vocab_size, seed, probe.tokens() | set(ref.greedy) | set(conv.greedy))
     row_error, worst_row = table_row_error(plan, table, rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,14 @@ from precompute_cli import load_model
 from precompute_cli.cli import main
 from precompute_cli.recipes.llama import Llama
 from precompute_cli.st_io import read_header
-from precompute_cli.verify import FLOAT32_LOGIT_TOL, LOSSY_MEAN_RATIO, criterion_dtype, table_tolerance
+from precompute_cli.verify import (
+    FLOAT32_LOGIT_TOL,
+    LOSSY_MEAN_RATIO,
+    _near_tie,
+    criterion_dtype,
+    make_probe,
+    table_tolerance,
+)
 
 PROMPT = "the first layer of a transformer"
 
@@ -81,7 +89,7 @@ def test_verify_float32_passes(llama32, tmp_path):
 def test_verify_bfloat16_checkpoint_passes(llama_bf16, tmp_path, run):
     """A bf16 table is judged by bf16's own error, whether the model runs in bfloat16 or float32."""
     src, out = llama_bf16
-    assert verify(src, out, "--dtype", run, "--json", tmp_path / "v.json") == 0
+    assert verify(src, out, "--dtype", run, "--tokens", "4", "--json", tmp_path / "v.json") == 0
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["passed"] and v["criterion"] == "bfloat16" and v["table_dtype"] == "BF16" and v["dtype"] == run
     assert 0 < v["own_trimmed_mean_abs_diff"] and v["trimmed_mean_abs_diff"] <= LOSSY_MEAN_RATIO * v[
@@ -166,6 +174,35 @@ def test_criterion_is_the_lowest_precision_in_play():
     assert criterion_dtype("float16", "F32") == "float16"
     assert criterion_dtype("float16", "BF16") == "bfloat16"  # bf16 has the larger rounding unit
     assert table_tolerance("BF16") > table_tolerance("F16") > table_tolerance("F32") > 0
+
+
+def test_probe_covers_the_vocabulary_and_pads_on_the_left():
+    probe = make_probe(211, seed=0)
+    assert {0, 1, 2, 104, 105, 106, 208, 209, 210} <= set(probe.ids.flatten().tolist())
+    assert probe.mask[:-1].all() and probe.mask[-1].tolist() == [0] * 4 + [1] * 12
+    assert (probe.padded[probe.mask == 0] == probe.pad_id).all() and probe.prompt_ids.shape == (1, 6)
+
+
+class _LastLogits(torch.nn.Module):
+    """A stand-in model whose last position always has the given logits."""
+
+    def __init__(self, last: torch.Tensor):
+        super().__init__()
+        self.last = last
+
+    def forward(self, ids):
+        logits = torch.zeros(1, ids.shape[1], len(self.last))
+        logits[0, -1] = self.last
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize(("runner_up", "excused"), [(10.0 - 1e-5, True), (9.0, False)])
+def test_greedy_divergence_is_excused_only_at_a_near_tie(runner_up, excused):
+    last = torch.zeros(211)
+    last[5], last[6] = 10.0, runner_up
+    model, probe = _LastLogits(last), make_probe(211, seed=0)
+    assert _near_tie(model, probe, [3, 4, 5], [3, 4, 5]) is None  # nothing to excuse
+    assert _near_tie(model, probe, [3, 4, 5], [3, 4, 6]) == (2 if excused else None)
 
 
 def test_verify_refuses_bad_arguments(llama32, llama_bf16, capsys):
