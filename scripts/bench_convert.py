@@ -161,44 +161,51 @@ def prepare_cache(folder: Path, cold: bool) -> None:
             os.close(fd)
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of one command, the RSS as /usr/bin/time reports it.
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # wall
+    cpu: float  # user + system seconds, all threads
+    rss: int  # peak resident bytes
+
+
+def run(cmd: list[str]) -> Run:
+    """Wall time, CPU time and peak RSS of one command, the last two as GNU time reports them.
 
     Not this process's wait4: a child forked from it starts its high-water mark at this process's size
     (torch and the GEMM buffers), which exec does not reset."""
     with tempfile.NamedTemporaryFile("r") as report:
-        timed = [TIME, "-f", "%M", "-o", report.name, *cmd]
+        timed = [TIME, "-f", "%M %U %S", "-o", report.name, *cmd]
         started = time.perf_counter()
         proc = subprocess.run(timed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.decode(errors='replace')[-3000:]}")
-        kib = report.read().strip().splitlines()[-1]
-    return seconds, int(kib) * 1024
+        kib, user, system = report.read().strip().splitlines()[-1].split()
+    return Run(seconds, float(user) + float(system), int(kib) * 1024)
 
 
-def time_copy(src: Path, work: Path, cold: bool, then_sync: bool) -> float:
+def time_copy(src: Path, work: Path, cold: bool, then_sync: bool) -> Run:
     dst = work / "copy"
     shutil.rmtree(dst, ignore_errors=True)
     prepare_cache(src, cold)
     started = time.perf_counter()
-    run(["cp", "-r", str(src), str(dst)])
+    copied = run(["cp", "-r", str(src), str(dst)])
     if then_sync:
         os.sync()
     seconds = time.perf_counter() - started
     shutil.rmtree(dst)
     os.sync()
-    return seconds
+    return Run(seconds, copied.cpu, copied.rss)
 
 
-def time_convert(src: Path, work: Path, cold: bool) -> tuple[float, int]:
+def time_convert(src: Path, work: Path, cold: bool, *flags: str) -> Run:
     out = work / "converted"
     shutil.rmtree(out, ignore_errors=True)
     prepare_cache(src, cold)
-    seconds, rss = run([sys.executable, "-m", "precompute_cli", "convert", str(src), str(out)])
+    converted = run([sys.executable, "-m", "precompute_cli", "convert", str(src), str(out), *flags])
     shutil.rmtree(out)
     os.sync()
-    return seconds, rss
+    return converted
 
 
 def gemm_shapes(plan) -> list[tuple[int, int]]:
@@ -206,24 +213,34 @@ def gemm_shapes(plan) -> list[tuple[int, int]]:
     return [(shape[1], shape[0]) for shape in plan.recipe.folded().values() if len(shape) == 2]
 
 
-def time_gemm(rows: int, shapes: list[tuple[int, int]], chunk: int = 4096) -> float:
+def time_gemm(rows: int, shapes: list[tuple[int, int]], chunk: int = 4096) -> Run:
     """The bare float32 GEMMs over all `rows` vocabulary rows, in chunks into preallocated outputs."""
-    total = 0.0
+    seconds = cpu = 0.0
     with torch.inference_mode():
         for d_in, d_out in shapes:
             w = torch.randn(d_out, d_in)
             x = torch.randn(min(chunk, rows), d_in)
             y = torch.empty(x.shape[0], d_out)
             torch.mm(x, w.t(), out=y)  # warm-up (allocations, kernel choice)
-            started = time.perf_counter()
+            cpu_started, started = _cpu_self(), time.perf_counter()
             for start in range(0, rows, chunk):
                 n = min(chunk, rows - start)
                 torch.mm(x[:n], w.t(), out=y[:n])
-            total += time.perf_counter() - started
-    return total
+            seconds += time.perf_counter() - started
+            cpu += _cpu_self() - cpu_started
+    return Run(seconds, cpu, 0)
 
 
-def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict) -> dict:
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fastest(runs: list[Run]) -> Run:
+    return min(runs, key=lambda r: r.seconds)
+
+
+def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict, with_link: bool) -> dict:
     src = work / model.name
     started = time.perf_counter()
     write_checkpoint(model, src)
@@ -232,19 +249,24 @@ def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict)
     shapes = gemm_shapes(plan)
     key = (plan.table.rows, tuple(shapes))
     if key not in gemm_cache:
-        gemm_cache[key] = min(time_gemm(plan.table.rows, shapes) for _ in range(repeat))
-    convert_s, rss = min(time_convert(src, work, cold) for _ in range(repeat))
-    copy_s = min(time_copy(src, work, cold, then_sync=False) for _ in range(repeat))
-    copy_sync_s = min(time_copy(src, work, cold, then_sync=True) for _ in range(repeat))
-    gemm_s = gemm_cache[key]
+        gemm_cache[key] = fastest([time_gemm(plan.table.rows, shapes) for _ in range(repeat)])
+    gemm = gemm_cache[key]
+    convert = fastest([time_convert(src, work, cold) for _ in range(repeat)])
+    linked = fastest([time_convert(src, work, cold, "--link") for _ in range(repeat)]) if with_link else None
+    copy = fastest([time_copy(src, work, cold, then_sync=False) for _ in range(repeat)])
+    copy_sync = fastest([time_copy(src, work, cold, then_sync=True) for _ in range(repeat)])
     table = plan.table.ref.nbytes
+    cores = os.cpu_count() or 1
     return {
         "model": model.name, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
-        "shards": len(plan.source.shards), "table_bytes": table, "convert_s": convert_s, "cp_s": copy_s,
-        "cp_sync_s": copy_sync_s, "gemm_s": gemm_s,
-        "gflop": 2 * plan.table.rows * sum(i * o for i, o in shapes) / 1e9,
-        "ratio": convert_s / max(copy_s, gemm_s), "ratio_sum": convert_s / (copy_s + gemm_s),
-        "peak_rss": rss, "rss_bound": table + GIB, "rss_ok": rss < table + GIB,
+        "shards": len(plan.source.shards), "table_bytes": table, "convert_s": convert.seconds,
+        "convert_link_s": linked.seconds if linked else None, "cp_s": copy.seconds, "cp_sync_s": copy_sync.seconds,
+        "gemm_s": gemm.seconds, "gflop": 2 * plan.table.rows * sum(i * o for i, o in shapes) / 1e9,
+        "ratio": convert.seconds / max(copy.seconds, gemm.seconds),
+        "ratio_sum": convert.seconds / (copy.seconds + gemm.seconds),
+        "cpu_convert": convert.cpu, "cpu_cp": copy.cpu, "cpu_gemm": gemm.cpu,
+        "cpu_floor_s": (copy.cpu + gemm.cpu) / cores,
+        "peak_rss": convert.rss, "rss_bound": table + GIB, "rss_ok": convert.rss < table + GIB,
     }
 
 
@@ -263,15 +285,19 @@ def machine() -> str:
 
 
 def markdown(rows: list[dict], cold: bool) -> str:
-    head = ("| model | source GB | shards | table MB | convert s | cp -r s | cp -r + sync s | GEMM s (GFLOP) "
-            "| convert / max(cp, GEMM) | convert / (cp + GEMM) | peak RSS MB | table + 1 GiB MB | RSS under bound |")
+    link = any(r["convert_link_s"] is not None for r in rows)
+    head = ("| model | source GB | shards | table MB | convert s |" + (" convert --link s |" if link else "") +
+            " cp -r s | cp -r + sync s | GEMM s (GFLOP) | **convert / max(cp, GEMM)** | convert / (cp + GEMM) "
+            "| CPU s: convert / cp / GEMM | CPU floor s | peak RSS MB | table + 1 GiB MB | RSS under bound |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} | {r['shards']} | {r['table_bytes'] / 1e6:,.0f} "
-            f"| {r['convert_s']:.1f} | {r['cp_s']:.1f} | {r['cp_sync_s']:.1f} | {r['gemm_s']:.1f} ({r['gflop']:,.0f}) "
-            f"| **{r['ratio']:.2f}** | {r['ratio_sum']:.2f} | {r['peak_rss'] / 1e6:,.0f} "
-            f"| {r['rss_bound'] / 1e6:,.0f} | {'yes' if r['rss_ok'] else '**no**'} |")
+            f"| {r['convert_s']:.1f} |" + (f" {r['convert_link_s']:.1f} |" if link else "") +
+            f" {r['cp_s']:.1f} | {r['cp_sync_s']:.1f} | {r['gemm_s']:.1f} ({r['gflop']:,.0f}) "
+            f"| **{r['ratio']:.2f}** | {r['ratio_sum']:.2f} "
+            f"| {r['cpu_convert']:.1f} / {r['cpu_cp']:.1f} / {r['cpu_gemm']:.1f} | {r['cpu_floor_s']:.1f} "
+            f"| {r['peak_rss'] / 1e6:,.0f} | {r['rss_bound'] / 1e6:,.0f} | {'yes' if r['rss_ok'] else '**no**'} |")
     cache = "cold (source evicted before each step)" if cold else "warm (source read once before each step)"
     return "\n".join([f"Machine: {machine()}. Page cache: {cache}.", "", *lines])
 
@@ -286,6 +312,7 @@ def main() -> None:
                              "deleted afterwards)")
     parser.add_argument("--cold", action="store_true", help="evict the source from the page cache before each step")
     parser.add_argument("--repeat", type=int, default=1, help="run each step N times and keep the fastest")
+    parser.add_argument("--with-link", action="store_true", help="also time `convert --link`")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if TIME is None:
@@ -303,7 +330,8 @@ def main() -> None:
                 print(f"  {model.name}: skipped, this precompute_cli has no {model.config['model_type']} recipe",
                       file=sys.stderr)
                 continue
-            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, gemm_cache))
+            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, gemm_cache,
+                                args.with_link))
             print(f"  {model.name}: done ({rows[-1]['convert_s']:.1f} s to convert)", file=sys.stderr, flush=True)
     finally:
         if args.workdir is None:

@@ -118,7 +118,7 @@ def test_config_shapes_disagree_with_tensors(capsys, tmp_path, src, change, tens
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(num_attention_heads=0), ("num_attention_heads", "is zero")),
+    (dict(num_attention_heads=0), ("num_heads", "must be positive")),
     (dict(num_key_value_heads=0), ("num_kv_heads", "must be positive")),
     (dict(vocab_size=0), ("vocab_size", "must be positive")),
     (dict(hidden_size=-16), ("hidden_size", "non-negative integer")),

@@ -23,24 +23,12 @@ def cohere_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 @register
 class Cohere(Recipe):
     model_types = ("cohere",)
-    prefix = "model.layers.0."
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        return ModelSpec(
-            model_type="cohere", block="parallel", positional="rope",
-            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
-            head_dim=c.int("head_dim", default=d // max(heads, 1)),
-            intermediate_size=c.int("intermediate_size"), ffn_matrices=3, num_experts=1,
-            vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=True)), dtype=c.dtype,
-        )
+        return self.hf_spec("parallel", ffn_matrices=3, tied_default=True)
 
     def refusal(self) -> str | None:
-        if self.act not in ops.ACTIVATIONS:
-            return f"hidden_act {self.act!r} is not one precompute knows how to fold"
-        return None
+        return self.unknown_activation(self.act)
 
     @property
     def act(self) -> str:
@@ -61,11 +49,7 @@ class Cohere(Recipe):
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         d, inner = s.hidden_size, s.intermediate_size
-        out: dict[str, Shape] = {p + "input_layernorm.weight": (d,)}
-        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (width, d)
-            if self.has_bias:
-                out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        out = {p + "input_layernorm.weight": (d,), **self.qkv_tensors(self.has_bias)}
         if self.qk_norm:
             out[p + "self_attn.q_norm.weight"] = (s.num_heads, s.head_dim)
             out[p + "self_attn.k_norm.weight"] = (s.num_kv_heads, s.head_dim)
@@ -78,10 +62,7 @@ class Cohere(Recipe):
         x = ops.upcast(x)
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
         h = cohere_norm(x, w(p + "input_layernorm.weight"), eps)
-        out = {}
-        for n in "qkv":
-            bias = w(f"{p}self_attn.{n}_proj.bias") if self.has_bias else None
-            out[n] = ops.linear(h, w(f"{p}self_attn.{n}_proj.weight"), bias)
+        out = self.project_qkv(w, h, self.has_bias)
         if self.qk_norm:
             for n in "qk":
                 heads = out[n].unflatten(-1, (-1, s.head_dim))
@@ -94,7 +75,7 @@ class Cohere(Recipe):
         qk = ("self_attn.q_norm", "self_attn.k_norm") if self.qk_norm else ()
         return RuntimePatch(
             layer="model.layers.0",
-            projections={n: f"self_attn.{n}_proj" for n in "qkv"},
+            projections=self.qkv_modules(),
             identities=("input_layernorm", *qk),
             zeros=("mlp",),
         )

@@ -93,9 +93,7 @@ class Falcon(Recipe):
             return (f"num_kv_heads={declared_kv} with multi_query=false and no new_decoder_architecture: the fused "
                     f"QKV then holds {s.num_heads} KV heads, which transformers cannot run")
         act = c.get("activation", default="gelu")
-        if self.parallel and (not isinstance(act, str) or act not in ops.ACTIVATIONS):
-            return f"activation {act!r} is not one precompute knows how to fold"
-        return None
+        return self.unknown_activation(act, "activation") if self.parallel else None
 
     # -- tensors -------------------------------------------------------------------------------------------------
     @property

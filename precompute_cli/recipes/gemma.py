@@ -25,19 +25,11 @@ _KV_DEFAULT = {"gemma": 16, "gemma2": 4, "gemma3_text": 4}  # the config classes
 @register
 class Gemma(Recipe):
     model_types = ("gemma", "gemma2", "gemma3_text")
-    prefix = "model.layers.0."
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        return ModelSpec(
-            model_type=c.model_type, block="serial", positional="rope",
-            hidden_size=c.int("hidden_size"), num_heads=c.int("num_attention_heads"),
-            num_kv_heads=c.int("num_key_value_heads", default=_KV_DEFAULT[c.model_type]),
-            head_dim=c.int("head_dim", default=256),
-            intermediate_size=c.int("intermediate_size"), ffn_matrices=3, num_experts=1,
-            vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=True)), dtype=c.dtype,
-        )
+        kv_default = _KV_DEFAULT[self.cfg.model_type]
+        return self.hf_spec("serial", ffn_matrices=3, tied_default=True, num_kv_heads_default=kv_default,
+                            head_dim_default=256)
 
     @property
     def has_bias(self) -> bool:
@@ -49,11 +41,7 @@ class Gemma(Recipe):
 
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
-        out: dict[str, Shape] = {p + "input_layernorm.weight": (s.hidden_size,)}
-        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (width, s.hidden_size)
-            if self.has_bias:
-                out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        out = {p + "input_layernorm.weight": (s.hidden_size,), **self.qkv_tensors(self.has_bias)}
         if s.model_type in _QK_NORM:
             out[p + "self_attn.q_norm.weight"] = (s.head_dim,)
             out[p + "self_attn.k_norm.weight"] = (s.head_dim,)
@@ -70,12 +58,9 @@ class Gemma(Recipe):
 
     def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
         p, s = self.prefix, self.spec
-        out = {"residual": ops.upcast(x)}
         eps = float(self.cfg.get("rms_norm_eps", default=1e-6))
         h = ops.rms_norm(self.scale_embedding(x), w(p + "input_layernorm.weight"), eps, offset=1.0)
-        for name in "qkv":
-            bias = w(f"{p}self_attn.{name}_proj.bias") if self.has_bias else None
-            out[name] = ops.linear(h, w(f"{p}self_attn.{name}_proj.weight"), bias)
+        out = {"residual": ops.upcast(x), **self.project_qkv(w, h, self.has_bias)}
         if s.model_type in _QK_NORM:
             for name in "qk":
                 heads = out[name].unflatten(-1, (-1, s.head_dim))
@@ -86,7 +71,7 @@ class Gemma(Recipe):
         qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if self.cfg.model_type in _QK_NORM else ()
         return RuntimePatch(
             layer="model.layers.0",
-            projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+            projections=self.qkv_modules(),
             identities=("input_layernorm", *qk_norms),
             embedding_scale=self.spec.hidden_size ** 0.5,
         )

@@ -41,9 +41,7 @@ class GPTNeoX(Recipe):
         if s.num_heads == 0 or s.hidden_size % s.num_heads:
             return f"hidden_size {s.hidden_size} is not a multiple of num_attention_heads {s.num_heads}"
         act = self.cfg.get("hidden_act", default="gelu")
-        if s.block == "parallel" and act not in ops.ACTIVATIONS:
-            return f"hidden_act {act!r} is not one precompute knows how to fold"
-        return None
+        return self.unknown_activation(act) if s.block == "parallel" else None
 
     @property
     def has_bias(self) -> bool:

@@ -35,9 +35,7 @@ class GPTJ(Recipe):
         s = self.spec
         if s.num_heads == 0 or s.hidden_size % s.num_heads:
             return f"n_embd {s.hidden_size} is not a multiple of n_head {s.num_heads}"
-        if self.act not in ops.ACTIVATIONS:
-            return f"activation_function {self.act!r} is not one precompute knows how to fold"
-        return None
+        return self.unknown_activation(self.act, "activation_function")
 
     @property
     def act(self) -> str:

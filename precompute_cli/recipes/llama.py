@@ -32,22 +32,15 @@ _EXPERT_KEYS = {
 @register
 class Llama(Recipe):
     model_types = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite")
-    prefix = "model.layers.0."
-
     def describe(self) -> ModelSpec:
         c, t = self.cfg, self.cfg.model_type
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        head_dim = c.int("head_dim", default=128 if t == "qwen3" else d // heads)
         experts = c.int(*_EXPERT_KEYS[t], default=8 if t == "mixtral" else 0) if t in _EXPERT_KEYS else 1
-        moe_width = "moe_intermediate_size" if t in ("qwen2_moe", "qwen3_moe") else "intermediate_size"
-        return ModelSpec(
-            model_type=t, block="serial", positional="rope",
-            hidden_size=d, num_heads=heads,
-            num_kv_heads=c.int("num_key_value_heads", default=_KV_DEFAULT.get(t, heads)),
-            head_dim=head_dim, intermediate_size=c.int(moe_width if experts > 1 else "intermediate_size"),
-            ffn_matrices=3, num_experts=max(experts, 1), vocab_size=c.int("vocab_size"),
-            num_layers=c.int("num_hidden_layers"), tied_embeddings=bool(c.get("tie_word_embeddings", default=False)),
-            dtype=c.dtype,
+        moe = experts > 1 and t in ("qwen2_moe", "qwen3_moe")
+        return self.hf_spec(
+            "serial", ffn_matrices=3, tied_default=False, num_experts=max(experts, 1),
+            num_kv_heads_default=_KV_DEFAULT.get(t, c.int("num_attention_heads")),
+            head_dim_default=128 if t == "qwen3" else None,
+            **({"intermediate_size": c.int("moe_intermediate_size")} if moe else {}),
         )
 
     @property
@@ -61,11 +54,7 @@ class Llama(Recipe):
 
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
-        out: dict[str, Shape] = {p + "input_layernorm.weight": (s.hidden_size,)}
-        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (width, s.hidden_size)
-            if self.has_bias:
-                out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        out = {p + "input_layernorm.weight": (s.hidden_size,), **self.qkv_tensors(self.has_bias)}
         if self.cfg.model_type in _QK_NORM:
             out[p + "self_attn.q_norm.weight"] = (s.head_dim,)
             out[p + "self_attn.k_norm.weight"] = (s.head_dim,)
@@ -80,10 +69,7 @@ class Llama(Recipe):
         if s.model_type == "granite":
             x = x * float(self.cfg.get("embedding_multiplier", default=1.0))
         eps = float(self.cfg.get("rms_norm_eps", default=_EPS_DEFAULT.get(s.model_type, 1e-6)))
-        h = ops.rms_norm(x, w(p + "input_layernorm.weight"), eps)
-        for name in "qkv":
-            bias = w(f"{p}self_attn.{name}_proj.bias") if self.has_bias else None
-            out[name] = ops.linear(h, w(f"{p}self_attn.{name}_proj.weight"), bias)
+        out.update(self.project_qkv(w, ops.rms_norm(x, w(p + "input_layernorm.weight"), eps), self.has_bias))
         if s.model_type in _QK_NORM:
             for name in "qk":
                 heads = out[name].unflatten(-1, (-1, s.head_dim))
@@ -94,6 +80,6 @@ class Llama(Recipe):
         qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if self.cfg.model_type in _QK_NORM else ()
         return RuntimePatch(
             layer="model.layers.0",
-            projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+            projections=self.qkv_modules(),
             identities=("input_layernorm", *qk_norms),
         )

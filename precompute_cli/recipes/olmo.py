@@ -19,18 +19,9 @@ _LN_EPS = 1e-5  # OlmoLayerNorm's hard-coded eps
 
 
 class _OlmoBase(Recipe):
-    prefix = "model.layers.0."
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        return ModelSpec(
-            model_type=c.model_type, block="serial", positional="rope",
-            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
-            head_dim=c.int("head_dim", default=d // heads), intermediate_size=c.int("intermediate_size"),
-            ffn_matrices=3, num_experts=1, vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype,
-        )
+        return self.hf_spec("serial", ffn_matrices=3, tied_default=False)
 
     @property
     def has_bias(self) -> bool:
@@ -39,20 +30,6 @@ class _OlmoBase(Recipe):
     @property
     def embedding(self) -> str:
         return "model.embed_tokens.weight"
-
-    def projections(self) -> dict[str, Shape]:
-        s, p = self.spec, self.prefix
-        out: dict[str, Shape] = {}
-        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (width, s.hidden_size)
-            if self.has_bias:
-                out[f"{p}self_attn.{name}_proj.bias"] = (width,)
-        return out
-
-    def project(self, w: Weights, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        p = self.prefix
-        return {n: ops.linear(h, w(f"{p}self_attn.{n}_proj.weight"),
-                              w(f"{p}self_attn.{n}_proj.bias") if self.has_bias else None) for n in "qkv"}
 
 
 @register
@@ -71,11 +48,11 @@ class Olmo(_OlmoBase):
         return None if value is None else float(value)
 
     def folded(self) -> dict[str, Shape]:
-        return self.projections()
+        return self.qkv_tensors(self.has_bias)
 
     def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = ops.upcast(x)
-        out = self.project(w, ops.layer_norm(x, None, None, _LN_EPS))
+        out = self.project_qkv(w, ops.layer_norm(x, None, None, _LN_EPS), self.has_bias)
         if self.clip is not None:
             out = {n: t.clamp(-self.clip, self.clip) for n, t in out.items()}
         return {"residual": x, **out}
@@ -83,7 +60,7 @@ class Olmo(_OlmoBase):
     def runtime_patch(self) -> RuntimePatch:
         return RuntimePatch(
             layer="model.layers.0",
-            projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+            projections=self.qkv_modules(),
             identities=("input_layernorm",),
         )
 
@@ -94,14 +71,14 @@ class Olmo2(_OlmoBase):
 
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
-        return {**self.projections(), p + "self_attn.q_norm.weight": (s.q_dim,),
+        return {**self.qkv_tensors(self.has_bias), p + "self_attn.q_norm.weight": (s.q_dim,),
                 p + "self_attn.k_norm.weight": (s.kv_dim,)}
 
     def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.prefix
         eps = float(self.cfg.get("rms_norm_eps", default=1e-5))
         x = ops.upcast(x)
-        out = self.project(w, x)
+        out = self.project_qkv(w, x, self.has_bias)
         for n in "qk":
             out[n] = ops.rms_norm(out[n], w(f"{p}self_attn.{n}_norm.weight"), eps)
         return {"residual": x, **out}
@@ -109,6 +86,6 @@ class Olmo2(_OlmoBase):
     def runtime_patch(self) -> RuntimePatch:
         return RuntimePatch(
             layer="model.layers.0",
-            projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+            projections=self.qkv_modules(),
             identities=("self_attn.q_norm", "self_attn.k_norm"),
         )

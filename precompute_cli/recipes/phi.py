@@ -18,24 +18,12 @@ from precompute_cli.spec import ModelSpec
 @register
 class Phi(Recipe):
     model_types = ("phi",)
-    prefix = "model.layers.0."
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        return ModelSpec(
-            model_type="phi", block="parallel", positional="rope",
-            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
-            head_dim=c.int("head_dim", default=d // max(heads, 1)),
-            intermediate_size=c.int("intermediate_size"), ffn_matrices=2, num_experts=1,
-            vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype,
-        )
+        return self.hf_spec("parallel", ffn_matrices=2, tied_default=False)
 
     def refusal(self) -> str | None:
-        if self.act not in ops.ACTIVATIONS:
-            return f"hidden_act {self.act!r} is not one precompute knows how to fold"
-        return None
+        return self.unknown_activation(self.act)
 
     @property
     def act(self) -> str:
@@ -53,9 +41,7 @@ class Phi(Recipe):
         s, p = self.spec, self.prefix
         d, inner = s.hidden_size, s.intermediate_size
         out: dict[str, Shape] = {p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,)}
-        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (width, d)
-            out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        out.update(self.qkv_tensors(bias=True))
         if self.qk_layernorm:
             # PhiAttention sizes these LayerNorms hidden_size // num_attention_heads.
             for name in "qk":
@@ -72,7 +58,7 @@ class Phi(Recipe):
         x = ops.upcast(x)
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
         h = ops.layer_norm(x, w(p + "input_layernorm.weight"), w(p + "input_layernorm.bias"), eps)
-        out = {n: ops.linear(h, w(f"{p}self_attn.{n}_proj.weight"), w(f"{p}self_attn.{n}_proj.bias")) for n in "qkv"}
+        out = self.project_qkv(w, h, bias=True)
         if self.qk_layernorm:
             for n in "qk":
                 heads = out[n].unflatten(-1, (-1, s.head_dim))
@@ -86,7 +72,7 @@ class Phi(Recipe):
         qk = ("self_attn.q_layernorm", "self_attn.k_layernorm") if self.qk_layernorm else ()
         return RuntimePatch(
             layer="model.layers.0",
-            projections={n: f"self_attn.{n}_proj" for n in "qkv"},
+            projections=self.qkv_modules(),
             identities=("input_layernorm", *qk),
             zeros=("mlp",),
         )

@@ -19,18 +19,9 @@ from precompute_cli.spec import ModelSpec
 @register
 class Phi3(Recipe):
     model_types = ("phi3",)
-    prefix = "model.layers.0."
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        return ModelSpec(
-            model_type=c.model_type, block="serial", positional="rope",
-            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
-            head_dim=c.int("head_dim", default=d // heads), intermediate_size=c.int("intermediate_size"),
-            ffn_matrices=3, num_experts=1, vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype,
-        )
+        return self.hf_spec("serial", ffn_matrices=3, tied_default=False)
 
     @property
     def embedding(self) -> str:

@@ -21,24 +21,15 @@ _MLP = ("gate", "up", "down")
 @register
 class StableLm(Recipe):
     model_types = ("stablelm",)
-    prefix = "model.layers.0."
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        return ModelSpec(
-            model_type=c.model_type, block="parallel" if self.parallel else "serial", positional="rope",
-            hidden_size=d, num_heads=heads, num_kv_heads=c.int("num_key_value_heads", default=heads),
-            head_dim=d // heads, intermediate_size=c.int("intermediate_size"), ffn_matrices=3, num_experts=1,
-            vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype,
-        )
+        d, heads = self.cfg.int("hidden_size"), self.cfg.int("num_attention_heads")
+        # StableLmAttention always uses hidden_size // num_attention_heads, whatever head_dim says.
+        return self.hf_spec("parallel" if self.parallel else "serial", ffn_matrices=3, tied_default=False,
+                            head_dim=d // max(heads, 1))
 
     def refusal(self) -> str | None:
-        act = self.cfg.get("hidden_act", default="silu")
-        if self.parallel and act not in ops.ACTIVATIONS:
-            return f"hidden_act {act!r} is not an activation this tool can fold into the parallel FFN"
-        return None
+        return self.unknown_activation(self.cfg.get("hidden_act", default="silu")) if self.parallel else None
 
     @property
     def parallel(self) -> bool:
@@ -58,12 +49,8 @@ class StableLm(Recipe):
 
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
-        out: dict[str, Shape] = {p + "input_layernorm.weight": (s.hidden_size,),
-                                 p + "input_layernorm.bias": (s.hidden_size,)}
-        for name, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{name}_proj.weight"] = (width, s.hidden_size)
-            if self.has_bias:
-                out[f"{p}self_attn.{name}_proj.bias"] = (width,)
+        out = {p + "input_layernorm.weight": (s.hidden_size,), p + "input_layernorm.bias": (s.hidden_size,),
+               **self.qkv_tensors(self.has_bias)}
         if self.qk_norm:
             for name, heads in (("q", s.num_heads), ("k", s.num_kv_heads)):
                 out.update({f"{p}self_attn.{name}_layernorm.norms.{i}.weight": (s.head_dim,) for i in range(heads)})
@@ -77,10 +64,7 @@ class StableLm(Recipe):
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
         x = ops.upcast(x)
         h = ops.layer_norm(x, w(p + "input_layernorm.weight"), w(p + "input_layernorm.bias"), eps)
-        out = {}
-        for name in "qkv":
-            bias = w(f"{p}self_attn.{name}_proj.bias") if self.has_bias else None
-            out[name] = ops.linear(h, w(f"{p}self_attn.{name}_proj.weight"), bias)
+        out = self.project_qkv(w, h, self.has_bias)
         if self.qk_norm:
             for name, heads in (("q", s.num_heads), ("k", s.num_kv_heads)):
                 weight = torch.stack([w(f"{p}self_attn.{name}_layernorm.norms.{i}.weight") for i in range(heads)])
@@ -95,7 +79,7 @@ class StableLm(Recipe):
         qk_norms = ("self_attn.q_layernorm", "self_attn.k_layernorm") if self.qk_norm else ()
         return RuntimePatch(
             layer="model.layers.0",
-            projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+            projections=self.qkv_modules(),
             identities=("input_layernorm", *qk_norms),
             zeros=("mlp",) if self.parallel else (),
         )
