@@ -19,24 +19,14 @@ from pathlib import Path
 
 import pytest
 from synthetic import write_llama
+from tiny import run_cli as run
 
 import precompute_cli
 import precompute_cli.execute as execute_module
 from precompute_cli.check import MANIFEST
-from precompute_cli.cli import main
 from precompute_cli.recipes import REGISTRY
 
 ROOT = Path(precompute_cli.__file__).resolve().parent.parent
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tree(root: Path) -> dict[str, tuple[int, str]]:

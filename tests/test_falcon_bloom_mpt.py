@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from tiny import assert_equivalent, build, convert
+from tiny import tensors as _tensors
 
 from precompute_cli.recipes import ops, recipe_for
 from precompute_cli.spec import Config
@@ -46,11 +46,6 @@ def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case])
     assert convert(src, tmp_path / "out") == 0
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
-
-
-def _tensors(path):
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _convert(tmp_path, case):

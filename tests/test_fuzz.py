@@ -24,8 +24,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from synthetic import encode, header_of, llama_config, tensors
+from tiny import run_cli as cli
 
-from precompute_cli.cli import main
 from precompute_cli.errors import InputError
 from precompute_cli.plan import load_recipe, make_plan
 from precompute_cli.source import resolve
@@ -130,16 +130,6 @@ def hard_timeout(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def safetensors_values(path: Path) -> dict[str, torch.Tensor] | None:

@@ -17,23 +17,12 @@ import numpy as np
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from synthetic import encode, header_of, tensors, write_llama
+from tiny import run_cli as run
 from transformers import GPT2Config, OPTConfig
-
-from precompute_cli.cli import main
 
 EMBED = "model.embed_tokens.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:

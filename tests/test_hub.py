@@ -52,16 +52,6 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"a": build(root / "a", "llama", seed=0), "b": build(root / "b", "llama", seed=1)}
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty Hub cache; huggingface_hub read HF_HUB_CACHE/HF_HUB_OFFLINE at import, so patch its constants."""
-    root = tmp_path / "hub-cache"
-    root.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return root
-
-
 def run(capsys, *argv: str) -> tuple[int, str]:
     from precompute_cli.cli import main
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tiny import assert_equivalent, build, convert
+from tiny import tensors as _tensors
 
 from precompute_cli.cli import main
 
@@ -43,11 +43,6 @@ def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case])
     assert convert(src, tmp_path / "out") == 0
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
-
-
-def _tensors(path):
-    with safe_open(path, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _ln(x, w, b, eps):

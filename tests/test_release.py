@@ -27,15 +27,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "llama-b": build(root / "llama-b", "llama", seed=1)}
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "hub-cache"
-    root.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return root
-
-
 def quick_verify(monkeypatch, fail: str | None = None) -> None:
     """Stand in for verify.py's proof (seconds per model) where a test is about the batch, not the proof; the
     first test runs the real one. `fail` names a model output folder whose verification fails."""

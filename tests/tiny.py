@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from precompute_cli import load_model
@@ -35,6 +36,23 @@ def convert(src: Path, out: Path, *args: str) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read by the safetensors library itself."""
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def probe_ids(vocab: int, seed: int = 1) -> torch.Tensor:
