@@ -109,37 +109,48 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     tensors = source.tensors() if source.shards else {}
     if source.shards and not tensors:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")
+    disk = _names_on_disk(recipe, list(expected), tensors)
     for name, shape in expected.items():
-        if tensors and name not in tensors:
+        if tensors and disk[name] not in tensors:
             raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
                              f"but the checkpoint has no tensor {name}")
-        if tensors and tensors[name][1].shape != shape:
-            raise InputError(f"{tensors[name][0]}: tensor {name} has shape {list(tensors[name][1].shape)}, "
-                             f"the config implies {list(shape)}")
-    dtype_of = {n: (tensors[n][1].dtype if tensors else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
+        if tensors and tensors[disk[name]][1].shape != shape:
+            raise InputError(f"{tensors[disk[name]][0]}: tensor {disk[name]} has shape "
+                             f"{list(tensors[disk[name]][1].shape)}, the config implies {list(shape)}")
+    inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}
+    dtype_of = {n: (inputs[n][1].dtype if inputs else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
     for name in expected:
         if dtype_of[name] not in ("F32", "F16", "BF16", "F64"):
-            where = tensors[name][0] if tensors else source.config_path
-            raise InputError(f"{where}: tensor {name} is {dtype_of[name]}; only float checkpoints can be folded")
+            where = inputs[name][0] if inputs else source.config_path
+            raise InputError(f"{where}: tensor {disk[name]} is {dtype_of[name]}; only float checkpoints can be folded")
     table = TablePlan(
         rows=recipe.spec.vocab_size,
         dtype=_table_dtype(table_dtype, dtype_of[recipe.embedding]),
         columns=recipe.columns(),
     )
-    removed = tuple(TensorRef(n, dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
+    removed = tuple(TensorRef(disk[n], dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
     removed_names = {r.name for r in removed}
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
     elif max_shard_size is None:
-        shards = _shards(tensors, removed_names, recipe.embedding)
+        shards = _shards(tensors, removed_names, disk[recipe.embedding])
     else:
-        shards = _resharded(tensors, removed_names, recipe.embedding, table, max_shard_size)
+        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size)
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
-        inputs={n: tensors[n] for n in expected} if tensors else {},
+        inputs=inputs,
         params_before=sum(i.numel for _, i in tensors.values()) if tensors else None,
         bytes_before=sum(i.nbytes for _, i in tensors.values()) if tensors else None,
     )
+
+
+def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, tuple[Path, TensorInfo]]) -> dict[str, str]:
+    """The recipe's names as this checkpoint spells them. Some checkpoints were saved from the bare base model,
+    without its prefix (the recipe's `base_prefix`, such as BLOOM's `transformer.`); transformers loads both
+    spellings, and so do we: the fold reads, and the output removes, the names on disk."""
+    prefix = recipe.base_prefix
+    stripped = bool(prefix) and recipe.embedding not in tensors and recipe.embedding.removeprefix(prefix) in tensors
+    return {n: n.removeprefix(prefix) if stripped else n for n in names}
 
 
 def _table_dtype(requested: str | None, embedding_dtype: str) -> str:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny import assert_equivalent, build, convert
 from tiny import tensors as _tensors
 
@@ -183,3 +184,20 @@ def test_verify_recomputes_the_table_in_float64(tmp_path, case):
     result = verify_checkpoint(resolve(str(src)), resolve(str(tmp_path / "out")), tokens=4)
     assert result.passed, result.failure
     assert result.table_row_error < 1e-5 and result.greedy_identical
+
+
+@pytest.mark.parametrize("case", ["bloom", "bloom-untied"])
+def test_bloom_checkpoint_without_base_prefix(tmp_path, case):
+    """BLOOM checkpoints saved from BloomModel spell every tensor without `transformer.`; transformers loads them,
+    so must we: the fold reads, and the output removes, the names as they are on disk."""
+    src = build(tmp_path / "src", **CASES[case])
+    stripped = {k.removeprefix("transformer."): v for k, v in _tensors(src / "model.safetensors").items()}
+    assert all(not k.startswith("transformer.") for k in stripped)
+    save_file(stripped, src / "model.safetensors", metadata={"format": "pt"})
+    assert convert(src, tmp_path / "out") == 0
+    out = _tensors(tmp_path / "out" / "model.safetensors")
+    removed = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["removed"]
+    assert "h.0.self_attention.query_key_value.weight" in removed and removed.count("word_embeddings.weight") == (
+        case == "bloom-untied")
+    assert set(out) == (set(stripped) - set(removed)) | {"precompute.table"}
+    assert_equivalent(src, tmp_path / "out")

@@ -46,6 +46,7 @@ class Recipe:
     model_types: ClassVar[tuple[str, ...]] = ()
     prefix: ClassVar[str] = "model.layers.0."  # layer 0's tensors on disk
     qkv_module: ClassVar[str] = "self_attn.{}_proj"  # separate Q, K, V projections under `prefix` ({} = q, k, v)
+    base_prefix: ClassVar[str] = ""  # a prefix some checkpoints of the family leave out of every tensor name
 
     def __post_init__(self) -> None:
         self.spec = self.describe()

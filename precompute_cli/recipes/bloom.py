@@ -23,6 +23,7 @@ from precompute_cli.spec import ModelSpec
 class Bloom(Recipe):
     model_types = ("bloom",)
     prefix = "transformer.h.0."
+    base_prefix = "transformer."  # BLOOM checkpoints saved from BloomModel name tensors without it ("h.0....")
     emb_norm = "transformer.word_embeddings_layernorm"
 
     def describe(self) -> ModelSpec:
