@@ -145,6 +145,7 @@ def render_analysis(console: Console, data: dict[str, Any], title: str) -> None:
     console.print(arch)
     if not data["precomputable"]:
         console.print(f"[bold red]Not precomputable:[/] {data['reason']}")
+        console.print(f"Supported model types: {', '.join(data.get('supported_model_types', []))}")
         return
     gain = Table(title="Converting it" + (" (assuming a parallel attention/FFN block)" if data["assumed_parallel"]
                                           else ""), show_header=False)
