@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+import tomllib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -68,10 +69,6 @@ class Outcome:
 
 def load_entries(path: Path) -> list[Entry]:
     """Parse and check the release file; relative paths are relative to the file's folder."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise InputError("convert-all reads TOML with tomllib, which needs Python 3.11 or newer") from None
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
