@@ -26,9 +26,11 @@ test: install-test
 lint:
 	$(PYTHON) -m ruff check precompute_cli tests scripts
 
+# Both tables of docs/BENCHMARKS.md (about 14 minutes on 2 cores); `make bench BENCH_FLAGS=--quick` for a smoke run.
+BENCH_FLAGS ?=
 bench: install-test
-	$(PYTHON) scripts/bench_convert.py
-	$(PYTHON) scripts/bench_decode.py
+	$(PYTHON) scripts/bench_convert.py $(BENCH_FLAGS)
+	$(PYTHON) scripts/bench_decode.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf build .pytest_cache

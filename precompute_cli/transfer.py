@@ -19,6 +19,7 @@ from precompute_cli.plan import ShardPlan
 from precompute_cli.st_io import ShardWriter, TensorInfo, copy_range
 
 BLOCK = 16 << 20  # bytes per copy and hash step: the cancellation granularity and the read buffer
+FLUSH_EVERY = 256 << 20  # the table's file is flushed as it is hashed, so the final fsync has little left
 
 
 class Stopped(Exception):
@@ -125,21 +126,27 @@ def _extends(run: tuple[Path, int, int, str], path: Path, info: TensorInfo, writ
 
 
 def hash_file(path: Path, table_range: tuple[int, int] | None, table: TableProgress) -> str:
-    """sha256 of the file; bytes inside the table are read only once the main thread has written them."""
+    """sha256 of the file; bytes inside the table are read only once the main thread has written them.
+
+    For the table's file, what is hashed is also flushed to disk every FLUSH_EVERY bytes, here beside the GEMM."""
     digest = hashlib.sha256()
     buf = bytearray(BLOCK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        pos = 0
+        pos = flushed = 0
         while pos < size:
+            if table_range and pos - flushed >= FLUSH_EVERY:
+                getattr(os, "fdatasync", os.fsync)(f.fileno())  # macOS has only fsync
+                flushed = pos
             table.check()
             stop = min(pos + BLOCK, size)
             if table_range and table_range[0] < stop and pos < table_range[1]:
                 stop = min(stop, table_range[1]) if pos >= table_range[0] else table_range[0]
                 if pos >= table_range[0]:
                     table.wait_for(stop - table_range[0])
-            n = os.preadv(f.fileno(), [view[: stop - pos]], pos)
+            f.seek(pos)
+            n = f.readinto(view[: stop - pos])
             if n != stop - pos:
                 raise OSError(errno.EIO, "short read while hashing", str(path))
             digest.update(view[:n])

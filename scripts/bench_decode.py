@@ -3,8 +3,11 @@ that the paper's read counts predict.
 
 For a 4-layer parallel model (GPT-NeoX-shaped, Pythia-1.4B widths, d=2048) and a 4-layer serial one (Llama-3.2-1B
 widths, d=2048) with synthetic float32 weights: the original is loaded with transformers, the converted one with
-`precompute_cli.load_model`; both run `generate` (greedy, exactly N new tokens) from a 32-token prompt at batch
-1 and 16, alternating original and converted runs so drift hits both alike, and the median is kept.
+`precompute_cli.load_model`, and both have their weights copied out of the file mapping into aligned memory
+(`in_memory`: file layouts differ, and misaligned weights run slower). Both run `generate` (greedy, exactly N new
+tokens) from a 32-token prompt at batch 1 and 16, alternating original and converted runs so drift hits both
+alike. A logits processor that only reads the clock times every token inside generate: time to first token is the
+median over runs, the decode step the median over every step of every run (tokens/s = batch / step).
 
 Predicted saving: the fraction of one decode step's weight reads that the table removes. Per step a model reads
 every weight matrix once (the output head included) but only B rows of the input embedding, so
@@ -82,42 +85,79 @@ class LayerTimer:
             h.remove()
 
 
-def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+class Clock:
+    """A logits processor that only notes the time: generate calls it once per new token, after each forward."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.ticks.append(time.perf_counter())
+        return scores
+
+
+def generate_timed(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float], float]:
+    """(time to first token, the N-1 decode step times, whole call): one greedy generate of exactly N tokens."""
+    from transformers import LogitsProcessorList
+
+    clock = Clock()
     with torch.inference_mode():
         started = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - started
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([clock]))
+        total = time.perf_counter() - started
+    ticks = clock.ticks
+    return ticks[0] - started, [b - a for a, b in zip(ticks, ticks[1:], strict=False)], total
+
+
+def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+    return generate_timed(model, ids, new_tokens)[2]
 
 
 def measure(models: dict, batch: int, vocab: int, new_tokens: int, runs: int) -> dict:
-    """Median TTFT (generate of 1 token) and decode step time ((N-token run - TTFT) / (N-1)) per model."""
+    """Median time to first token over runs, median decode step over every step of every run, per model."""
     ids = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-    ttft = {k: [] for k in models}
-    total = {k: [] for k in models}
+    ttft: dict[str, list[float]] = {k: [] for k in models}
+    steps: dict[str, list[float]] = {k: [] for k in models}
     for m in models.values():  # warm-up: allocator, kernels, caches
-        generate_seconds(m, ids, 2)
+        generate_timed(m, ids, 2)
     for _ in range(runs):
         for k, m in models.items():
-            ttft[k].append(generate_seconds(m, ids, 1))
-            total[k].append(generate_seconds(m, ids, new_tokens))
+            first, step_times, _ = generate_timed(m, ids, new_tokens)
+            ttft[k].append(first)
+            steps[k] += step_times
     out = {}
     for k in models:
-        first = statistics.median(ttft[k])
-        step = (statistics.median(total[k]) - first) / (new_tokens - 1)
-        out[k] = {"ttft_s": first, "step_s": step, "tokens_per_s": batch / step}
+        step = statistics.median(steps[k])
+        out[k] = {"ttft_s": statistics.median(ttft[k]), "step_s": step, "tokens_per_s": batch / step}
     return out
 
 
-def profile(models: dict, layers_path: str, vocab: int, new_tokens: int) -> dict:
+def profile(models: dict, layers_path: str, vocab: int, new_tokens: int, runs: int) -> dict:
+    """Seconds inside each module during one batch-1 generate: the median over `runs`, models alternating."""
     ids = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(7))
-    result = {}
-    for k, m in models.items():
-        timer = LayerTimer(m, layers_path)
-        seconds = generate_seconds(m, ids, new_tokens)
-        timer.remove()
-        result[k] = {"total_s": seconds, **timer.totals}
-    return result
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in models}
+    for _ in range(runs):
+        for k, m in models.items():
+            timer = LayerTimer(m, layers_path)
+            seconds = generate_seconds(m, ids, new_tokens)
+            timer.remove()
+            for name, value in {"total_s": seconds, **timer.totals}.items():
+                samples[k].setdefault(name, []).append(value)
+    return {k: {name: statistics.median(v) for name, v in per.items()} for k, per in samples.items()}
+
+
+def in_memory(model):
+    """Move every weight from the safetensors mapping transformers leaves it in to aligned anonymous memory.
+
+    Mapped weights sit at whatever offset their file gives them (any multiple of 8 bytes), and a batch-16 decode
+    step on misaligned matrices is several per cent slower: without this, the two files' layouts, not the
+    table, would decide part of the difference. Tied weights stay tied (parameters() yields each once)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    return model
 
 
 def bench_model(model: Model, work: Path, batches: list[int], new_tokens: int, runs: int, want_profile: bool):
@@ -131,8 +171,8 @@ def bench_model(model: Model, work: Path, batches: list[int], new_tokens: int, r
     spec = recipe.spec
     width = sum(stop - start for start, stop in (s for s in recipe.columns().values() if s))
     models = {
-        "original": AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(),
-        "converted": load_model(out, dtype=torch.float32),
+        "original": in_memory(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()),
+        "converted": in_memory(load_model(out, dtype=torch.float32)),
     }
     rows = []
     for batch in batches:
@@ -145,7 +185,7 @@ def bench_model(model: Model, work: Path, batches: list[int], new_tokens: int, r
             "ttft_orig": o["ttft_s"], "ttft_conv": c["ttft_s"], "ttft_saving": 1 - c["ttft_s"] / o["ttft_s"],
             "measured": measured, "predicted": predicted, "fraction": measured / predicted if predicted else None,
         })
-    prof = profile(models, recipe.runtime_patch().layer.rsplit(".", 1)[0], spec.vocab_size, new_tokens) \
+    prof = profile(models, recipe.runtime_patch().layer.rsplit(".", 1)[0], spec.vocab_size, new_tokens, runs) \
         if want_profile else None
     return rows, prof
 
@@ -212,7 +252,7 @@ def main() -> None:
           f"median of {args.runs} runs.\n")
     print(markdown(rows))
     for name, prof in profiles:
-        print("\nSeconds inside each module during one batch-1 generate:\n")
+        print(f"\nSeconds inside each module during one batch-1 generate (median of {args.runs}):\n")
         print(profile_markdown(name, prof))
 
 
