@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ from precompute_cli import __version__, hub
 from precompute_cli.check import MANIFEST, failures
 from precompute_cli.check import check as check_folder
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.execute import execute, precompute_block
+from precompute_cli.execute import execute, interrupt_on_sigterm, precompute_block
 from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.recipes import supported
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     if args in (["--version"], ["-V"]):
         print(f"precompute-cli {__version__}")
         sys.exit(0)
-    previous = _sigterm_interrupts()
+    previous = interrupt_on_sigterm()
     try:
         code = app(args=args, standalone_mode=False)
     except PrecomputeError as exc:
@@ -322,14 +321,3 @@ def _say(label: str, sentence: str) -> None:
     # control characters (a newline in a hostile tensor name or path) are shown escaped, keeping it one line
     sentence = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in sentence)
     console.print(f"[bold red]{label}:[/] {escape(sentence)}", soft_wrap=True)
-
-
-def _sigterm_interrupts():
-    """SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so every cleanup runs; returns the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    return signal.signal(signal.SIGTERM, handler)

@@ -28,7 +28,7 @@ from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.plan import Plan
 from precompute_cli.source import INDEX_NAME
-from precompute_cli.st_io import DTYPES, OutTensor, ShardWriter, read_header, read_tensor
+from precompute_cli.st_io import DTYPES, ShardWriter, TensorRef, read_header, read_tensor
 from precompute_cli.transfer import ShardJob, TableProgress, move_and_hash
 
 # float32 working set per chunk of vocabulary rows: large enough that the GEMM runs at full speed (a few
@@ -73,6 +73,9 @@ def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress |
     started = time.perf_counter()
     out = Path(out)
     compute_on = _device(device)
+    source_root = plan.source.root.resolve()
+    if out.resolve() == source_root or out.resolve() in source_root.parents:
+        raise InputError(f"{out}: holds the source checkpoint; converting into it would replace the source")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: already exists and is not empty (use --overwrite to replace it)")
     try:
@@ -116,7 +119,7 @@ def _staging(out: Path) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.precompute-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    previous = _raise_on_sigterm()
+    previous = interrupt_on_sigterm()
     committed = False
     try:
         yield tmp
@@ -166,8 +169,9 @@ def _signals_deferred() -> Iterator[None]:
         raise KeyboardInterrupt(signal.Signals(received[0]).name)
 
 
-def _raise_on_sigterm():
-    """Turn SIGTERM into KeyboardInterrupt so the cleanup above runs (only possible on the main thread)."""
+def interrupt_on_sigterm():
+    """Turn SIGTERM (CI cancelling a job) into KeyboardInterrupt, so every cleanup runs; returns the previous
+    handler (None off the main thread, where Python cannot install one)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -202,10 +206,10 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
             if shard.unchanged:
                 jobs.append(ShardJob(shard, tmp / shard.name, None))
                 continue
-            tensors = [OutTensor(i.name, i.dtype, i.shape) for i in shard.kept]
+            tensors = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
             if shard.has_table:
                 t = plan.table.ref
-                tensors.append(OutTensor(t.name, t.dtype, t.shape))
+                tensors.append(TensorRef(t.name, t.dtype, t.shape))
             writer = ShardWriter(tmp / shard.name, tensors)
             writers.append(writer)
             span = (writer.offsets[t.name], writer.offsets[t.name] + t.nbytes) if shard.has_table else None

@@ -6,7 +6,6 @@ mismatch is found before a byte is written. `--dry-run`, `inspect`, the report a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,25 +13,10 @@ from precompute_cli.errors import InputError
 from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST, TensorInfo, itemsize
+from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef
 
 TABLE_NAME = "precompute.table"
 SINGLE_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)

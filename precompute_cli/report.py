@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from precompute_cli.execute import Result
-from precompute_cli.plan import Plan, TensorRef
+from precompute_cli.plan import Plan
 from precompute_cli.spec import ModelSpec
+from precompute_cli.st_io import TensorRef
 
 BATCHES = (1, 16, 256, 1024)
 

@@ -154,17 +154,23 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int
 
 
 @dataclass(frozen=True)
-class OutTensor:
+class TensorRef:
+    """A tensor by name, dtype and shape, before or without its bytes: what a header lists and a plan moves."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return self.numel * itemsize(self.dtype)
 
 
-def encode_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+def encode_header(tensors: list[TensorRef], metadata: dict[str, str]) -> bytes:
     """The header bytes for `tensors` laid out back to back in the given order."""
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -181,7 +187,7 @@ def encode_header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
 class ShardWriter:
     """Writes one safetensors file header-first; each tensor's bytes then go to their known offset, in any order."""
 
-    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, tensors: list[TensorRef], metadata: dict[str, str] | None = None):
         self.path = path
         header = encode_header(tensors, {"format": "pt", **(metadata or {})})
         self.offsets: dict[str, int] = {}

@@ -39,7 +39,7 @@ import torch
 from precompute_cli.plan import load_recipe, make_plan
 from precompute_cli.recipes import REGISTRY
 from precompute_cli.source import INDEX_NAME, resolve
-from precompute_cli.st_io import DTYPES, OutTensor, ShardWriter
+from precompute_cli.st_io import DTYPES, ShardWriter, TensorRef
 
 GIB = 1 << 30
 TIME = shutil.which("time", path="/usr/bin:/bin")  # GNU time: peak RSS of the command alone
@@ -121,7 +121,7 @@ def write_checkpoint(model: Model, folder: Path) -> bool:
     gen = torch.Generator().manual_seed(0)
     pool = (torch.randn(32 << 20, generator=gen) * 0.02).to(dtype)  # 32M values, reused at random offsets
     for filename, names in split.filename_to_tensors.items():
-        writer = ShardWriter(folder / filename, [OutTensor(n, st_dtype, shapes[n]) for n in names])
+        writer = ShardWriter(folder / filename, [TensorRef(n, st_dtype, shapes[n]) for n in names])
         try:
             for n in names:
                 numel, done = math.prod(shapes[n]), 0

@@ -88,6 +88,16 @@ def test_existing_non_empty_out_is_refused(capsys, tmp_path, src):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("where", ["the source itself", "a folder holding the source"])
+def test_out_that_holds_the_source_is_refused_even_with_overwrite(capsys, tmp_path, src, where):
+    out = src if where == "the source itself" else src.parent
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "convert", src, out, "--overwrite")
+    assert code == 2
+    assert "would replace the source" in one_line(err, "error")
+    assert tree(tmp_path) == before
+
+
 def test_existing_empty_out_is_used(capsys, tmp_path, src):
     (tmp_path / "out").mkdir()
     assert run(capsys, "convert", src, tmp_path / "out")[0] == 0
