@@ -104,10 +104,7 @@ class Recipe:
         return None
 
     # -- what layer 0 reads --------------------------------------------------------------------------------------
-    @property
-    def embedding(self) -> str:
-        """Name of the input embedding tensor on disk."""
-        raise NotImplementedError
+    embedding: ClassVar[str] = "model.embed_tokens.weight"  # the input embedding on disk (a property where it varies)
 
     def embedding_transforms(self) -> dict[str, Shape]:
         """Tensors applied to the embedding row before layer 0 (BLOOM's word_embeddings_layernorm)."""

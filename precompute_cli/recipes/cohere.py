@@ -42,10 +42,6 @@ class Cohere(Recipe):
     def qk_norm(self) -> bool:
         return bool(self.cfg.get("use_qk_norm", default=False))
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         d, inner = s.hidden_size, s.intermediate_size

@@ -35,10 +35,6 @@ class Gemma(Recipe):
     def has_bias(self) -> bool:
         return bool(self.cfg.get("attention_bias", default=False))
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         out = {p + "input_layernorm.weight": (s.hidden_size,), **self.qkv_tensors(self.has_bias)}
@@ -63,8 +59,8 @@ class Gemma(Recipe):
         out = {"residual": ops.upcast(x), **self.project_qkv(w, h, self.has_bias)}
         if s.model_type in _QK_NORM:
             for name in "qk":
-                heads = out[name].unflatten(-1, (-1, s.head_dim))
-                out[name] = ops.rms_norm(heads, w(f"{p}self_attn.{name}_norm.weight"), eps, offset=1.0).flatten(-2)
+                weight = w(f"{p}self_attn.{name}_norm.weight")
+                out[name] = ops.per_head_rms_norm(out[name], weight, eps, s.head_dim, offset=1.0)
         return out
 
     def runtime_patch(self) -> RuntimePatch:

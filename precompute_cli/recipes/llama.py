@@ -48,10 +48,6 @@ class Llama(Recipe):
         key, default = _BIAS[self.cfg.model_type]
         return bool(self.cfg.get(key, default=default)) if key else default
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         out = {p + "input_layernorm.weight": (s.hidden_size,), **self.qkv_tensors(self.has_bias)}
@@ -72,8 +68,7 @@ class Llama(Recipe):
         out.update(self.project_qkv(w, ops.rms_norm(x, w(p + "input_layernorm.weight"), eps), self.has_bias))
         if s.model_type in _QK_NORM:
             for name in "qk":
-                heads = out[name].unflatten(-1, (-1, s.head_dim))
-                out[name] = ops.rms_norm(heads, w(f"{p}self_attn.{name}_norm.weight"), eps).flatten(-2)
+                out[name] = ops.per_head_rms_norm(out[name], w(f"{p}self_attn.{name}_norm.weight"), eps, s.head_dim)
         return out
 
     def runtime_patch(self) -> RuntimePatch:

@@ -27,10 +27,6 @@ class _OlmoBase(Recipe):
     def has_bias(self) -> bool:
         return bool(self.cfg.get("attention_bias", default=False))
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
 
 @register
 class Olmo(_OlmoBase):

@@ -25,6 +25,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: f
     return y if weight is None else y * (weight + offset)
 
 
+def per_head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, head_dim: int,
+                      offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm of each head of a projection's output with one shared [head_dim] weight (Qwen3, Gemma 3 q/k norms)."""
+    return rms_norm(x.unflatten(-1, (-1, head_dim)), weight, eps, offset).flatten(-2)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

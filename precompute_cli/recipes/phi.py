@@ -33,10 +33,6 @@ class Phi(Recipe):
     def qk_layernorm(self) -> bool:
         return bool(self.cfg.get("qk_layernorm", default=False))
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         d, inner = s.hidden_size, s.intermediate_size

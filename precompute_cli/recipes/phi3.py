@@ -23,10 +23,6 @@ class Phi3(Recipe):
     def describe(self) -> ModelSpec:
         return self.hf_spec("serial", ffn_matrices=3, tied_default=False)
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         return {p + "input_layernorm.weight": (s.hidden_size,),

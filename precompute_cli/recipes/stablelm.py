@@ -43,10 +43,6 @@ class StableLm(Recipe):
     def qk_norm(self) -> bool:
         return bool(self.cfg.get("qk_layernorm", default=False))
 
-    @property
-    def embedding(self) -> str:
-        return "model.embed_tokens.weight"
-
     def folded(self) -> dict[str, Shape]:
         s, p = self.spec, self.prefix
         out = {p + "input_layernorm.weight": (s.hidden_size,), p + "input_layernorm.bias": (s.hidden_size,),
