@@ -116,6 +116,7 @@ def _staging(out: Path) -> Iterator[Path]:
     folder; folders made for OUT's parent are removed again when nothing was committed."""
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
+    _reap_abandoned(out)
     tmp = out.parent / f".{out.name}.precompute-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -149,6 +150,28 @@ def _staging(out: Path) -> Iterator[Path]:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _reap_abandoned(out: Path) -> None:
+    """Delete staging folders beside OUT left by runs that were killed outright (kill -9, power loss): their
+    names carry the pid, and a folder whose process no longer exists is nobody's."""
+    for stale in out.parent.glob(f".{out.name}.precompute-*-*"):
+        kind, _, pid = stale.name.rpartition("-")
+        if not kind.endswith((".precompute-tmp", ".precompute-old")) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind.endswith(".precompute-old") and not out.exists():
+            continue  # a swap cut short between its two renames: this is the only copy of the old OUT
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

@@ -98,6 +98,20 @@ def test_out_that_holds_the_source_is_refused_even_with_overwrite(capsys, tmp_pa
     assert tree(tmp_path) == before
 
 
+def test_staging_left_by_a_killed_run_is_reaped_but_a_live_one_is_not(capsys, tmp_path, src):
+    """kill -9 leaves a staging folder named by its pid; the next run deletes it once that process is gone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".out.precompute-tmp-{dead.pid}"
+    live = tmp_path / f".out.precompute-tmp-{os.getppid()}"  # another conversion still running
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    assert run(capsys, "convert", src, tmp_path / "out")[0] == 0
+    assert not abandoned.exists()
+    assert live.exists()
+
+
 def test_existing_empty_out_is_used(capsys, tmp_path, src):
     (tmp_path / "out").mkdir()
     assert run(capsys, "convert", src, tmp_path / "out")[0] == 0
