@@ -232,8 +232,7 @@ def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token:
                       token=token)
         plan = make_plan(src, load_recipe(src), table_dtype, max_shard_size)
         _print_plan(plan, out)
-        before, after = plan.bytes_before, None if plan.bytes_before is None else (
-            plan.bytes_before - sum(r.nbytes for r in plan.removed) + plan.table.ref.nbytes)
+        before, after = plan.bytes_before, plan.bytes_after
         files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (
             [INDEX_NAME] if len(plan.shards) > 1 else [])
     else:

@@ -66,6 +66,16 @@ class Plan:
     bytes_before: int | None
 
     @property
+    def params_after(self) -> int | None:
+        removed, added = sum(r.numel for r in self.removed), self.table.ref.numel
+        return None if self.params_before is None else self.params_before - removed + added
+
+    @property
+    def bytes_after(self) -> int | None:
+        removed, added = sum(r.nbytes for r in self.removed), self.table.ref.nbytes
+        return None if self.bytes_before is None else self.bytes_before - removed + added
+
+    @property
     def from_config_only(self) -> bool:
         return not self.shards
 

@@ -113,14 +113,11 @@ class ConversionReport:
 
 
 def conversion_report(plan: Plan, result: Result) -> ConversionReport:
-    removed = list(plan.removed)
-    added = [plan.table.ref]
-    params_after = plan.params_before - sum(r.numel for r in removed) + sum(a.numel for a in added)
-    bytes_after = plan.bytes_before - sum(r.nbytes for r in removed) + sum(a.nbytes for a in added)
+    params_after, bytes_after = plan.params_after, plan.bytes_after
     return ConversionReport(
         source=plan.source.ref, revision=plan.source.revision, out=str(result.out),
         model_type=plan.recipe.spec.model_type, block=plan.recipe.spec.block,
-        removed=[_tensor(r) for r in removed], added=[_tensor(a) for a in added],
+        removed=[_tensor(r) for r in plan.removed], added=[_tensor(plan.table.ref)],
         params_before=plan.params_before, params_after=params_after,
         bytes_before=plan.bytes_before, bytes_after=bytes_after,
         param_delta=params_after - plan.params_before,

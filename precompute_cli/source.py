@@ -36,10 +36,6 @@ class Source:
     revision: str | None = None
     aux: tuple[Path, ...] = field(default=())
 
-    @property
-    def is_hub(self) -> bool:
-        return self.revision is not None
-
     def headers(self) -> dict[Path, Header]:
         return {path: read_header(path) for path in self.shards}
 

@@ -90,9 +90,6 @@ class Config:
     def dtype(self) -> str:
         return str(self.get("dtype", "torch_dtype", default="float32")).removeprefix("torch.")
 
-    def rope_theta(self, default: float = 10000.0) -> float:
-        return float(self.get("rope_parameters.rope_theta", "rope_theta", default=default))
-
 
 @dataclass(frozen=True)
 class ModelSpec:

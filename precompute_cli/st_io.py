@@ -24,7 +24,6 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-TORCH_TO_ST = {v: k for k, v in DTYPES.items()}
 NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself applies
 DATA_ALIGN = 64  # the data section of every file we write starts at a multiple of this (a cache line)
