@@ -261,13 +261,7 @@ def _compute_table(plan: Plan, writer: ShardWriter, progress: Progress | None,
     """float32 chunks of vocabulary rows, each written to its offset; nothing accumulates between chunks."""
     recipe, table = plan.recipe, plan.table
     device = device or torch.device("cpu")
-    cache: dict[str, torch.Tensor] = {}  # layer 0's weights in float32 (for a parallel MoE block: every expert)
-
-    def weight(name: str) -> torch.Tensor:
-        if name not in cache:
-            path, info = plan.inputs[name]
-            cache[name] = read_tensor(path, info).to(device).float()
-        return cache[name]
+    weight = plan.weights(torch.float32, device)
 
     emb_path, emb_info = plan.inputs[recipe.embedding]
     _prefetch(emb_path, emb_info.start, emb_info.nbytes)

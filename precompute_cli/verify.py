@@ -190,13 +190,7 @@ def table_row_error(plan: Plan, table: tuple[Path, TensorInfo], rows: list[int])
     """Worst |stored - float64 recomputation| / row scale over `rows` (each column group scaled on its own),
     and the row where it is."""
     recipe = plan.recipe
-    cache: dict[str, torch.Tensor] = {}
-
-    def weight(name: str) -> torch.Tensor:
-        if name not in cache:
-            cache[name] = read_tensor(*plan.inputs[name]).double()
-        return cache[name]
-
+    weight = plan.weights(torch.float64)
     emb_path, emb_info = plan.inputs[recipe.embedding]
     x = torch.cat([read_tensor(emb_path, emb_info, (r, r + 1)) for r in rows]).double()
     with torch.no_grad():
