@@ -1,9 +1,10 @@
-"""Carry out a Plan: stream the table into place while untouched bytes are copied, all into a temporary folder
-that becomes OUT only once everything is written and flushed.
+"""Carry out a Plan: fold the table on every core while the untouched bytes are copied, all into a temporary
+folder that becomes OUT only once everything is written and flushed.
 
-Memory stays flat: kept tensors move file to file inside the kernel (copy_file_range), the embedding is read in
-row chunks as the GEMM consumes them, and each finished chunk of the table is written straight to its offset.
-The copies and the sha256 of every shard run in a second thread (transfer.py) while the GEMM runs here.
+Memory stays flat: the embedding is read in row chunks as the GEMM workers consume them, kept tensors go from the
+source files to the output through one buffer per writer, and finished chunks of the table are written as soon as
+the rows before them are (transfer.py). Nothing here imports torch: the fold is numpy (OpenBLAS runs the float32
+GEMM at this machine's peak, and torch's import alone would cost 1.5 s of every conversion).
 """
 
 from __future__ import annotations
@@ -16,24 +17,25 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 import precompute_cli
 from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
+from precompute_cli.hub import published_sha256
 from precompute_cli.plan import Plan
 from precompute_cli.source import INDEX_NAME
-from precompute_cli.st_io import DTYPES, ShardWriter, TensorRef, read_header, read_tensor
-from precompute_cli.transfer import ShardJob, TableProgress, move_and_hash
+from precompute_cli.st_io import DTYPES, TensorRef, encode_header, from_float, read_array, read_header
+from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
 
-# float32 working set per chunk of vocabulary rows: large enough that the GEMM runs at full speed (a few
-# hundred rows of a 4096-wide model lose a third of it), small next to the table + 1 GiB memory budget.
-CHUNK_BYTES = 256 << 20
+# float32 working set per chunk of vocabulary rows and per GEMM worker: enough rows that a single-threaded GEMM
+# runs at full speed, small next to the table + 1 GiB memory budget.
+CHUNK_BYTES = 128 << 20
 Progress = Callable[[int, int], None]  # (rows done, rows total)
 
 
@@ -72,7 +74,7 @@ def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress |
     """`link` hard-links unchanged shards instead of copying them; `device` runs the GEMM there ("cuda")."""
     started = time.perf_counter()
     out = Path(out)
-    compute_on = _device(device)
+    _check_device(device)
     source_root = plan.source.root.resolve()
     if out.resolve() == source_root or out.resolve() in source_root.parents:
         raise InputError(f"{out}: holds the source checkpoint; converting into it would replace the source")
@@ -80,7 +82,7 @@ def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress |
         raise InputError(f"{out}: already exists and is not empty (use --overwrite to replace it)")
     try:
         with _staging(out) as tmp:
-            digests = _write_shards(plan, tmp, progress, link, compute_on)
+            digests = _write_shards(plan, tmp, progress, link, device)
             _write_metadata(plan, tmp)
             _check_written(tmp)
             files = {p.name: _describe(p, digests.get(p.name)) for p in tmp.iterdir()}
@@ -204,101 +206,121 @@ def interrupt_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _device(name: str) -> torch.device:
+def _check_device(name: str) -> None:
     """--device: cpu, or cuda[:N] where torch sees a GPU (checked before anything is written)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r}: expected cpu or cuda (or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = "no GPU is visible" if torch.backends.cuda.is_built() else "this torch build has no CUDA support"
-        raise InputError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
-    if device.type not in ("cpu", "cuda"):
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
         raise InputError(f"--device {name!r}: expected cpu or cuda (or cuda:N)")
-    return device
+    if kind == "cuda":
+        import torch  # only here: converting on the CPU never imports torch
+
+        if not torch.cuda.is_available():
+            why = "no GPU is visible" if torch.backends.cuda.is_built() else "this torch build has no CUDA support"
+            raise InputError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
+
+
+def _file_jobs(plan: Plan, tmp: Path, link: bool) -> list[FileJob]:
+    """One job per output file, the table's file first (its writer waits on the GEMM for its last bytes)."""
+    jobs = []
+    for shard in plan.shards:
+        if shard.unchanged:
+            size = shard.source.stat().st_size
+            jobs.append(FileJob(tmp / shard.name, b"", ((shard.source, 0, size),), link=shard.source if link else None,
+                                sha256=published_sha256(shard.source)))
+            continue
+        refs = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
+        if shard.has_table:
+            refs.append(plan.table.ref)  # last: the kept bytes can be written while the table is computed
+        runs: list[tuple[Path, int, int]] = []
+        for path, info in shard.pieces():
+            if runs and runs[-1][0] == path and runs[-1][1] + runs[-1][2] == info.start:
+                runs[-1] = (path, runs[-1][1], runs[-1][2] + info.nbytes)
+            else:
+                runs.append((path, info.start, info.nbytes))
+        jobs.append(FileJob(tmp / shard.name, encode_header(refs, {"format": "pt"}), tuple(runs), shard.has_table))
+    if not any(job.table for job in jobs):
+        raise InputError(f"{plan.source.ref}: no safetensors weights to convert")
+    return sorted(jobs, key=lambda job: not job.table)
 
 
 def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool = False,
-                  device: torch.device | None = None) -> dict[str, str]:
-    """Every shard written; returns the sha256 of each, computed by the copy thread behind the writes."""
-    writers: list[ShardWriter] = []
-    finished = False
-    try:
-        jobs = []
-        for shard in plan.shards:
-            if shard.unchanged:
-                jobs.append(ShardJob(shard, tmp / shard.name, None))
-                continue
-            tensors = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
-            if shard.has_table:
-                t = plan.table.ref
-                tensors.append(TensorRef(t.name, t.dtype, t.shape))
-            writer = ShardWriter(tmp / shard.name, tensors)
-            writers.append(writer)
-            span = (writer.offsets[t.name], writer.offsets[t.name] + t.nbytes) if shard.has_table else None
-            jobs.append(ShardJob(shard, tmp / shard.name, writer, span))
-        table_writer = next((j.writer for j in jobs if j.table), None)
-        if table_writer is None:
-            raise InputError(f"{plan.source.ref}: no safetensors weights to convert")
-        written = TableProgress()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy") as pool:
-            mover = pool.submit(move_and_hash, jobs, link, written)
+                  device: str = "cpu") -> dict[str, str]:
+    """Every shard written; returns {file name: sha256}.
+
+    Threads: one writer for the table's file, one for the others, and GEMM workers (this thread is one) that
+    fold chunks of vocabulary rows and hand them to the table's writer."""
+    jobs = _file_jobs(plan, tmp, link)
+    workers = _cores() if device == "cpu" else 1
+    chunk = _chunk_rows(plan)
+    stream = TableStream(chunks=-(-plan.table.rows // chunk), ahead=2 * workers)
+    fold = _Fold(plan, chunk, device)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
+            ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
+        written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
+        helpers = [folders.submit(fold.run, stream) for _ in range(workers - 1)]
+        try:
             try:
-                _compute_table(plan, table_writer, progress, written, device)
-            except BaseException:
-                written.stop()
-                raise
-            digests = mover.result()
-        finished = True
-        return digests
-    finally:
-        for writer in writers:
-            writer.close(sync=finished)  # a failed run's files are deleted next: flushing them only delays exit
+                fold.run(stream, progress)
+            except Stopped:
+                pass  # another thread failed and stopped the rest: its own exception is raised below
+            futures = [*helpers, *written.values()]
+            errors = [f.exception() for f in futures]  # waits for every thread
+            failure = next((e for e in errors if e is not None and not isinstance(e, Stopped)), None)
+            if failure is not None:
+                raise failure
+            return {name: future.result() for name, future in written.items()}
+        except BaseException:
+            stream.stop()
+            raise
 
 
-def _compute_table(plan: Plan, writer: ShardWriter, progress: Progress | None,
-                   written: TableProgress | None = None, device: torch.device | None = None) -> None:
-    """float32 chunks of vocabulary rows, each written to its offset; nothing accumulates between chunks."""
-    recipe, table = plan.recipe, plan.table
-    device = device or torch.device("cpu")
-    weight = plan.weights(torch.float32, device)
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
-    emb_path, emb_info = plan.inputs[recipe.embedding]
-    _prefetch(emb_path, emb_info.start, emb_info.nbytes)
-    spec = recipe.spec
-    per_row = 4 * (spec.hidden_size * 2 + table.width + spec.intermediate_size * max(spec.ffn_matrices - 1, 1))
-    chunk = max(1, min(table.rows, CHUNK_BYTES // per_row))
-    out_dtype = DTYPES[table.dtype]
-    row_bytes = table.width * out_dtype.itemsize
-    spans = [(name, span) for name, span in table.columns.items() if span]
-    # Two buffers, used in turn: each column block is cast straight into place (no concatenation, no fresh
-    # allocation per chunk), and a chunk is written by a writer thread while the GEMM computes the next one.
-    buffers = [torch.empty(chunk, table.width, dtype=out_dtype, device=device) for _ in range(2)]
-    pending: list[Future | None] = [None, None]
 
-    def put(rows: torch.Tensor, start: int, stop: int) -> None:
-        writer.write(table.name, rows, start * row_bytes)
-        if written is not None:
-            written.advance(stop * row_bytes)  # one writer thread: chunks land in order
+def _chunk_rows(plan: Plan) -> int:
+    """Vocabulary rows per chunk: a CHUNK_BYTES float32 working set (input rows, their norm, the columns, and for a
+    parallel block the FFN's hidden rows)."""
+    spec, table = plan.recipe.spec, plan.table
+    hidden = spec.intermediate_size * max(spec.ffn_matrices - 1, 1) if spec.block == "parallel" else 0
+    per_row = 4 * (2 * spec.hidden_size + table.width + hidden)
+    return max(1, min(table.rows, CHUNK_BYTES // per_row))
 
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="table") as writes:
-        for i, start in enumerate(range(0, table.rows, chunk)):
-            if written is not None and written.failed:
-                break  # the copy thread failed: its exception is what the caller reports
-            stop = min(start + chunk, table.rows)
-            cols = recipe.fold(weight, read_tensor(emb_path, emb_info, (start, stop)).to(device))
-            if pending[i % 2] is not None:
-                pending[i % 2].result()  # that buffer's previous chunk is on disk
-            rows = buffers[i % 2][: stop - start]
-            for name, (first, last) in spans:
-                rows[:, first:last].copy_(cols[name])
-            del cols
-            pending[i % 2] = writes.submit(put, rows.cpu(), start, stop)
-            if progress:
-                progress(stop, table.rows)
-        for job in pending:
-            if job is not None:
-                job.result()
+
+class _Fold:
+    """Computes table rows chunk by chunk: read embedding rows, fold in float32, round to the table's dtype."""
+
+    def __init__(self, plan: Plan, chunk: int, device: str):
+        self.plan, self.chunk = plan, chunk
+        recipe = plan.recipe
+        self.weights = plan.weights(np.float32)
+        for name in plan.inputs:  # read before the workers start: every worker uses them
+            if name != recipe.embedding:
+                self.weights(name)
+        self.embedding = plan.inputs[recipe.embedding]
+        _prefetch(self.embedding[0], self.embedding[1].start, self.embedding[1].nbytes)
+        self.spans = [(name, span) for name, span in plan.table.columns.items() if span]
+
+    def run(self, stream: TableStream, progress: Progress | None = None) -> None:
+        table = self.plan.table
+        try:
+            while (index := stream.claim()) is not None:
+                start = index * self.chunk
+                stop = min(start + self.chunk, table.rows)
+                columns = self.plan.recipe.fold(self.weights, read_array(*self.embedding, (start, stop)))
+                rows = np.empty((stop - start, table.width), dtype=DTYPES[table.dtype])
+                for name, (first, last) in self.spans:
+                    rows[:, first:last] = from_float(columns[name], table.dtype)
+                del columns
+                stream.put(index, rows)
+                if progress:
+                    progress(stream.rows_done, table.rows)
+        except BaseException:
+            stream.stop()
+            raise
 
 
 def _prefetch(path: Path, start: int, nbytes: int) -> None:
@@ -328,7 +350,7 @@ def _write_metadata(plan: Plan, tmp: Path) -> None:
 
 
 def _describe(path: Path, digest: str | None = None) -> OutputFile:
-    """`digest` when the copy thread already hashed the file behind its writes."""
+    """`digest` when the writer already hashed the file on its way out."""
     return OutputFile(path.name, path.stat().st_size, digest or sha256(path))
 
 

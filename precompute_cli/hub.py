@@ -45,6 +45,19 @@ class Pull:
         return all(f.cached for f in self.files)
 
 
+def published_sha256(path: Path) -> str | None:
+    """The sha256 the Hub published for a file of its cache, without reading it: snapshot files are links to blobs
+    named by their etag, which for LFS files (every weight file) is the sha256 of the content. None for anything
+    else (a plain folder; a small git file, whose etag is a sha1)."""
+    if not path.is_symlink():
+        return None
+    blob = path.resolve()
+    name = blob.name
+    if blob.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return None
+
+
 def is_offline(offline: bool = False) -> bool:
     """--offline, or HF_HUB_OFFLINE as huggingface_hub read it at import (tests patch the constant)."""
     from huggingface_hub import constants

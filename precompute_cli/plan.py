@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.recipes.base import Weights
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, read_tensor
+from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, read_array
 
 TABLE_NAME = "precompute.table"
 SINGLE_FILE = "model.safetensors"
@@ -68,14 +68,14 @@ class Plan:
     params_before: int | None  # exact when tensors are known
     bytes_before: int | None
 
-    def weights(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Weights:
-        """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (for a parallel MoE block,
-        every expert)."""
-        cache: dict[str, torch.Tensor] = {}
+    def weights(self, dtype: type = np.float32) -> Weights:
+        """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (float32 for the table, float64
+        for verify; for a parallel MoE block, every expert)."""
+        cache: dict[str, np.ndarray] = {}
 
-        def weight(name: str) -> torch.Tensor:
+        def weight(name: str) -> np.ndarray:
             if name not in cache:
-                cache[name] = read_tensor(*self.inputs[name]).to(device=device, dtype=dtype)
+                cache[name] = read_array(*self.inputs[name], dtype=dtype)
             return cache[name]
 
         return weight

@@ -77,16 +77,24 @@ class TableColumns(nn.Module):
 
 
 class TableFusedQKV(nn.Module):
-    """Stands in for a fused QKV projection: q, k, v from the table, laid out as the model's fused output."""
+    """Stands in for a fused QKV projection: q, k, v from the table, laid out as the model's fused output.
 
-    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], fuse):
+    The recipe says how that output is laid out (`groups` blocks of [q part, k part, v part]); joining is the
+    inverse of ops.split_qkv, which cut the fold's fused output into the table's columns."""
+
+    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], groups: int):
         super().__init__()
-        self.spans, self.fuse = spans, fuse
+        self.spans, self.groups = spans, groups
         self._table = [table]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         t = self._table[0]
-        return self.fuse(*(t.columns(self.spans[n], hidden_states) for n in "qkv"))
+        return join_qkv(*(t.columns(self.spans[n], hidden_states) for n in "qkv"), self.groups)
+
+
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of ops.split_qkv: q, k, v laid out as `groups` blocks of [q part, k part, v part]."""
+    return torch.cat([t.unflatten(-1, (groups, -1)) for t in (q, k, v)], dim=-1).flatten(-2)
 
 
 class PassThrough(nn.Module):
@@ -143,7 +151,7 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     model.register_forward_pre_hook(embedding.reset)
     layer = model.get_submodule(patch.layer)
     if "qkv" in patch.projections:
-        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fuse))
+        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups))
     else:
         for name, path in patch.projections.items():
             layer.set_submodule(path, TableColumns(embedding, spans[name]))

@@ -1,9 +1,9 @@
-"""safetensors files at the byte level: validated headers, tensor reads, byte-range copies, a header-first writer.
+"""safetensors files at the byte level: validated headers, tensor reads, dtype conversions, header encoding.
 
-safetensors has no streaming write API (safetensors#291, #531), so `ShardWriter` writes the format itself:
-8-byte little-endian header length, a JSON header padded with spaces so that the data starts at a multiple of
-64 bytes (the format allows any trailing spaces; 8 is the minimum), then the data, tensors back to back in header
-order. Tests read every file it writes back with the safetensors library.
+safetensors has no streaming write API (safetensors#291, #531), so the converter writes the format itself:
+`encode_header` gives the 8-byte little-endian header length and a JSON header padded with spaces so that the
+data starts at a multiple of 64 bytes (the format allows any trailing spaces; 8 is the minimum); the data follows,
+tensors back to back in header order (transfer.py). Tests read every file written so back with safetensors.
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from precompute_cli.errors import InputError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+# Each safetensors dtype as numpy stores its bytes. numpy has no bfloat16 or float8: those are held as raw
+# unsigned integers of the same width and converted by `to_float` / `from_float`.
+DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+}.items()}
+FLOATS = ("F64", "F32", "F16", "BF16")  # what the fold can read and the table can be stored in
 NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself applies
 DATA_ALIGN = 64  # the data section of every file we write starts at a multiple of this (a cache line)
@@ -118,38 +121,52 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     return TensorInfo(name, dtype, tuple(shape), data_start + start, data_start + end)
 
 
-def read_tensor(path: Path, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read one tensor (or a range of its first-axis rows) without mapping or reading the rest of the file."""
+def read_tensor(path: Path, info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one tensor (or a range of its first-axis rows) without mapping or reading the rest of the file.
+
+    The array holds the stored bytes (BF16 as uint16); `read_array` gives float values."""
     start, shape = info.start, info.shape
     if rows is not None:
         row_bytes = info.nbytes // max(shape[0], 1)
         start += rows[0] * row_bytes
         shape = (rows[1] - rows[0], *shape[1:])
-    nbytes = math.prod(shape) * itemsize(info.dtype)
-    buf = bytearray(nbytes)
+    out = np.empty(shape, dtype=DTYPES[info.dtype])
     with open(path, "rb") as f:
-        got = os.preadv(f.fileno(), [buf], start) if nbytes else 0
-    if got != nbytes:
+        got = os.preadv(f.fileno(), [out.reshape(-1).view(np.uint8)], start) if out.nbytes else 0
+    if got != out.nbytes:
         raise InputError(f"{path}: truncated while reading tensor {info.name}")
-    if nbytes == 0:
-        return torch.empty(shape, dtype=DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(shape)
+    return out
 
 
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, nbytes: int) -> None:
-    """Copy bytes file to file inside the kernel (copy_file_range), falling back to read/write."""
-    chunk = 1 << 30
-    while nbytes > 0:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, min(nbytes, chunk), src_off, dst_off)
-        except (OSError, AttributeError):  # AttributeError: not Linux (macOS has no copy_file_range)
-            n = 0
-        if n == 0:  # unsupported here (or cross-device on old kernels): plain copy
-            data = os.pread(src_fd, min(nbytes, 64 << 20), src_off)
-            if not data:
-                raise InputError(f"source file ended {nbytes} bytes early while copying")
-            n = os.pwrite(dst_fd, data, dst_off)
-        src_off, dst_off, nbytes = src_off + n, dst_off + n, nbytes - n
+def read_array(path: Path, info: TensorInfo, rows: tuple[int, int] | None = None,
+               dtype: type = np.float32) -> np.ndarray:
+    """A float tensor's values (or a range of its rows) in `dtype`; float64 stays exact for every stored float."""
+    if info.dtype not in FLOATS:
+        raise InputError(f"{path}: tensor {info.name} is stored as {info.dtype}; precompute folds float tensors only")
+    return to_float(read_tensor(path, info, rows), info.dtype, dtype)
+
+
+def to_float(raw: np.ndarray, st_dtype: str, dtype: type = np.float32) -> np.ndarray:
+    """Stored values (as read_tensor returns them) to `dtype`. BF16 is the top half of a float32: exact."""
+    if st_dtype == "BF16":
+        wide = np.left_shift(raw.astype(np.uint32), 16).view(np.float32)
+        return wide if np.dtype(dtype) == np.float32 else wide.astype(dtype)
+    return raw.astype(dtype, copy=False)
+
+
+def from_float(x: np.ndarray, st_dtype: str) -> np.ndarray:
+    """Float values rounded to a stored float dtype (round to nearest even, as torch casts), as stored bytes."""
+    if st_dtype != "BF16":
+        return x.astype(DTYPES[st_dtype], copy=False)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits >> 16) & 1
+    rounded += 0x7FFF
+    rounded += bits  # wraps only for NaN payloads, fixed below
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # stays a quiet NaN of the same sign
+    return out
 
 
 @dataclass(frozen=True)
@@ -181,40 +198,3 @@ def encode_header(tensors: list[TensorRef], metadata: dict[str, str]) -> bytes:
     # place, and on CPU a misaligned matrix runs a batched decode step several per cent slower.
     body += b" " * (-(8 + len(body)) % DATA_ALIGN)
     return struct.pack("<Q", len(body)) + body
-
-
-class ShardWriter:
-    """Writes one safetensors file header-first; each tensor's bytes then go to their known offset, in any order."""
-
-    def __init__(self, path: Path, tensors: list[TensorRef], metadata: dict[str, str] | None = None):
-        self.path = path
-        header = encode_header(tensors, {"format": "pt", **(metadata or {})})
-        self.offsets: dict[str, int] = {}
-        offset = len(header)
-        for t in tensors:
-            self.offsets[t.name] = offset
-            offset += t.nbytes
-        self.size = offset
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.size)
-        os.pwrite(self.fd, header, 0)
-
-    def write(self, name: str, data: torch.Tensor, byte_offset: int = 0) -> None:
-        """Write `data` (a whole tensor or a run of its rows) at `byte_offset` inside tensor `name`."""
-        raw = data.contiguous().view(torch.uint8).numpy() if data.numel() else b""
-        view = memoryview(raw).cast("B") if len(raw) else b""
-        pos = self.offsets[name] + byte_offset
-        while len(view):
-            n = os.pwrite(self.fd, view, pos)
-            view, pos = view[n:], pos + n
-
-    def copy_from(self, name: str, src_fd: int, src_off: int, nbytes: int) -> None:
-        copy_range(src_fd, src_off, self.fd, self.offsets[name], nbytes)
-
-    def close(self, sync: bool = True) -> None:
-        """Flush the file to disk and close it; `sync=False` for a file being abandoned (it is deleted next)."""
-        if self.fd >= 0:
-            if sync:
-                os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1

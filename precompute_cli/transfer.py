@@ -1,9 +1,10 @@
-"""The executor's second thread: every byte that does not pass through the GEMM, and the sha256 of every shard.
+"""Writing the output files: what each is made of, and the hand-over of the table's rows from the GEMM workers.
 
-While the main thread builds the table, this thread copies (or hard-links) whole unchanged shards, copies the
-kept tensors of the other shards as byte ranges inside the kernel, and then hashes each output file. The table's
-bytes are hashed by reading them back just behind the main thread, which reports how far it has written
-(`TableProgress`), so hashing costs neither a second pass after the GEMM nor memory for the table.
+Every output file is written front to back by one writer thread (writer.FileWriter: aligned, O_DIRECT where
+possible, hashed on the way out). A rewritten shard is its header, then its kept tensors copied as byte runs from
+the source files, then, in the shard that holds it, the table, last, so that everything else in that file is on
+disk before the GEMM has produced its first rows. The rows arrive through a `TableStream` in order; the GEMM
+workers may run at most a few chunks ahead of the writer, which bounds the memory they hold.
 """
 
 from __future__ import annotations
@@ -15,30 +16,63 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from precompute_cli.plan import ShardPlan
-from precompute_cli.st_io import ShardWriter, TensorInfo, copy_range
+import numpy as np
 
-BLOCK = 16 << 20  # bytes per copy and hash step: the cancellation granularity and the read buffer
-FLUSH_EVERY = 256 << 20  # the table's file is flushed as it is hashed, so the final fsync has little left
+from precompute_cli.writer import FileWriter
+
+STEP = 64 << 20  # bytes copied between two checks for cancellation
+Run = tuple[Path, int, int]  # (source file, byte offset, byte count)
 
 
 class Stopped(Exception):
-    """The main thread gave up (an error or a signal): the copy thread stops at its next step."""
+    """Another thread failed or the user interrupted: this one stops at its next step."""
 
 
-class TableProgress:
-    """How many leading bytes of the table are on disk; the hashing thread waits on it and reads behind it."""
+@dataclass(frozen=True)
+class FileJob:
+    path: Path  # the output file
+    header: bytes  # the safetensors header (b"" when a source file is copied whole)
+    runs: tuple[Run, ...]  # source bytes, in output order
+    table: bool = False  # the table's rows follow the runs
+    link: Path | None = None  # hard-link this source file instead of copying it (--link)
+    sha256: str | None = None  # a whole-file copy's digest when the source's is already known (hub.published_sha256)
 
-    def __init__(self) -> None:
-        self._done = 0
+
+class TableStream:
+    """Chunks of table rows, produced in any order by the GEMM workers and written in order by one writer."""
+
+    def __init__(self, chunks: int, ahead: int):
+        self.chunks, self.ahead = chunks, ahead
+        self._ready: dict[int, np.ndarray] = {}
+        self._claimed = self._taken = self.rows_done = 0
         self._stopped = False
         self._cond = threading.Condition()
-        self.failed = False  # set by the copy thread when it raises, so the GEMM loop can stop early
 
-    def advance(self, nbytes: int) -> None:
+    def claim(self) -> int | None:
+        """The next chunk to compute (None when all are claimed); waits while the writer is `ahead` chunks behind."""
         with self._cond:
-            self._done = nbytes
+            while not self._stopped and self._claimed < self.chunks and self._claimed >= self._taken + self.ahead:
+                self._cond.wait()
+            self.check()
+            if self._claimed == self.chunks:
+                return None
+            self._claimed += 1
+            return self._claimed - 1
+
+    def put(self, index: int, rows: np.ndarray) -> None:
+        with self._cond:
+            self._ready[index] = rows
+            self.rows_done += len(rows)
             self._cond.notify_all()
+
+    def take(self, index: int) -> np.ndarray:
+        with self._cond:
+            while index not in self._ready:
+                self.check()
+                self._cond.wait()
+            self._taken = index + 1
+            self._cond.notify_all()
+            return self._ready.pop(index)
 
     def stop(self) -> None:
         with self._cond:
@@ -49,106 +83,54 @@ class TableProgress:
         if self._stopped:
             raise Stopped
 
-    def wait_for(self, nbytes: int) -> None:
-        with self._cond:
-            while self._done < nbytes:
-                if self._stopped:
-                    raise Stopped
-                self._cond.wait()
 
-
-@dataclass(frozen=True)
-class ShardJob:
-    shard: ShardPlan
-    path: Path  # the output file
-    writer: ShardWriter | None  # None: the source file is copied (or linked) whole
-    table: tuple[int, int] | None = None  # [start, stop) bytes of the table in the output file
-
-
-def move_and_hash(jobs: list[ShardJob], link: bool, table: TableProgress) -> dict[str, str]:
-    """Write every shard's non-table bytes, then return {file name: sha256} (the table's file last)."""
+def write_file(job: FileJob, table: TableStream) -> str:
+    """Write one output file; returns its sha256. Any failure stops the other threads too."""
     try:
-        for job in jobs:
-            if job.writer is None:
-                place_whole(job.shard.source, job.path, link, table)
-            else:
-                copy_kept(job.shard, job.writer, table)
-                if job.table is None:
-                    os.fsync(job.writer.fd)  # here, beside the GEMM, rather than at close
-        return {job.path.name: hash_file(job.path, job.table, table)
-                for job in sorted(jobs, key=lambda j: j.table is not None)}
+        if job.link is not None and _hard_link(job.link, job.path):
+            return job.sha256 or hash_file(job.path, table)
+        writer = FileWriter(job.path, hashed=job.sha256 is None)
+        try:
+            writer.write(job.header)
+            files: dict[Path, int] = {}
+            try:
+                for path, start, nbytes in job.runs:
+                    if path not in files:
+                        files[path] = os.open(path, os.O_RDONLY)
+                    for off in range(start, start + nbytes, STEP):
+                        table.check()
+                        writer.copy_from(files[path], off, min(STEP, start + nbytes - off))
+            finally:
+                for fd in files.values():
+                    os.close(fd)
+            for index in range(table.chunks if job.table else 0):
+                writer.write(table.take(index))
+            return writer.finish() or job.sha256
+        finally:
+            writer.close()
     except BaseException:
-        table.failed = True
+        table.stop()
         raise
 
 
-def place_whole(src: Path, dst: Path, link: bool, table: TableProgress) -> None:
-    """Hard-link when asked and possible (same file system), else copy inside the kernel and flush."""
-    if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-    with open(src, "rb") as s, open(dst, "wb") as d:
-        size = os.fstat(s.fileno()).st_size
-        for off in range(0, size, BLOCK * 8):
-            table.check()
-            copy_range(s.fileno(), off, d.fileno(), off, min(BLOCK * 8, size - off))
-        os.fsync(d.fileno())
-
-
-def copy_kept(shard: ShardPlan, writer: ShardWriter, table: TableProgress) -> None:
-    """Copy kept tensors in runs: tensors adjacent in one source file stay adjacent in the output."""
-    runs: list[tuple[Path, int, int, str]] = []  # (source file, start, end, first tensor's name)
-    for path, info in shard.pieces():
-        if runs and _extends(runs[-1], path, info, writer):
-            runs[-1] = (path, runs[-1][1], info.end, runs[-1][3])
-        else:
-            runs.append((path, info.start, info.end, info.name))
-    files: dict[Path, int] = {}
+def _hard_link(src: Path, dst: Path) -> bool:
+    """True when linked; False where links cannot be made (another file system), so the file is copied."""
     try:
-        for path, start, end, name in runs:
-            table.check()
-            if path not in files:
-                files[path] = os.open(path, os.O_RDONLY)
-            writer.copy_from(name, files[path], start, end - start)
-    finally:
-        for fd in files.values():
-            os.close(fd)
+        os.link(src, dst)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
 
 
-def _extends(run: tuple[Path, int, int, str], path: Path, info: TensorInfo, writer: ShardWriter) -> bool:
-    run_path, run_start, run_end, run_name = run
-    return (run_path == path and info.start == run_end
-            and writer.offsets[info.name] - writer.offsets[run_name] == info.start - run_start)
-
-
-def hash_file(path: Path, table_range: tuple[int, int] | None, table: TableProgress) -> str:
-    """sha256 of the file; bytes inside the table are read only once the main thread has written them.
-
-    For the table's file, what is hashed is also flushed to disk every FLUSH_EVERY bytes, here beside the GEMM."""
+def hash_file(path: Path, table: TableStream | None = None) -> str:
     digest = hashlib.sha256()
-    buf = bytearray(BLOCK)
+    buf = bytearray(16 << 20)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = flushed = 0
-        while pos < size:
-            if table_range and pos - flushed >= FLUSH_EVERY:
-                getattr(os, "fdatasync", os.fsync)(f.fileno())  # macOS has only fsync
-                flushed = pos
-            table.check()
-            stop = min(pos + BLOCK, size)
-            if table_range and table_range[0] < stop and pos < table_range[1]:
-                stop = min(stop, table_range[1]) if pos >= table_range[0] else table_range[0]
-                if pos >= table_range[0]:
-                    table.wait_for(stop - table_range[0])
-            f.seek(pos)
-            n = f.readinto(view[: stop - pos])
-            if n != stop - pos:
-                raise OSError(errno.EIO, "short read while hashing", str(path))
+        while n := f.readinto(buf):
+            if table is not None:
+                table.check()
             digest.update(view[:n])
-            pos = stop
     return digest.hexdigest()

@@ -22,9 +22,9 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +32,10 @@ from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.plan import Plan, load_recipe, make_plan
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST, TensorInfo, read_tensor
+from precompute_cli.st_io import NAME_TO_ST, TensorInfo, read_array
+
+if TYPE_CHECKING:  # torch is imported where models run: `convert` imports this module and must not load torch
+    import torch
 
 # -- tolerances (the README quotes these) -------------------------------------------------------------------------
 FLOAT32_LOGIT_TOL = 1e-4  # float32: max |converted - original| / max |original logit|; granted in every mode
@@ -59,7 +62,7 @@ def table_tolerance(table_dtype: str) -> float:
 def criterion_dtype(run_dtype: str, table_dtype: str) -> str:
     """The lowest precision in play: the run's or the table's, whichever has the larger rounding unit."""
     table_name = {st: name for name, st in NAME_TO_ST.items()}[table_dtype]
-    lowest = max((run_dtype, table_name), key=lambda n: torch.finfo(getattr(torch, n)).eps)
+    lowest = max((run_dtype, table_name), key=lambda n: ROUNDING_UNIT[NAME_TO_ST[n]])
     return "float32" if lowest == "float64" else lowest
 
 
@@ -133,7 +136,8 @@ class Probe:
     pad_id: int
 
     def tokens(self) -> set[int]:
-        return set(torch.cat([self.ids.flatten(), self.padded[self.mask.bool()], self.prompt_ids.flatten()]).tolist())
+        return {*self.ids.flatten().tolist(), *self.padded[self.mask.bool()].tolist(),
+                *self.prompt_ids.flatten().tolist()}
 
 
 def edges(vocab: int) -> list[int]:
@@ -144,6 +148,8 @@ def edges(vocab: int) -> list[int]:
 
 def make_probe(vocab: int, seed: int, prompt_ids: torch.Tensor | None = None, pad_id: int = 0) -> Probe:
     """Random ids with the vocabulary's edges among them at shuffled positions, and a left-padded batch."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     b, n = PROBE_SHAPE
     fixed = torch.tensor(edges(vocab))
@@ -163,6 +169,8 @@ class Run:
 
 
 def run_model(model: torch.nn.Module, probe: Probe, tokens: int) -> Run:
+    import torch
+
     with torch.no_grad():
         plain = model(probe.ids).logits.float().flatten(0, 1)
         padded = model(probe.padded, attention_mask=probe.mask).logits.float()[probe.mask.bool()]
@@ -190,30 +198,31 @@ def table_row_error(plan: Plan, table: tuple[Path, TensorInfo], rows: list[int])
     """Worst |stored - float64 recomputation| / row scale over `rows` (each column group scaled on its own),
     and the row where it is."""
     recipe = plan.recipe
-    weight = plan.weights(torch.float64)
     emb_path, emb_info = plan.inputs[recipe.embedding]
-    x = torch.cat([read_tensor(emb_path, emb_info, (r, r + 1)) for r in rows]).double()
-    with torch.no_grad():
-        exact = recipe.fold(weight, x)
-    stored = torch.cat([read_tensor(*table, (r, r + 1)) for r in rows]).double()
+    x = np.concatenate([read_array(emb_path, emb_info, (r, r + 1), np.float64) for r in rows])
+    exact = recipe.fold(plan.weights(np.float64), x)
+    stored = np.concatenate([read_array(*table, (r, r + 1), np.float64) for r in rows])
     worst, worst_row = 0.0, rows[0]
     for name, span in recipe.columns().items():
         if span is None:
             continue
-        if exact[name].dtype != torch.float64:
+        if exact[name].dtype != np.float64:
             raise PrecomputeError(f"the {recipe.spec.model_type} recipe's fold returns {exact[name].dtype} for "
                                   "float64 input, so its table cannot be checked in float64 (upcast with ops.upcast)")
         ref, got = exact[name], stored[:, span[0]:span[1]]
-        scale = ref.abs().amax(-1)
-        scale = scale.clamp_min(1e-6 * scale.median().item() + 1e-300)  # an all-zero row (a zeroed pad token)
-        err = torch.nan_to_num((got - ref).abs().amax(-1) / scale, nan=math.inf)
+        scale = np.abs(ref).max(-1)
+        scale = np.maximum(scale, 1e-6 * np.median(scale) + 1e-300)  # an all-zero row (a zeroed pad token)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf or NaN rows: reported as an infinite error
+            err = np.nan_to_num(np.abs(got - ref).max(-1) / scale, nan=math.inf)
         i = int(err.argmax())
-        if err[i].item() > worst:
-            worst, worst_row = err[i].item(), rows[i]
+        if err[i] > worst:
+            worst, worst_row = float(err[i]), rows[i]
     return worst, worst_row
 
 
 def sample_rows(vocab: int, seed: int, used: set[int]) -> list[int]:
+    import torch
+
     g = torch.Generator().manual_seed(seed + 1)
     picked = torch.randint(0, vocab, (TABLE_SAMPLE,), generator=g).tolist()
     return sorted({r for r in (*edges(vocab), *picked, *used) if 0 <= r < vocab})
@@ -326,6 +335,8 @@ def _compare(ref: Run, conv: Run, own: Run | None, criterion: str) -> tuple[dict
 
 def _near_tie(model: torch.nn.Module, probe: Probe, ref: list[int], conv: list[int]) -> int | None:
     """The step where the greedy generations part, if the float32 original itself nearly tied there."""
+    import torch
+
     step = next((i for i, (a, b) in enumerate(zip(ref, conv, strict=False)) if a != b), None)
     if step is None:
         return None
@@ -353,6 +364,7 @@ def _quiet_loading():
 
 
 def _load_original(src: Source, dtype: str) -> torch.nn.Module:
+    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(src.root, dtype=getattr(torch, dtype), trust_remote_code=False).eval()

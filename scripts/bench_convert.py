@@ -6,7 +6,8 @@ tensor names as transformers writes them) is written once, then measured in one 
     and peak RSS from the operating system (wait4's ru_maxrss of that child alone);
   - `cp -r SRC DST`, and `cp -r` followed by `sync` (the conversion fsyncs its output; cp does not);
   - the bare float32 GEMMs the fold needs (every 2-D layer-0 weight the table replaces, times the vocabulary),
-    in this process with torch on the same number of threads;
+    in this process, with numpy (OpenBLAS, what the converter uses) and with torch, on every core; the faster
+    of the two is the floor;
 and prints a markdown table: the ratio conversion / max(cp -r, GEMM) (target <= 1.15) and whether the peak
 RSS stays under the table's bytes + 1 GiB.
 
@@ -34,12 +35,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from precompute_cli.plan import load_recipe, make_plan
 from precompute_cli.recipes import REGISTRY
 from precompute_cli.source import INDEX_NAME, resolve
-from precompute_cli.st_io import DTYPES, ShardWriter, TensorRef
+from precompute_cli.st_io import NAME_TO_ST, TensorRef, encode_header
+from precompute_cli.writer import FileWriter
 
 GIB = 1 << 30
 TIME = shutil.which("time", path="/usr/bin:/bin")  # GNU time: peak RSS of the command alone
@@ -113,23 +116,26 @@ def write_checkpoint(model: Model, folder: Path) -> bool:
     config.dtype = model.dtype
     config.save_pretrained(folder)
     dtype = getattr(torch, model.dtype)
-    st_dtype = next(k for k, v in DTYPES.items() if v == dtype)
+    st_dtype = NAME_TO_ST[model.dtype]
     shapes = tensor_shapes(config)
     split = split_state_dict_into_shards_factory(
         shapes, get_storage_size=lambda s: math.prod(s) * dtype.itemsize,
         filename_pattern="model{suffix}.safetensors", max_shard_size=model.max_shard_size or 1 << 62)
     gen = torch.Generator().manual_seed(0)
     pool = (torch.randn(32 << 20, generator=gen) * 0.02).to(dtype)  # 32M values, reused at random offsets
+    pool_bytes = pool.view(torch.uint8).numpy() if dtype.itemsize == 1 else pool.view(torch.int16).numpy()
     for filename, names in split.filename_to_tensors.items():
-        writer = ShardWriter(folder / filename, [TensorRef(n, st_dtype, shapes[n]) for n in names])
+        writer = FileWriter(folder / filename)
         try:
+            writer.write(encode_header([TensorRef(n, st_dtype, shapes[n]) for n in names], {"format": "pt"}))
             for n in names:
                 numel, done = math.prod(shapes[n]), 0
                 while done < numel:
                     take = min(numel - done, pool.numel() // 2)
                     at = int(torch.randint(0, pool.numel() - take + 1, (1,), generator=gen))
-                    writer.write(n, pool[at:at + take], done * dtype.itemsize)
+                    writer.write(pool_bytes[at:at + take])
                     done += take
+            writer.finish()
         finally:
             writer.close()
     if len(split.filename_to_tensors) > 1:
@@ -213,21 +219,25 @@ def gemm_shapes(plan) -> list[tuple[int, int]]:
     return [(shape[1], shape[0]) for shape in plan.recipe.folded().values() if len(shape) == 2]
 
 
-def time_gemm(rows: int, shapes: list[tuple[int, int]], chunk: int = 4096) -> Run:
-    """The bare float32 GEMMs over all `rows` vocabulary rows, in chunks into preallocated outputs."""
+def time_gemm(rows: int, shapes: list[tuple[int, int]], library: str, chunk: int = 4096) -> Run:
+    """The bare float32 GEMMs over all `rows` vocabulary rows, in chunks into preallocated outputs, with numpy
+    (OpenBLAS) or torch, each on all cores."""
     seconds = cpu = 0.0
-    with torch.inference_mode():
-        for d_in, d_out in shapes:
-            w = torch.randn(d_out, d_in)
-            x = torch.randn(min(chunk, rows), d_in)
-            y = torch.empty(x.shape[0], d_out)
-            torch.mm(x, w.t(), out=y)  # warm-up (allocations, kernel choice)
-            cpu_started, started = _cpu_self(), time.perf_counter()
-            for start in range(0, rows, chunk):
-                n = min(chunk, rows - start)
-                torch.mm(x[:n], w.t(), out=y[:n])
-            seconds += time.perf_counter() - started
-            cpu += _cpu_self() - cpu_started
+    rng = np.random.default_rng(0)
+    for d_in, d_out in shapes:
+        w = rng.standard_normal((d_out, d_in), dtype=np.float32)
+        x = rng.standard_normal((min(chunk, rows), d_in), dtype=np.float32)
+        y = np.empty((x.shape[0], d_out), dtype=np.float32)
+        if library == "torch":
+            w, x, y = torch.from_numpy(w), torch.from_numpy(x), torch.from_numpy(y)
+        mm = (lambda a, b, out: torch.mm(a, b, out=out)) if library == "torch" else np.matmul
+        mm(x, w.T, out=y)  # warm-up (allocations, kernel choice)
+        cpu_started, started = _cpu_self(), time.perf_counter()
+        for start in range(0, rows, chunk):
+            n = min(chunk, rows - start)
+            mm(x[:n], w.T, out=y[:n])
+        seconds += time.perf_counter() - started
+        cpu += _cpu_self() - cpu_started
     return Run(seconds, cpu, 0)
 
 
@@ -249,8 +259,9 @@ def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict,
     shapes = gemm_shapes(plan)
     key = (plan.table.rows, tuple(shapes))
     if key not in gemm_cache:
-        gemm_cache[key] = fastest([time_gemm(plan.table.rows, shapes) for _ in range(repeat)])
-    gemm = gemm_cache[key]
+        gemm_cache[key] = {lib: fastest([time_gemm(plan.table.rows, shapes, lib) for _ in range(repeat)])
+                           for lib in ("numpy", "torch")}
+    gemm = fastest(list(gemm_cache[key].values()))
     convert = fastest([time_convert(src, work, cold) for _ in range(repeat)])
     linked = fastest([time_convert(src, work, cold, "--link") for _ in range(repeat)]) if with_link else None
     copy = fastest([time_copy(src, work, cold, then_sync=False) for _ in range(repeat)])
@@ -261,7 +272,9 @@ def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict,
         "model": model.name, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
         "shards": len(plan.source.shards), "table_bytes": table, "convert_s": convert.seconds,
         "convert_link_s": linked.seconds if linked else None, "cp_s": copy.seconds, "cp_sync_s": copy_sync.seconds,
-        "gemm_s": gemm.seconds, "gflop": 2 * plan.table.rows * sum(i * o for i, o in shapes) / 1e9,
+        "gemm_s": gemm.seconds, "gemm_numpy_s": gemm_cache[key]["numpy"].seconds,
+        "gemm_torch_s": gemm_cache[key]["torch"].seconds,
+        "gflop": 2 * plan.table.rows * sum(i * o for i, o in shapes) / 1e9,
         "ratio": convert.seconds / max(copy.seconds, gemm.seconds),
         "ratio_sum": convert.seconds / (copy.seconds + gemm.seconds),
         "cpu_convert": convert.cpu, "cpu_cp": copy.cpu, "cpu_gemm": gemm.cpu,
@@ -279,7 +292,7 @@ def machine() -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, torch {torch.__version__} on "
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, numpy {np.__version__}, torch {torch.__version__} on "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}, {platform.system()} "
             f"{platform.release()}")
 
@@ -287,14 +300,16 @@ def machine() -> str:
 def markdown(rows: list[dict], cold: bool) -> str:
     link = any(r["convert_link_s"] is not None for r in rows)
     head = ("| model | source GB | shards | table MB | convert s |" + (" convert --link s |" if link else "") +
-            " cp -r s | cp -r + sync s | GEMM s (GFLOP) | **convert / max(cp, GEMM)** | convert / (cp + GEMM) "
-            "| CPU s: convert / cp / GEMM | CPU floor s | peak RSS MB | table + 1 GiB MB | RSS under bound |")
+            " cp -r s | cp -r + sync s | GEMM s: numpy / torch (GFLOP) | **convert / max(cp, GEMM)** "
+            "| convert / (cp + GEMM) | CPU s: convert / cp / GEMM | CPU floor s | peak RSS MB | table + 1 GiB MB "
+            "| RSS under bound |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} | {r['shards']} | {r['table_bytes'] / 1e6:,.0f} "
             f"| {r['convert_s']:.1f} |" + (f" {r['convert_link_s']:.1f} |" if link else "") +
-            f" {r['cp_s']:.1f} | {r['cp_sync_s']:.1f} | {r['gemm_s']:.1f} ({r['gflop']:,.0f}) "
+            f" {r['cp_s']:.1f} | {r['cp_sync_s']:.1f} | {r['gemm_numpy_s']:.1f} / {r['gemm_torch_s']:.1f} "
+            f"({r['gflop']:,.0f}) "
             f"| **{r['ratio']:.2f}** | {r['ratio_sum']:.2f} "
             f"| {r['cpu_convert']:.1f} / {r['cpu_cp']:.1f} / {r['cpu_gemm']:.1f} | {r['cpu_floor_s']:.1f} "
             f"| {r['peak_rss'] / 1e6:,.0f} | {r['rss_bound'] / 1e6:,.0f} | {'yes' if r['rss_ok'] else '**no**'} |")

@@ -23,6 +23,7 @@ from tiny import run_cli as run
 
 import precompute_cli
 import precompute_cli.execute as execute_module
+from precompute_cli import writer
 from precompute_cli.check import MANIFEST
 from precompute_cli.recipes import REGISTRY
 
@@ -171,25 +172,23 @@ def test_ctrl_c_midway_leaves_nothing(capsys, tmp_path, src, fold_fails):
 
 def test_full_disk_midway_is_one_sentence_and_leaves_nothing(capsys, tmp_path, src, monkeypatch):
     """ENOSPC is exit 1: the input is fine, the machine is not (README: exit codes). The disk fills halfway through
-    the output; copy_file_range is made unavailable so every byte goes through the patched pwrite."""
-    budget = [(src / "model.safetensors").stat().st_size // 2]
-    real_pwrite = os.pwrite
+    the output (every output byte goes through os.write, in blocks of writer.BUFFER bytes)."""
+    assert (src / "model.safetensors").stat().st_size > writer.ALIGN
+    budget = [writer.ALIGN]  # one block fits, the next does not
+    real_write = os.write
 
-    def pwrite(fd, data, offset):
+    def write(fd, data):
         if len(data) > budget[0]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         budget[0] -= len(data)
-        return real_pwrite(fd, data, offset)
+        return real_write(fd, data)
 
-    def no_copy_file_range(*args):
-        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(writer, "BUFFER", writer.ALIGN)
     monkeypatch.setattr(execute_module, "CHUNK_BYTES", 1)
     before = tree(tmp_path)
     code, _, err = run(capsys, "convert", src, tmp_path / "out")
-    assert budget[0] < (src / "model.safetensors").stat().st_size // 2  # some bytes were written before it filled
+    assert budget[0] < writer.ALIGN  # some bytes were written before it filled
     assert code == 1
     line = one_line(err, "error")
     assert line == f"error: {tmp_path / 'out'}: no space left on the device while writing the output; " \

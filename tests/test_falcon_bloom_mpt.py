@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -12,6 +13,7 @@ from tiny import assert_equivalent, build, convert
 from tiny import tensors as _tensors
 
 from precompute_cli.recipes import ops, recipe_for
+from precompute_cli.runtime import join_qkv
 from precompute_cli.spec import Config
 
 FALCON = dict(model_type="falcon", bias=True)  # biases on, so the fold is seen to use them
@@ -136,10 +138,11 @@ def test_mpt_clip_qkv_is_applied_in_the_table(tmp_path):
 
 @pytest.mark.parametrize("groups,q_dim,kv_dim", [(1, 64, 16), (4, 64, 16), (4, 64, 64), (1, 64, 64)])
 def test_split_and_join_qkv_are_inverse(groups, q_dim, kv_dim):
-    fused = torch.randn(3, q_dim + 2 * kv_dim)
+    """The fold splits with ops.split_qkv (numpy), the runtime joins with join_qkv (torch), given the same groups."""
+    fused = np.random.default_rng(groups).standard_normal((3, q_dim + 2 * kv_dim))
     q, k, v = ops.split_qkv(fused, groups, q_dim, kv_dim)
     assert (q.shape[-1], k.shape[-1], v.shape[-1]) == (q_dim, kv_dim, kv_dim)
-    assert torch.equal(ops.join_qkv(q, k, v, groups), fused)
+    assert torch.equal(join_qkv(*(torch.from_numpy(t) for t in (q, k, v)), groups), torch.from_numpy(fused))
 
 
 def _recipe(data):

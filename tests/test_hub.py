@@ -299,3 +299,32 @@ def test_partial_snapshot_offline_is_exit_2(tmp_path, tiny, cache, capsys):
     assert code == 2
     assert "holds only part of this snapshot, and offline mode forbids downloading the rest" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_shards_copied_whole_from_the_cache_keep_the_sha256_the_hub_published(tmp_path, cache, capsys):
+    """Whole shards are not re-hashed: the manifest takes the blob's name (the LFS sha256). A blob whose bytes
+    no longer match its name is then caught by `inspect --check`, as a re-hash would not have caught it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build(tmp_path / "single", "llama"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="150KB")
+    files = files_of(tmp_path / "sharded")
+    add_commit(cache, "org/sharded", COMMIT_A, files)
+    code, err = run(capsys, "convert", "org/sharded", str(tmp_path / "out"))
+    assert code == 0, err
+    manifest = dict(line.split()[::-1] for line in (tmp_path / "out" / "SHA256SUMS").read_text().splitlines())
+    whole = [n for n in files if n.endswith(".safetensors") and (tmp_path / "out" / n).read_bytes() == files[n]]
+    assert whole, "the tiny model should have a shard without layer 0 or the embedding"
+    for name in whole:
+        assert manifest[name] == hashlib.sha256(files[name]).hexdigest()
+
+    # The same checkpoint with one unchanged shard's blob damaged after download (its name is the Hub's sha256).
+    repo = cache / "models--org--sharded"
+    blob = (repo / "snapshots" / COMMIT_A / whole[0]).resolve()
+    damaged = bytearray(blob.read_bytes())
+    damaged[-1] ^= 0xFF  # a flipped bit in the data section: headers and sizes still agree
+    blob.write_bytes(bytes(damaged))
+    code, err = run(capsys, "convert", "org/sharded", str(tmp_path / "out2"))
+    assert code == 0, err
+    code, err = run(capsys, "inspect", "--check", str(tmp_path / "out2"))
+    assert code == 2 and f"{whole[0]} (changed)" in err

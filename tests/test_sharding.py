@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-import time
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from safetensors import safe_open
 from tiny import assert_equivalent, build, convert
 from transformers import AutoModelForCausalLM
 
-from precompute_cli import transfer
 from precompute_cli.plan import parse_size
 from precompute_cli.st_io import read_header
 
@@ -170,40 +167,3 @@ def test_bad_max_shard_size_is_refused(sources, tmp_path):
                                         ("1.5kb", 1500), ("123", 123), (" 7 MiB ", 7 << 20)])
 def test_parse_size(text, size):
     assert parse_size(text) == size
-
-
-def test_hash_reads_the_table_only_behind_the_writer(tmp_path, monkeypatch):
-    """The copy thread's sha256 of a file whose middle is written chunk by chunk by another thread."""
-    monkeypatch.setattr(transfer, "BLOCK", 64)
-    path = tmp_path / "f.bin"
-    data = bytearray(os.urandom(5000))
-    table = (1000, 4000)
-    data[table[0]:table[1]] = bytes(table[1] - table[0])  # zeros on disk until "computed"
-    path.write_bytes(data)
-    final = os.urandom(table[1] - table[0])
-    progress = transfer.TableProgress()
-
-    def writer():
-        fd = os.open(path, os.O_WRONLY)
-        for off in range(0, len(final), 300):
-            time.sleep(0.002)
-            os.pwrite(fd, final[off:off + 300], table[0] + off)
-            progress.advance(min(off + 300, len(final)))
-        os.close(fd)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    digest = transfer.hash_file(path, table, progress)
-    thread.join()
-    data[table[0]:table[1]] = final
-    assert digest == hashlib.sha256(bytes(data)).hexdigest()
-
-
-def test_hash_stops_when_the_writer_gives_up(tmp_path):
-    path = tmp_path / "f.bin"
-    path.write_bytes(bytes(1000))
-    progress = transfer.TableProgress()
-    progress.advance(100)
-    threading.Timer(0.05, progress.stop).start()
-    with pytest.raises(transfer.Stopped):
-        transfer.hash_file(path, (0, 1000), progress)

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
+import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
 from precompute_cli.spec import Config, ModelSpec
 
 Shape = tuple[int, ...]
-Weights = Callable[[str], torch.Tensor]  # tensor name -> its values in float32
+Weights = Callable[[str], np.ndarray]  # tensor name -> its values in float32 (float64 for verify)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class RuntimePatch:
     zeros: tuple[str, ...] = ()  # under `layer`: branches whose output is inside the residual columns
     # model-level modules applied to the embedding; they pass through when the table holds x
     embedding_transforms: tuple[str, ...] = ()
-    fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (q, k, v) -> fused output
+    # A fused "qkv" projection: the groups its output is laid out in (ops.split_qkv); the runtime joins q, k, v so.
+    fused_groups: int | None = None
     # What the model's embedding module multiplies the looked-up row by (Gemma's sqrt(d)). The residual columns hold
     # the raw row and the runtime repeats the product in the dtype it runs in, as the module does.
     embedding_scale: float = 1.0
@@ -81,7 +82,7 @@ class Recipe:
                 out[f"{self.prefix}{self.qkv_module.format(n)}.bias"] = (width,)
         return out
 
-    def project_qkv(self, w: Weights, h: torch.Tensor, bias: bool) -> dict[str, torch.Tensor]:
+    def project_qkv(self, w: Weights, h: np.ndarray, bias: bool) -> dict[str, np.ndarray]:
         names = {n: self.prefix + self.qkv_module.format(n) for n in "qkv"}
         return {n: ops.linear(h, w(name + ".weight"), w(name + ".bias") if bias else None) for n, name in names.items()}
 
@@ -114,11 +115,11 @@ class Recipe:
         """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""
         raise NotImplementedError
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Table columns for a chunk of embedding rows `x` (stored dtype): residual, q, k, v in float32.
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Table columns for a chunk of embedding rows `x` (float32 values): residual, q, k, v in float32.
 
         Given float64 `x` and weights, the columns must come out in float64 (verify recomputes rows so):
-        upcast with ops.upcast, never .float()."""
+        upcast with ops.upcast, never .astype(np.float32)."""
         raise NotImplementedError
 
     def runtime_patch(self) -> RuntimePatch:

@@ -10,9 +10,7 @@ does not (tied embeddings), input_layernorm stays in the model so that the resid
 
 from __future__ import annotations
 
-from functools import partial
-
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -78,7 +76,7 @@ class Bloom(Recipe):
                 del names[f"{self.prefix}input_layernorm.{k}"]
         return names
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         x = ops.layer_norm(ops.upcast(x), w(f"{self.emb_norm}.weight"), w(f"{self.emb_norm}.bias"), self.eps)
         h = ops.layer_norm(x, w(p + "input_layernorm.weight"), w(p + "input_layernorm.bias"), self.eps)
@@ -93,5 +91,5 @@ class Bloom(Recipe):
             projections={"qkv": "self_attention.query_key_value"},
             identities=() if self.keeps_input_norm else ("input_layernorm",),
             embedding_transforms=(self.emb_norm,),
-            fuse=partial(ops.join_qkv, groups=self.spec.num_heads),
+            fused_groups=self.spec.num_heads,
         )

@@ -8,14 +8,14 @@ Tied by default; the LM head's logit_scale comes after the last layer and is lef
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
 from precompute_cli.spec import ModelSpec
 
 
-def cohere_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def cohere_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """CohereLayerNorm: (x - mean) / sqrt(var + eps) * weight; `weight` may be per head ([heads, hd])."""
     return ops.layer_norm(x, None, None, eps) * weight
 
@@ -53,7 +53,7 @@ class Cohere(Recipe):
                     p + "mlp.down_proj.weight": (d, inner)})
         return out
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         x = ops.upcast(x)
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
@@ -61,8 +61,8 @@ class Cohere(Recipe):
         out = self.project_qkv(w, h, self.has_bias)
         if self.qk_norm:
             for n in "qk":
-                heads = out[n].unflatten(-1, (-1, s.head_dim))
-                out[n] = cohere_norm(heads, w(f"{p}self_attn.{n}_norm.weight"), eps).flatten(-2)
+                weight = w(f"{p}self_attn.{n}_norm.weight")
+                out[n] = cohere_norm(ops.heads(out[n], s.head_dim), weight, eps).reshape(out[n].shape)
         out["residual"] = x + ops.glu(h, w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"),
                                       w(p + "mlp.down_proj.weight"), self.act)
         return out

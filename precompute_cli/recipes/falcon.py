@@ -13,9 +13,7 @@ folds into the residual columns. Linear biases follow `bias`; the LayerNorms alw
 
 from __future__ import annotations
 
-from functools import partial
-
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -125,14 +123,14 @@ class Falcon(Recipe):
                 out[p + "mlp.dense_4h_to_h.bias"] = (d,)
         return out
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         x = ops.upcast(x)
 
-        def norm(name: str) -> torch.Tensor:
+        def norm(name: str) -> np.ndarray:
             return ops.layer_norm(x, w(f"{p}{name}.weight"), w(f"{p}{name}.bias"), self.eps)
 
-        def bias(name: str) -> torch.Tensor | None:
+        def bias(name: str) -> np.ndarray | None:
             return w(p + name) if self.has_bias else None
 
         h = norm(self.attn_norm)
@@ -154,5 +152,5 @@ class Falcon(Recipe):
             projections={"qkv": "self_attention.query_key_value"},
             identities=norms,
             zeros=("mlp",) if self.parallel else (),
-            fuse=partial(ops.join_qkv, groups=self.groups),
+            fused_groups=self.groups,
         )

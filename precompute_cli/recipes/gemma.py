@@ -12,11 +12,12 @@ act after RoPE or on the attention output, so none of them touches the table. he
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
 from precompute_cli.spec import ModelSpec
+from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
 _QK_NORM = {"gemma3_text"}
 _KV_DEFAULT = {"gemma": 16, "gemma2": 4, "gemma3_text": 4}  # the config classes' defaults when the key is absent
@@ -43,16 +44,21 @@ class Gemma(Recipe):
             out[p + "self_attn.k_norm.weight"] = (s.head_dim,)
         return out
 
-    def scale_embedding(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * sqrt(d) exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
         transformers loads by default): the scale rounded to that dtype, the product rounded to it too (bf16:
-        sqrt(3072) is 55.5). The result comes back upcast, so float64 rows (verify) give float64 columns."""
-        dtype = getattr(torch, self.spec.dtype, None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            dtype = x.dtype
-        return (x.to(dtype) * torch.tensor(self.spec.hidden_size ** 0.5).to(dtype)).to(ops.upcast(x).dtype)
+        sqrt(3072) is 55.5). The result comes back upcast, so float64 rows (verify) give float64 columns.
+        Row and scale are rounded to the model's dtype as loading does; their product is exact in float32 for
+        bf16/f16 operands, so rounding it once more gives what torch's multiply in that dtype gives."""
+        out, stored = ops.upcast(x).dtype, NAME_TO_ST.get(self.spec.dtype)
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        def rounded(a: np.ndarray) -> np.ndarray:
+            return a.astype(out) if stored is None else to_float(from_float(a, stored), stored, out)
+
+        scale = np.float32(self.spec.hidden_size ** 0.5)  # the module's buffer: torch.tensor(sqrt d), float32
+        return rounded(rounded(x) * rounded(scale))
+
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         eps = float(self.cfg.get("rms_norm_eps", default=1e-6))
         h = ops.rms_norm(self.scale_embedding(x), w(p + "input_layernorm.weight"), eps, offset=1.0)

@@ -9,9 +9,7 @@ On disk the LM head is `embed_out.weight` (transformers renames it to lm_head in
 
 from __future__ import annotations
 
-from functools import partial
-
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -70,7 +68,7 @@ class GPTNeoX(Recipe):
             })
         return out
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         x = ops.upcast(x)
         h = ops.layer_norm(x, w(p + "input_layernorm.weight"), w(p + "input_layernorm.bias"), self.eps)
@@ -93,5 +91,5 @@ class GPTNeoX(Recipe):
             projections={"qkv": "attention.query_key_value"},
             identities=("input_layernorm", "post_attention_layernorm") if parallel else ("input_layernorm",),
             zeros=("mlp",) if parallel else (),
-            fuse=partial(ops.join_qkv, groups=self.spec.num_heads),
+            fused_groups=self.spec.num_heads,
         )

@@ -7,7 +7,7 @@ bias and is untied by default. Sizes use the GPT-2 spellings (n_embd, n_head, n_
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -55,7 +55,7 @@ class GPTJ(Recipe):
             p + "mlp.fc_out.weight": (d, inner), p + "mlp.fc_out.bias": (d,),
         }
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p = self.prefix
         x = ops.upcast(x)
         eps = float(self.cfg.get("layer_norm_epsilon", "layer_norm_eps", default=1e-5))

@@ -7,7 +7,7 @@ attention output. Per-type differences are the tables below, read from transform
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -56,7 +56,7 @@ class Llama(Recipe):
             out[p + "self_attn.k_norm.weight"] = (s.head_dim,)
         return out
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         # The residual columns replace the embedding module's output; granite multiplies after that module
         # (in GraniteModel.forward, which still runs), so its residual stays unscaled while q/k/v see the product.

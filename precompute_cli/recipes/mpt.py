@@ -9,9 +9,7 @@ change layer 0 in the original model (no ALiBi, a q/k LayerNorm, biases, multi-q
 
 from __future__ import annotations
 
-from functools import partial
-
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -68,17 +66,17 @@ class Mpt(Recipe):
         d, p = self.spec.hidden_size, self.prefix
         return {p + "norm_1.weight": (d,), p + "attn.Wqkv.weight": (3 * d, d)}
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         eps = float(self.cfg.get("layer_norm_epsilon", default=1e-5))
         x = ops.upcast(x)
         h = ops.layer_norm(x, w(p + "norm_1.weight"), None, eps)
         fused = ops.linear(h, w(p + "attn.Wqkv.weight"))
         if self.clip is not None:
-            fused = fused.clamp(-self.clip, self.clip)
+            fused = np.clip(fused, -self.clip, self.clip)
         q, k, v = ops.split_qkv(fused, 1, s.q_dim, s.kv_dim)
         return {"residual": x, "q": q, "k": k, "v": v}
 
     def runtime_patch(self) -> RuntimePatch:
         return RuntimePatch(layer="transformer.blocks.0", projections={"qkv": "attn.Wqkv"},
-                            identities=("norm_1",), fuse=partial(ops.join_qkv, groups=1))
+                            identities=("norm_1",), fused_groups=1)

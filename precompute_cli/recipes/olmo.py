@@ -9,7 +9,7 @@ olmo2: no norm before attention at all: q = RMSNorm(Wq x; q_norm), k = RMSNorm(W
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -46,11 +46,11 @@ class Olmo(_OlmoBase):
     def folded(self) -> dict[str, Shape]:
         return self.qkv_tensors(self.has_bias)
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         x = ops.upcast(x)
         out = self.project_qkv(w, ops.layer_norm(x, None, None, _LN_EPS), self.has_bias)
         if self.clip is not None:
-            out = {n: t.clamp(-self.clip, self.clip) for n, t in out.items()}
+            out = {n: np.clip(t, -self.clip, self.clip) for n, t in out.items()}
         return {"residual": x, **out}
 
     def runtime_patch(self) -> RuntimePatch:
@@ -70,7 +70,7 @@ class Olmo2(_OlmoBase):
         return {**self.qkv_tensors(self.has_bias), p + "self_attn.q_norm.weight": (s.q_dim,),
                 p + "self_attn.k_norm.weight": (s.kv_dim,)}
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p = self.prefix
         eps = float(self.cfg.get("rms_norm_eps", default=1e-5))
         x = ops.upcast(x)

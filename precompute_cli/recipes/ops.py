@@ -1,6 +1,8 @@
-"""The float32 building blocks recipes fold with: norms, activations, FFNs, MoE routing.
+"""The building blocks recipes fold with, in numpy: norms, activations, FFNs, MoE routing.
 
-Each follows the transformers module it stands for; the equivalence tests compare against those modules.
+numpy, not torch: converting must not pay torch's import (1.6 s here), and numpy's matmul (OpenBLAS, all cores)
+runs the float32 GEMM at least as fast. Each block follows the transformers module it stands for (the equivalence
+tests compare against those modules), and keeps its input's precision: float32 for the table, float64 for verify.
 """
 
 from __future__ import annotations
@@ -8,54 +10,102 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from precompute_cli.errors import InputError
 
+Array = np.ndarray
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
+
+def upcast(x: Array) -> Array:
     """x in float32 to fold with, but float64 stays float64 (verify recomputes table rows in float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.astype(np.promote_types(x.dtype, np.float32), copy=False)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0) -> torch.Tensor:
+def mean_square(x: Array) -> Array:
+    """Mean of x^2 over the last axis (keepdims), as a batched dot product: one pass over x and no temporary,
+    as accurate as np.square(x).mean() and several times faster. The norms are memory-bound passes beside the
+    GEMM (numpy runs them on one core), so each pass saved shows in the conversion time."""
+    return np.matmul(x[..., None, :], x[..., :, None])[..., 0] / x.shape[-1]
+
+
+def rms_norm(x: Array, weight: Array | None, eps: float, offset: float = 0.0) -> Array:
     """RMSNorm; `offset=1` gives Gemma's (1 + w) convention."""
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * (weight + offset)
+    y = x * (1.0 / np.sqrt(mean_square(x) + eps))
+    if weight is not None:
+        y *= weight + offset
+    return y
 
 
-def per_head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, head_dim: int,
-                      offset: float = 0.0) -> torch.Tensor:
+def per_head_rms_norm(x: Array, weight: Array, eps: float, head_dim: int, offset: float = 0.0) -> Array:
     """RMSNorm of each head of a projection's output with one shared [head_dim] weight (Qwen3, Gemma 3 q/k norms)."""
-    return rms_norm(x.unflatten(-1, (-1, head_dim)), weight, eps, offset).flatten(-2)
+    return rms_norm(heads(x, head_dim), weight, eps, offset).reshape(x.shape)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def heads(x: Array, head_dim: int) -> Array:
+    """(..., H * hd) -> (..., H, hd), a view when x is contiguous."""
+    return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+def layer_norm(x: Array, weight: Array | None, bias: Array | None, eps: float) -> Array:
+    y = x - x.mean(axis=-1, keepdims=True)
+    y *= 1.0 / np.sqrt(mean_square(y) + eps)
+    if weight is not None:
+        y *= weight
+    if bias is not None:
+        y += bias
+    return y
 
 
-def _gelu_new(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
+    """x W^T (+ b) as ONE matmul over all rows: OpenBLAS's GEMM reads W^T as a transposed view, no copy."""
+    y = np.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        y += bias
+    return y
 
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "gelu_new": _gelu_new,
-    "gelu_fast": _gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_python": F.gelu,
+def sigmoid(x: Array) -> Array:
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x << 0 gives 1 / inf = 0, the right limit
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def silu(x: Array) -> Array:
+    return x * sigmoid(x)
+
+
+def relu(x: Array) -> Array:
+    return np.maximum(x, 0)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """gelu_new, gelu_fast, gelu_pytorch_tanh: the same tanh approximation, spelled three ways in transformers."""
+    with np.errstate(over="ignore"):  # x^3 = +-inf for huge |x|: tanh gives +-1, the right limit
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU. numpy has no erf, so torch computes it, imported here: only models whose activation is
+    exact GELU (GPT-NeoX, Falcon, Phi variants) pay for that import. from_numpy shares memory, no copy."""
+    import torch
+    import torch.nn.functional as F
+
+    return F.gelu(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": gelu,
+    "relu": relu,
+    "gelu_new": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_python": gelu,
 }
 
 
-def activation(name: str):
+def activation(name: str) -> Callable[[Array], Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -63,61 +113,62 @@ def activation(name: str):
                          f"({', '.join(ACTIVATIONS)})") from None
 
 
-def glu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str) -> torch.Tensor:
+def glu(x: Array, gate: Array, up: Array, down: Array, act: str) -> Array:
     """down(act(gate x) * up x), the Llama-style gated FFN."""
-    return linear(activation(act)(linear(x, gate)) * linear(x, up), down)
+    y = activation(act)(linear(x, gate))
+    y *= linear(x, up)
+    return linear(y, down)
 
 
-def mlp(x: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor | None, down: torch.Tensor,
-        down_bias: torch.Tensor | None, act: str) -> torch.Tensor:
+def mlp(x: Array, up: Array, up_bias: Array | None, down: Array, down_bias: Array | None, act: str) -> Array:
     """down(act(up x + b_up)) + b_down, the plain two-matrix FFN (GPT-NeoX, GPT-J, Phi)."""
     return linear(activation(act)(linear(x, up, up_bias)), down, down_bias)
 
 
-def top_k_route(router_logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_route(router_logits: Array, k: int, renormalize: bool) -> tuple[Array, Array]:
     """softmax over all experts, keep the top k, optionally renormalise (Mixtral always, Qwen MoE if asked)."""
-    probs = torch.softmax(router_logits, dim=-1)
-    weights, experts = torch.topk(probs, k, dim=-1)
+    probs = np.exp(router_logits - router_logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[..., :k]  # sorted, as torch.topk; ties: lower index
+    weights = np.take_along_axis(probs, experts, axis=-1)
     if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights /= weights.sum(axis=-1, keepdims=True)
     return weights, experts
 
 
-Expert = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # e -> (gate, up, down) weights
+Expert = Callable[[int], tuple[Array, Array, Array]]  # e -> (gate, up, down) weights
 
 
-def moe(x: torch.Tensor, router: torch.Tensor, expert: Expert, num_experts: int, k: int, renormalize: bool,
-        act: str, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+def moe(x: Array, router: Array, expert: Expert, num_experts: int, k: int, renormalize: bool, act: str,
+        shared: tuple[Array, Array, Array] | None = None, shared_gate: Array | None = None) -> Array:
     """A routed GLU FFN over rows `x` (..., d): top-k of softmax(router x), each chosen expert's GLU weighted by
     its probability, plus an optional shared expert scaled by sigmoid(shared_gate x) (Qwen MoE).
 
     Parallel MoE blocks fold this whole output into the residual columns. Each expert runs only on the rows
-    routed to it, as in transformers' experts modules, so the cost is k/E of a dense evaluation."""
+    routed to it, as in transformers' experts modules, so the cost is k/E of a dense evaluation. A row picks an
+    expert at most once, so `out[rows] +=` never adds twice to one row."""
     flat = x.reshape(-1, x.shape[-1])
     weights, chosen = top_k_route(linear(flat, router), k, renormalize)
-    out = torch.zeros_like(flat)
+    out = np.zeros_like(flat)
     for e in range(num_experts):
-        rows, slot = torch.where(chosen == e)
-        if rows.numel():
+        rows, slot = np.nonzero(chosen == e)
+        if rows.size:
             gate, up, down = expert(e)
-            out.index_add_(0, rows, glu(flat[rows], gate, up, down, act) * weights[rows, slot, None])
+            out[rows] += glu(flat[rows], gate, up, down, act) * weights[rows, slot, None]
     if shared is not None:
         y = glu(flat, *shared, act)
-        out = out + (y if shared_gate is None else torch.sigmoid(linear(flat, shared_gate)) * y)
+        out += y if shared_gate is None else sigmoid(linear(flat, shared_gate)) * y
     return out.reshape(x.shape)
 
 
-def split_qkv(fused: torch.Tensor, groups: int, q_dim: int, kv_dim: int) -> tuple[torch.Tensor, ...]:
+def split_qkv(fused: Array, groups: int, q_dim: int, kv_dim: int) -> tuple[Array, Array, Array]:
     """Split a fused QKV output laid out as `groups` blocks of [q part, k part, v part].
 
     groups=1 is blocked [q; k; v] (MPT, Phi-3, Falcon multi-query), groups=H is per-head interleaved
-    [q_h, k_h, v_h] (BLOOM, GPT-NeoX, Falcon MHA), groups=KV is Falcon's new-architecture [q x r, k, v]."""
-    per_group = fused.unflatten(-1, (groups, -1))
-    parts = per_group.split([q_dim // groups, kv_dim // groups, kv_dim // groups], dim=-1)
-    return tuple(part.flatten(-2) for part in parts)
-
-
-def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of split_qkv: q, k, v laid out as the fused projection's output."""
-    return torch.cat([t.unflatten(-1, (groups, -1)) for t in (q, k, v)], dim=-1).flatten(-2)
+    [q_h, k_h, v_h] (BLOOM, GPT-NeoX, Falcon MHA), groups=KV is Falcon's new-architecture [q x r, k, v].
+    The runtime joins the table's columns back with the inverse (runtime.TableFusedQKV), given the same groups."""
+    lead = fused.shape[:-1]
+    per_group = fused.reshape(*lead, groups, -1)
+    q, kv = q_dim // groups, kv_dim // groups
+    parts = per_group[..., :q], per_group[..., q:q + kv], per_group[..., q + kv:]
+    return tuple(part.reshape(*lead, -1) for part in parts)

@@ -8,7 +8,7 @@ The LM head has a bias; tying is off by default.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -49,7 +49,7 @@ class Phi(Recipe):
         })
         return out
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         x = ops.upcast(x)
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
@@ -57,9 +57,9 @@ class Phi(Recipe):
         out = self.project_qkv(w, h, bias=True)
         if self.qk_layernorm:
             for n in "qk":
-                heads = out[n].unflatten(-1, (-1, s.head_dim))
                 norm = f"{p}self_attn.{n}_layernorm."
-                out[n] = ops.layer_norm(heads, w(norm + "weight"), w(norm + "bias"), eps).flatten(-2)
+                heads = ops.layer_norm(ops.heads(out[n], s.head_dim), w(norm + "weight"), w(norm + "bias"), eps)
+                out[n] = heads.reshape(out[n].shape)
         out["residual"] = x + ops.mlp(h, w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias"),
                                       w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"), self.act)
         return out

@@ -7,9 +7,7 @@ The runtime's stand-in for qkv_proj re-fuses the table's q, k, v columns in the 
 
 from __future__ import annotations
 
-from functools import partial
-
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -28,7 +26,7 @@ class Phi3(Recipe):
         return {p + "input_layernorm.weight": (s.hidden_size,),
                 p + "self_attn.qkv_proj.weight": (s.q_dim + 2 * s.kv_dim, s.hidden_size)}
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         eps = float(self.cfg.get("rms_norm_eps", default=1e-5))
         x = ops.upcast(x)
@@ -38,4 +36,4 @@ class Phi3(Recipe):
 
     def runtime_patch(self) -> RuntimePatch:
         return RuntimePatch(layer="model.layers.0", projections={"qkv": "self_attn.qkv_proj"},
-                            identities=("input_layernorm",), fuse=partial(ops.join_qkv, groups=1))
+                            identities=("input_layernorm",), fused_groups=1)

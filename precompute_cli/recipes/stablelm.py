@@ -9,7 +9,7 @@ partial rotary factor only decides which dims RoPE turns, after the fold.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
@@ -55,7 +55,7 @@ class StableLm(Recipe):
             out.update({f"{p}mlp.{n}_proj.weight": (d, i) if n == "down" else (i, d) for n in _MLP})
         return out
 
-    def fold(self, w: Weights, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         p, s = self.prefix, self.spec
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
         x = ops.upcast(x)
@@ -63,9 +63,9 @@ class StableLm(Recipe):
         out = self.project_qkv(w, h, self.has_bias)
         if self.qk_norm:
             for name, heads in (("q", s.num_heads), ("k", s.num_kv_heads)):
-                weight = torch.stack([w(f"{p}self_attn.{name}_layernorm.norms.{i}.weight") for i in range(heads)])
-                per_head = ops.layer_norm(out[name].unflatten(-1, (heads, s.head_dim)), None, None, eps)
-                out[name] = (per_head * weight).flatten(-2)
+                weight = np.stack([w(f"{p}self_attn.{name}_layernorm.norms.{i}.weight") for i in range(heads)])
+                per_head = ops.layer_norm(ops.heads(out[name], s.head_dim), None, None, eps)
+                out[name] = (per_head * weight).reshape(out[name].shape)
         if self.parallel:
             act = str(self.cfg.get("hidden_act", default="silu"))
             x = x + ops.glu(h, *(w(f"{p}mlp.{n}_proj.weight") for n in _MLP), act)
