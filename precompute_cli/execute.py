@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 import precompute_cli
+from precompute_cli import blas
 from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.hub import published_sha256
 from precompute_cli.plan import Plan
 from precompute_cli.source import INDEX_NAME
-from precompute_cli.st_io import DTYPES, TensorRef, encode_header, from_float, read_array, read_header
+from precompute_cli.st_io import DTYPES, TensorRef, encode_header, from_float, read_header, read_tensor, to_float
 from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
 
 # float32 working set per chunk of vocabulary rows and per GEMM worker: enough rows that a single-threaded GEMM
@@ -305,22 +306,32 @@ class _Fold:
         self.spans = [(name, span) for name, span in plan.table.columns.items() if span]
 
     def run(self, stream: TableStream, progress: Progress | None = None) -> None:
-        table = self.plan.table
         try:
-            while (index := stream.claim()) is not None:
-                start = index * self.chunk
-                stop = min(start + self.chunk, table.rows)
-                columns = self.plan.recipe.fold(self.weights, read_array(*self.embedding, (start, stop)))
-                rows = np.empty((stop - start, table.width), dtype=DTYPES[table.dtype])
-                for name, (first, last) in self.spans:
-                    rows[:, first:last] = from_float(columns[name], table.dtype)
-                del columns
-                stream.put(index, rows)
-                if progress:
-                    progress(stream.rows_done, table.rows)
+            with blas.single_threaded():
+                self._run(stream, progress)
         except BaseException:
             stream.stop()
             raise
+
+    def _run(self, stream: TableStream, progress: Progress | None) -> None:
+        table = self.plan.table
+        while (index := stream.claim()) is not None:
+            start = index * self.chunk
+            stop = min(start + self.chunk, table.rows)
+            path, info = self.embedding
+            stored = read_tensor(path, info, (start, stop))
+            x = to_float(stored, info.dtype)
+            columns = self.plan.recipe.fold(self.weights, x)
+            rows = np.empty((stop - start, table.width), dtype=DTYPES[table.dtype])
+            for name, (first, last) in self.spans:
+                if columns[name] is x and info.dtype == table.dtype:
+                    rows[:, first:last] = stored  # the input rows themselves (a residual): already in that dtype
+                else:
+                    from_float(columns[name], table.dtype, out=rows[:, first:last])
+            del columns, x
+            stream.put(index, rows)
+            if progress:
+                progress(stream.rows_done, table.rows)
 
 
 def _prefetch(path: Path, start: int, nbytes: int) -> None:

@@ -154,18 +154,32 @@ def to_float(raw: np.ndarray, st_dtype: str, dtype: type = np.float32) -> np.nda
     return raw.astype(dtype, copy=False)
 
 
-def from_float(x: np.ndarray, st_dtype: str) -> np.ndarray:
-    """Float values rounded to a stored float dtype (round to nearest even, as torch casts), as stored bytes."""
+def from_float(x: np.ndarray, st_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Float values rounded to a stored float dtype (round to nearest even, as torch casts), as stored bytes;
+    written into `out` (any view of the right shape) when given."""
+    if out is None:
+        out = np.empty(np.shape(x), dtype=DTYPES[st_dtype])
     if st_dtype != "BF16":
-        return x.astype(DTYPES[st_dtype], copy=False)
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits >> 16) & 1
-    rounded += 0x7FFF
-    rounded += bits  # wraps only for NaN payloads, fixed below
-    out = (rounded >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # stays a quiet NaN of the same sign
+        out[...] = x
+        return out
+    # bf16 is the top half of a float32, rounded: add 0x7FFF plus the lowest kept bit, keep the top 16 bits.
+    # Row blocks keep the temporaries in the CPU cache (4x faster than whole-array passes).
+    if out.ndim == 0:  # a scalar (Gemma's embedding scale): one row of one value
+        from_float(np.reshape(x, (1,)), st_dtype, out.reshape(1))
+        return out
+    block = max(1, (256 << 10) // max(x[:1].nbytes, 1))
+    for i in range(0, len(x), block):
+        part = np.ascontiguousarray(x[i:i + block], dtype=np.float32)
+        bits = part.view(np.uint32)
+        rounded = bits >> 16
+        rounded &= 1
+        rounded += 0x7FFF
+        rounded += bits  # wraps only for NaN payloads, fixed below
+        rounded >>= 16
+        out[i:i + block] = rounded
+        nan = np.isnan(part)
+        if nan.any():
+            out[i:i + block][nan] = (bits[nan] >> 16) | 0x40  # stays a quiet NaN of the same sign
     return out
 
 

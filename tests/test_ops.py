@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from precompute_cli import st_io
 from precompute_cli.recipes import ops
 
 RNG = np.random.default_rng(0)
@@ -51,3 +52,22 @@ def test_linear_keeps_leading_axes_and_float64():
     y = ops.linear(x, w, b)
     assert y.dtype == np.float64 and y.shape == (2, 3, 5)
     assert np.allclose(y, np.einsum("abi,oi->abo", x, w) + b, rtol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(1_000,), (300, 70)])
+def test_rounding_to_bf16_and_back_matches_torch_bit_for_bit(shape):
+    """st_io.from_float/to_float, which store the table: every magnitude, ties, infinities, NaNs and subnormals."""
+    rng = np.random.default_rng(0)
+    n = int(np.prod(shape))
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-40, 39, n).astype(np.float64)).astype(np.float32)
+    x[:12] = [np.inf, -np.inf, np.nan, -np.nan, 3.4e38, -3.4e38, 0.0, -0.0, 1e-40, -1e-45, 1.00390625, 1.01171875]
+    x = x.reshape(shape)
+    ours = st_io.from_float(x, "BF16")
+    ref = torch.from_numpy(x).to(torch.bfloat16)
+    nan = np.isnan(x)
+    assert np.array_equal(ours[~nan], ref.view(torch.int16).numpy().view(np.uint16)[~nan])
+    assert np.isnan(st_io.to_float(ours, "BF16")[nan]).all()
+    assert np.array_equal(st_io.to_float(ours, "BF16"), ref.float().numpy(), equal_nan=True)
+    into = np.zeros((*shape[:-1], shape[-1] + 4), dtype=np.uint16)
+    st_io.from_float(x, "BF16", out=into[..., 2:-2])
+    assert np.array_equal(into[..., 2:-2], ours) and not into[..., :2].any() and not into[..., -2:].any()
