@@ -9,6 +9,7 @@ GEMM at this machine's peak, and torch's import alone would cost 1.5 s of every 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,6 +31,7 @@ from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.hub import published_sha256
 from precompute_cli.plan import Plan
+from precompute_cli.recipes import ops
 from precompute_cli.source import INDEX_NAME
 from precompute_cli.st_io import DTYPES, TensorRef, encode_header, from_float, read_header, read_tensor, to_float
 from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
@@ -254,7 +256,7 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
     workers = _cores() if device == "cpu" else 1
     chunk = _chunk_rows(plan)
     stream = TableStream(chunks=-(-plan.table.rows // chunk), ahead=2 * workers)
-    fold = _Fold(plan, chunk, device)
+    fold = _Fold(plan, chunk)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
             ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
         written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
@@ -273,6 +275,15 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
         except BaseException:
             stream.stop()
             raise
+
+
+def _gemms_on(device: str):
+    """The fold's GEMMs on the CPU (numpy) or, with --device cuda, on the GPU through torch."""
+    if device == "cpu":
+        return contextlib.nullcontext()
+    from precompute_cli.device import TorchMatmul
+
+    return ops.gemms_with(TorchMatmul(device))
 
 
 def _cores() -> int:
@@ -294,7 +305,7 @@ def _chunk_rows(plan: Plan) -> int:
 class _Fold:
     """Computes table rows chunk by chunk: read embedding rows, fold in float32, round to the table's dtype."""
 
-    def __init__(self, plan: Plan, chunk: int, device: str):
+    def __init__(self, plan: Plan, chunk: int):
         self.plan, self.chunk = plan, chunk
         recipe = plan.recipe
         self.weights = plan.weights(np.float32)

@@ -8,7 +8,8 @@ tests compare against those modules), and keeps its input's precision: float32 f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -57,9 +58,27 @@ def layer_norm(x: Array, weight: Array | None, bias: Array | None, eps: float) -
     return y
 
 
+def _numpy_matmul(x: Array, weight: Array) -> Array:
+    return np.matmul(x, weight.T)  # OpenBLAS reads W^T as a transposed view, no copy
+
+
+_matmul: Callable[[Array, Array], Array] = _numpy_matmul  # x, W -> x W^T; see gemms_with
+
+
+@contextmanager
+def gemms_with(matmul: Callable[[Array, Array], Array]) -> Iterator[None]:
+    """Every linear() in the block computes its product with `matmul` (--device cuda: device.TorchMatmul)."""
+    global _matmul
+    previous, _matmul = _matmul, matmul
+    try:
+        yield
+    finally:
+        _matmul = previous
+
+
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Array:
-    """x W^T (+ b) as ONE matmul over all rows: OpenBLAS's GEMM reads W^T as a transposed view, no copy."""
-    y = np.matmul(x.reshape(-1, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    """x W^T (+ b) as ONE matmul over all rows."""
+    y = _matmul(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         y += bias
     return y
