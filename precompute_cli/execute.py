@@ -257,7 +257,7 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
     chunk = _chunk_rows(plan)
     stream = TableStream(chunks=-(-plan.table.rows // chunk), ahead=2 * workers)
     fold = _Fold(plan, chunk)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
+    with _gemms_on(device), ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
             ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
         written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
         helpers = [folders.submit(fold.run, stream) for _ in range(workers - 1)]

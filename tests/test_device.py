@@ -34,3 +34,33 @@ def test_gemms_through_torch_match_the_numpy_fold(tmp_path, model_type):
     for name, column in expected.items():
         np.testing.assert_allclose(got[name], column, rtol=1e-5, atol=1e-6)
 
+
+
+def test_convert_on_a_device_sends_every_gemm_there(tmp_path, monkeypatch):
+    """`convert --device cuda` wiring, with "cuda" played by torch's CPU device (no GPU here): every product of
+    the fold goes through TorchMatmul, and the table comes out as the numpy conversion's."""
+    from safetensors.numpy import load_file
+    from tiny import convert
+
+    import precompute_cli.device
+    import precompute_cli.execute
+
+    products = []
+
+    class OnCpu(TorchMatmul):
+        def __init__(self, device):
+            super().__init__("cpu")
+
+        def __call__(self, x, weight):
+            products.append(weight.shape)
+            return super().__call__(x, weight)
+
+    src = build(tmp_path / "src", "llama")
+    assert convert(src, tmp_path / "numpy") == 0
+    monkeypatch.setattr(precompute_cli.execute, "_check_device", lambda name: None)
+    monkeypatch.setattr(precompute_cli.device, "TorchMatmul", OnCpu)
+    assert convert(src, tmp_path / "device", "--device", "cuda") == 0
+    assert len(products) >= 3  # q, k, v of at least one chunk
+    got = load_file(tmp_path / "device" / "model.safetensors")["precompute.table"]
+    expected = load_file(tmp_path / "numpy" / "model.safetensors")["precompute.table"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
