@@ -262,30 +262,37 @@ def fastest(runs: list[Run]) -> Run:
     return min(runs, key=lambda r: r.seconds)
 
 
-def measure(model: Model, work: Path, cold: bool, repeat: int, gemm_cache: dict, with_link: bool) -> dict:
+def measure(model: Model, work: Path, cold: bool, repeat: int, with_link: bool) -> dict:
+    """Every step `repeat` times, the steps interleaved (so that a host whose speed drifts, as a shared VM's does,
+    slows the floors and the conversion alike), the fastest of each kept."""
     src = work / model.name
     started = time.perf_counter()
     write_checkpoint(model, src)
     print(f"  {model.name}: checkpoint ready ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
     plan = make_plan(resolve(str(src)), load_recipe(resolve(str(src))))
     shapes = gemm_shapes(plan)
-    key = (plan.table.rows, tuple(shapes))
-    if key not in gemm_cache:
-        gemm_cache[key] = {lib: fastest([time_gemm(plan.table.rows, shapes, lib) for _ in range(repeat)])
-                           for lib in ("numpy", "torch")}
-    gemm = fastest(list(gemm_cache[key].values()))
-    convert = fastest([time_convert(src, work, cold) for _ in range(repeat)])
-    linked = fastest([time_convert(src, work, cold, "--link") for _ in range(repeat)]) if with_link else None
-    copy = fastest([time_copy(src, work, cold, then_sync=False) for _ in range(repeat)])
-    copy_sync = fastest([time_copy(src, work, cold, then_sync=True) for _ in range(repeat)])
+    runs: dict[str, list[Run]] = {}
+    for _ in range(repeat):
+        steps = {
+            "numpy": lambda: time_gemm(plan.table.rows, shapes, "numpy"),
+            "torch": lambda: time_gemm(plan.table.rows, shapes, "torch"),
+            "convert": lambda: time_convert(src, work, cold),
+            **({"link": lambda: time_convert(src, work, cold, "--link")} if with_link else {}),
+            "cp": lambda: time_copy(src, work, cold, then_sync=False),
+            "cp_sync": lambda: time_copy(src, work, cold, then_sync=True),
+        }
+        for name, step in steps.items():
+            runs.setdefault(name, []).append(step())
+    best = {name: fastest(measured) for name, measured in runs.items()}
+    gemm, convert, linked = fastest([best["numpy"], best["torch"]]), best["convert"], best.get("link")
+    copy, copy_sync = best["cp"], best["cp_sync"]
     table = plan.table.ref.nbytes
     cores = os.cpu_count() or 1
     return {
         "model": model.name, "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
         "shards": len(plan.source.shards), "table_bytes": table, "convert_s": convert.seconds,
         "convert_link_s": linked.seconds if linked else None, "cp_s": copy.seconds, "cp_sync_s": copy_sync.seconds,
-        "gemm_s": gemm.seconds, "gemm_numpy_s": gemm_cache[key]["numpy"].seconds,
-        "gemm_torch_s": gemm_cache[key]["torch"].seconds,
+        "gemm_s": gemm.seconds, "gemm_numpy_s": best["numpy"].seconds, "gemm_torch_s": best["torch"].seconds,
         "gflop": 2 * plan.table.rows * sum(i * o for i, o in shapes) / 1e9,
         "ratio": convert.seconds / max(copy.seconds, gemm.seconds),
         "ratio_sum": convert.seconds / (copy.seconds + gemm.seconds),
@@ -342,7 +349,8 @@ def main() -> None:
                         help="where checkpoints are written and kept for later runs (default: a temporary folder, "
                              "deleted afterwards)")
     parser.add_argument("--cold", action="store_true", help="evict the source from the page cache before each step")
-    parser.add_argument("--repeat", type=int, default=1, help="run each step N times and keep the fastest")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every step N times, interleaved, and keep the fastest of each")
     parser.add_argument("--with-link", action="store_true", help="also time `convert --link`")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -354,15 +362,14 @@ def main() -> None:
         parser.error(f"unknown models: {', '.join(sorted(unknown))}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-convert-", dir=os.environ.get("TMPDIR", "/tmp")))
     work.mkdir(parents=True, exist_ok=True)
-    rows, gemm_cache = [], {}
+    rows = []
     try:
         for model in (m for m in MODELS if m.name in wanted):
             if model.config["model_type"] not in REGISTRY:
                 print(f"  {model.name}: skipped, this precompute_cli has no {model.config['model_type']} recipe",
                       file=sys.stderr)
                 continue
-            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, gemm_cache,
-                                args.with_link))
+            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, args.with_link))
             print(f"  {model.name}: done ({rows[-1]['convert_s']:.1f} s to convert)", file=sys.stderr, flush=True)
     finally:
         if args.workdir is None:
