@@ -39,6 +39,9 @@ from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
 # float32 working set per chunk of vocabulary rows and per GEMM worker: enough rows that a single-threaded GEMM
 # runs at full speed, small next to the table + 1 GiB memory budget.
 CHUNK_BYTES = 128 << 20
+# Finished table rows may wait this long for their writer, which first writes the rest of the table's shard (all
+# 2.5 GB of Llama-3.2-1B's single file): with only a few chunks of slack the GEMM workers stalled behind it.
+PENDING_BYTES = 512 << 20
 Progress = Callable[[int, int], None]  # (rows done, rows total)
 
 
@@ -255,7 +258,8 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
     jobs = _file_jobs(plan, tmp, link)
     workers = _cores() if device == "cpu" else 1
     chunk = _chunk_rows(plan)
-    stream = TableStream(chunks=-(-plan.table.rows // chunk), ahead=2 * workers)
+    chunk_bytes = chunk * plan.table.width * DTYPES[plan.table.dtype].itemsize
+    stream = TableStream(chunks=-(-plan.table.rows // chunk), ahead=max(2 * workers, PENDING_BYTES // chunk_bytes))
     fold = _Fold(plan, chunk)
     with _gemms_on(device), ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
             ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
