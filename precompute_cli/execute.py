@@ -263,9 +263,9 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
     fold = _Fold(plan, chunk)
     with _gemms_on(device), ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
             ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
-        written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
-        helpers = [folders.submit(fold.run, stream) for _ in range(workers - 1)]
         try:
+            written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
+            helpers = [folders.submit(fold.run, stream) for _ in range(workers - 1)]
             try:
                 fold.run(stream, progress)
             except Stopped:
@@ -276,9 +276,10 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
             if failure is not None:
                 raise failure
             return {name: future.result() for name, future in written.items()}
-        except BaseException:
+        finally:
+            # Before the pools are joined: whatever ended this block (done, an error, Ctrl-C arriving anywhere in
+            # it), no thread may be left waiting for a chunk that will not come.
             stream.stop()
-            raise
 
 
 def _gemms_on(device: str):

@@ -41,6 +41,8 @@ class FileJob:
 class TableStream:
     """Chunks of table rows, produced in any order by the GEMM workers and written in order by one writer."""
 
+    POLL = 0.5  # seconds between checks of the stop flag while waiting, should a notification be lost to a signal
+
     def __init__(self, chunks: int, ahead: int):
         self.chunks, self.ahead = chunks, ahead
         self._ready: dict[int, np.ndarray] = {}
@@ -52,7 +54,7 @@ class TableStream:
         """The next chunk to compute (None when all are claimed); waits while the writer is `ahead` chunks behind."""
         with self._cond:
             while not self._stopped and self._claimed < self.chunks and self._claimed >= self._taken + self.ahead:
-                self._cond.wait()
+                self._cond.wait(self.POLL)
             self.check()
             if self._claimed == self.chunks:
                 return None
@@ -69,14 +71,14 @@ class TableStream:
         with self._cond:
             while index not in self._ready:
                 self.check()
-                self._cond.wait()
+                self._cond.wait(self.POLL)
             self._taken = index + 1
             self._cond.notify_all()
             return self._ready.pop(index)
 
     def stop(self) -> None:
+        self._stopped = True  # first, outside the lock: waiters also poll it
         with self._cond:
-            self._stopped = True
             self._cond.notify_all()
 
     def check(self) -> None:

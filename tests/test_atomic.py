@@ -307,3 +307,29 @@ def test_signal_midway_leaves_nothing(tmp_path, big_src, signum, old_output):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted: " in err
     assert tree(tmp_path) == before  # no OUT (or the old one, untouched) and no temporary folder
+
+
+def test_ctrl_c_between_starting_the_threads_leaves_no_thread_waiting(tmp_path, src):
+    """Ctrl-C can land after the writers started and before the GEMM workers did: the writer waiting for table rows
+    must be released, or the thread pools are never joined and the process hangs instead of exiting 130."""
+    out = tmp_path / "out"
+    script = f"""
+import concurrent.futures, sys
+import precompute_cli.execute as execute
+
+class Interrupted(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, fn, *args, **kwargs):
+        if self._thread_name_prefix == "fold":
+            raise KeyboardInterrupt
+        return super().submit(fn, *args, **kwargs)
+
+execute.ThreadPoolExecutor = Interrupted
+execute._cores = lambda: 2
+from precompute_cli.cli import main
+main(["convert", {str(src)!r}, {str(out)!r}])
+"""
+    before = tree(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=60,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 130, proc.stderr.decode()
+    assert tree(tmp_path) == before
