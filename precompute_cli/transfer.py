@@ -10,7 +10,6 @@ workers may run at most a few chunks ahead of the writer, which bounds the memor
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute_cli.check import sha256
 from precompute_cli.writer import FileWriter
 
 STEP = 64 << 20  # bytes copied between two checks for cancellation
@@ -90,7 +90,7 @@ def write_file(job: FileJob, table: TableStream) -> str:
     """Write one output file; returns its sha256. Any failure stops the other threads too."""
     try:
         if job.link is not None and _hard_link(job.link, job.path):
-            return job.sha256 or hash_file(job.path, table)
+            return job.sha256 or sha256(job.path, table.check)
         writer = FileWriter(job.path, hashed=job.sha256 is None)
         try:
             writer.write(job.header)
@@ -124,15 +124,3 @@ def _hard_link(src: Path, dst: Path) -> bool:
         if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             return False
         raise
-
-
-def hash_file(path: Path, table: TableStream | None = None) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if table is not None:
-                table.check()
-            digest.update(view[:n])
-    return digest.hexdigest()

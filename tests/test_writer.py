@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from precompute_cli import transfer, writer
+from precompute_cli import check, writer
 from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
 
 
@@ -134,4 +134,4 @@ def test_a_failing_writer_stops_the_workers(tmp_path):
 def test_hash_file_matches_hashlib(tmp_path):
     data = os.urandom(100_000)
     (tmp_path / "f").write_bytes(data)
-    assert transfer.hash_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert check.sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()

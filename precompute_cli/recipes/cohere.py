@@ -15,11 +15,6 @@ from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, re
 from precompute_cli.spec import ModelSpec
 
 
-def cohere_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """CohereLayerNorm: (x - mean) / sqrt(var + eps) * weight; `weight` may be per head ([heads, hd])."""
-    return ops.layer_norm(x, None, None, eps) * weight
-
-
 @register
 class Cohere(Recipe):
     model_types = ("cohere",)
@@ -57,12 +52,11 @@ class Cohere(Recipe):
         p, s = self.prefix, self.spec
         x = ops.upcast(x)
         eps = float(self.cfg.get("layer_norm_eps", default=1e-5))
-        h = cohere_norm(x, w(p + "input_layernorm.weight"), eps)
+        h = ops.layer_norm(x, w(p + "input_layernorm.weight"), None, eps)  # CohereLayerNorm: no bias
         out = self.project_qkv(w, h, self.has_bias)
         if self.qk_norm:
             for n in "qk":
-                weight = w(f"{p}self_attn.{n}_norm.weight")
-                out[n] = cohere_norm(ops.heads(out[n], s.head_dim), weight, eps).reshape(out[n].shape)
+                out[n] = ops.per_head_layer_norm(out[n], w(f"{p}self_attn.{n}_norm.weight"), None, eps, s.head_dim)
         out["residual"] = x + ops.glu(h, w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight"),
                                       w(p + "mlp.down_proj.weight"), self.act)
         return out

@@ -43,6 +43,12 @@ def per_head_rms_norm(x: Array, weight: Array, eps: float, head_dim: int, offset
     return rms_norm(heads(x, head_dim), weight, eps, offset).reshape(x.shape)
 
 
+def per_head_layer_norm(x: Array, weight: Array | None, bias: Array | None, eps: float, head_dim: int) -> Array:
+    """LayerNorm of each head of a projection's output; `weight`/`bias` are [head_dim] or per head [H, head_dim]
+    (Phi, StableLM, Cohere q/k norms)."""
+    return layer_norm(heads(x, head_dim), weight, bias, eps).reshape(x.shape)
+
+
 def heads(x: Array, head_dim: int) -> Array:
     """(..., H * hd) -> (..., H, hd), a view when x is contiguous."""
     return x.reshape(*x.shape[:-1], -1, head_dim)

@@ -58,8 +58,7 @@ class Phi(Recipe):
         if self.qk_layernorm:
             for n in "qk":
                 norm = f"{p}self_attn.{n}_layernorm."
-                heads = ops.layer_norm(ops.heads(out[n], s.head_dim), w(norm + "weight"), w(norm + "bias"), eps)
-                out[n] = heads.reshape(out[n].shape)
+                out[n] = ops.per_head_layer_norm(out[n], w(norm + "weight"), w(norm + "bias"), eps, s.head_dim)
         out["residual"] = x + ops.mlp(h, w(p + "mlp.fc1.weight"), w(p + "mlp.fc1.bias"),
                                       w(p + "mlp.fc2.weight"), w(p + "mlp.fc2.bias"), self.act)
         return out

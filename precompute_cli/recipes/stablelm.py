@@ -64,8 +64,7 @@ class StableLm(Recipe):
         if self.qk_norm:
             for name, heads in (("q", s.num_heads), ("k", s.num_kv_heads)):
                 weight = np.stack([w(f"{p}self_attn.{name}_layernorm.norms.{i}.weight") for i in range(heads)])
-                per_head = ops.layer_norm(ops.heads(out[name], s.head_dim), None, None, eps)
-                out[name] = (per_head * weight).reshape(out[name].shape)
+                out[name] = ops.per_head_layer_norm(out[name], weight, None, eps, s.head_dim)
         if self.parallel:
             act = str(self.cfg.get("hidden_act", default="silu"))
             x = x + ops.glu(h, *(w(f"{p}mlp.{n}_proj.weight") for n in _MLP), act)
