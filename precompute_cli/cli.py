@@ -14,18 +14,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from precompute_cli import __version__, hub
+from precompute_cli import __version__, conversion, hub
 from precompute_cli.check import MANIFEST, failures
 from precompute_cli.check import check as check_folder
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.execute import execute, interrupt_on_sigterm, precompute_block
+from precompute_cli.execute import interrupt_on_sigterm, precompute_block
 from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.recipes import supported
-from precompute_cli.report import analysis, conversion_report, refused, render_analysis, render_conversion
-from precompute_cli.source import INDEX_NAME, is_hub_id, resolve
+from precompute_cli.report import analysis, refused, render_analysis, render_conversion
+from precompute_cli.source import INDEX_NAME, peek, resolve
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST
 from precompute_cli.verify import DEFAULT_TOKENS, RUN_DTYPES, VerifyResult, render_verify, verify_checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -67,21 +66,19 @@ def convert(
         return
     if push_to_hub:
         hub.check_push_target(push_to_hub, offline, token)  # before converting, not after
-    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
-    src = resolve(source, revision=revision, offline=offline, token=token)
-    plan = make_plan(src, load_recipe(src), table_dtype, shard_bytes)
-    with _progress("folding layer 0") as update:
-        result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
-    report = conversion_report(plan, result)
-    render_conversion(console, report)
-    verified = _verify(src, resolve(str(out))) if verify_after else None
+    done = conversion.convert(
+        source, out, revision=revision, offline=offline, token=token, table_dtype=table_dtype,
+        max_shard_size=parse_size(max_shard_size) if max_shard_size else None, overwrite=overwrite, link=link,
+        device=device, progress=_progress("folding layer 0"), reported=lambda r: render_conversion(console, r),
+        verify=(lambda original, folder: _verify(original, resolve(str(folder)))) if verify_after else None)
+    report, verified = done.report, done.verified
     if json_path:
         extra = {"verify": verified.as_dict()} if verified else {}
         json_path.write_text(json.dumps({**report.as_dict(), **extra}, indent=2) + "\n")
     if verified and not verified.passed:
         raise PrecomputeError(verified.failure)
     if push_to_hub:
-        url = hub.publish(out, push_to_hub, report.as_dict(), precompute_block(plan), private=private, token=token,
+        url = hub.publish(out, push_to_hub, report.as_dict(), precompute_block(done.plan), private=private, token=token,
                           verify=verified.as_dict() if verified else None)
         console.print(f"[bold green]pushed[/] {out} to {url}")
 
@@ -103,25 +100,23 @@ def inspect(
     if check:
         _check(Path(checkpoint), as_json)
         return
-    src = resolve(checkpoint, revision=revision, offline=offline, token=token)
-    cfg = Config.load(src.config_path)
-    if "precompute" in cfg.data:
-        data = {"converted": True, "precompute": cfg.data["precompute"],
-                **{k: v for k, v in load_recipe(src).spec.as_dict().items()}}
-        if as_json:
-            print(json.dumps(data, indent=2))
+    with peek(checkpoint, revision=revision, offline=offline, token=token) as found:  # downloads no weights
+        src = found.source
+        cfg = Config.load(src.config_path)
+        if "precompute" in cfg.data:
+            data = {"converted": True, "precompute": cfg.data["precompute"], **load_recipe(src).spec.as_dict()}
         else:
-            console.print_json(json.dumps(cfg.data["precompute"]))
-        return
-    recipe = load_recipe(src, vocab_size)
-    reason = recipe.refusal()
-    if reason:
-        data = refused(recipe.spec, reason)
-    else:
-        data = analysis(make_plan(src, recipe), assume_parallel=assume_parallel)
-    data["supported_model_types"] = supported()
+            recipe = load_recipe(src, vocab_size)
+            reason = recipe.refusal()
+            if reason:
+                data = refused(recipe.spec, reason)
+            else:
+                data = analysis(make_plan(src, recipe, headers=found.headers), assume_parallel=assume_parallel)
+            data["supported_model_types"] = supported()
     if as_json:
         print(json.dumps(data, indent=2))
+    elif data.get("converted"):
+        console.print_json(json.dumps(data["precompute"]))
     else:
         render_analysis(console, data, title=f"{checkpoint}")
 
@@ -220,34 +215,24 @@ def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token:
              table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None) -> None:
     """What would be downloaded, written and uploaded; nothing is (a Hub checkpoint not yet in the cache is
     sized from its safetensors headers on the Hub, and its config read through a temporary folder)."""
-    pull = hub.plan_pull(source, revision, offline, token) if is_hub_id(source) else None
-    if pull:
-        console.print(f"[bold]download[/]: {pull.repo_id} at commit {pull.revision}: "
-                      f"{pull.download_bytes:,} bytes to fetch" + (" (all in the local cache)"
-                                                                   if pull.complete_in_cache else ""))
-        for f in pull.files:
-            console.print(f"  {f.name}: " + ("cached" if f.cached else f"{f.size or 0:,} bytes"))
-    if pull is None or pull.complete_in_cache:
-        src = resolve(source, revision=pull.revision if pull else revision, offline=bool(pull) or offline,
-                      token=token)
-        plan = make_plan(src, load_recipe(src), table_dtype, max_shard_size)
+    with peek(source, revision=revision, offline=offline, token=token) as found:
+        pull = found.pull
+        if pull:
+            console.print(f"[bold]download[/]: {pull.repo_id} at commit {pull.revision}: "
+                          f"{pull.download_bytes:,} bytes to fetch" + (" (all in the local cache)"
+                                                                       if pull.complete_in_cache else ""))
+            for f in pull.files:
+                console.print(f"  {f.name}: " + ("cached" if f.cached else f"{f.size or 0:,} bytes"))
+        plan = make_plan(found.source, load_recipe(found.source), table_dtype, max_shard_size, found.headers)
         _print_plan(plan, out)
-        before, after = plan.bytes_before, plan.bytes_after
+    if found.headers is None:
         files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (
             [INDEX_NAME] if len(plan.shards) > 1 else [])
     else:
-        tensors = hub.remote_tensors(pull.repo_id, pull.revision, token)
-        with hub.remote_source(pull.repo_id, pull.revision, token) as src:
-            recipe = load_recipe(src)
-            emb = tensors.get(recipe.embedding, ("", ()))[0]
-            dtype = table_dtype or {v: k for k, v in NAME_TO_ST.items()}.get(emb)
-            plan = make_plan(src, recipe, dtype)
-            console.print(f"[bold]dry run[/]: {source} -> {out} (nothing written)")
-            console.print_json(json.dumps(precompute_block(plan)))
-        before, after = hub.remote_bytes(tensors, [r.name for r in plan.removed], plan.table.ref.nbytes, source)
         files = [f.name for f in pull.files]
-    if before is not None:
-        console.print(f"[bold]write[/]: {out}: tensor bytes {before:,} -> {after:,} ({after - before:+,})")
+    if plan.bytes_before is not None:
+        console.print(f"[bold]write[/]: {out}: tensor bytes {plan.bytes_before:,} -> {plan.bytes_after:,} "
+                      f"({plan.bytes_after - plan.bytes_before:+,})")
     if push_to:
         console.print(f"[bold]upload[/]: {out} -> {push_to}" + (" (private)" if private else "") +
                       f": {', '.join(sorted(set(files) | {MANIFEST, CARD_NAME}))}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import precompute_cli
-from precompute_cli import blas
+from precompute_cli import native
 from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.hub import published_sha256
@@ -261,7 +261,8 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
     chunk_bytes = chunk * plan.table.width * DTYPES[plan.table.dtype].itemsize
     stream = TableStream(chunks=-(-plan.table.rows // chunk), ahead=max(2 * workers, PENDING_BYTES // chunk_bytes))
     fold = _Fold(plan, chunk)
-    with _gemms_on(device), ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
+    with _gemms_on(device), native.allocator_keeps_memory(), \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
             ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
         try:
             written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
@@ -323,7 +324,7 @@ class _Fold:
 
     def run(self, stream: TableStream, progress: Progress | None = None) -> None:
         try:
-            with blas.single_threaded():
+            with native.single_threaded():
                 self._run(stream, progress)
         except BaseException:
             stream.stop()

@@ -8,7 +8,6 @@ mode (HF_HUB_OFFLINE or --offline) behave as in every other Hub tool. Failures b
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.source import AUX_PATTERNS, WEIGHT_PATTERNS
+from precompute_cli.st_io import DTYPES, TensorRef
 
 PATTERNS = [*WEIGHT_PATTERNS, *AUX_PATTERNS]  # the only files ever downloaded (source.py owns the lists)
 
@@ -89,47 +89,46 @@ def resolve_revision(repo_id: str, revision: str | None = None, offline: bool = 
 
 
 def plan_pull(repo_id: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Pull:
-    """List what a pull would fetch without fetching it (offline: what the cache already holds)."""
+    """List what a pull would fetch without fetching it. Offline, or when the Hub cannot be listed (no network, a
+    refusal), what the cache holds, as a download falls back to it (and fails as a download would without it)."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import DryRunError
     from huggingface_hub.utils import filter_repo_objects
 
-    if is_offline(offline):
-        folder, sha = download(repo_id, revision, offline=True, token=token)
+    infos = None
+    if not is_offline(offline):
+        with _hub_errors(repo_id, revision, offline):
+            try:
+                infos = snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS, token=token,
+                                          dry_run=True)
+            except DryRunError:
+                pass
+    if infos is None:
+        folder, sha = download(repo_id, revision, offline=offline, token=token)
         names = filter_repo_objects([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()],
                                     allow_patterns=PATTERNS)
         return Pull(repo_id, sha, tuple(HubFile(n, (folder / n).stat().st_size, True) for n in sorted(names)))
-    with _hub_errors(repo_id, revision, offline):
-        infos = snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS, token=token, dry_run=True)
     sha = infos[0].commit_hash if infos else resolve_revision(repo_id, revision, token=token)
     return Pull(repo_id, sha, tuple(HubFile(i.filename, i.file_size, not i.will_download)
                                     for i in sorted(infos, key=lambda i: i.filename)))
 
 
-def remote_tensors(repo_id: str, sha: str, token: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor's dtype and shape from the safetensors headers on the Hub (a few KB of range requests)."""
+def remote_tensors(repo_id: str, sha: str, token: str | None = None) -> dict[str, TensorRef]:
+    """Every tensor's name, dtype and shape from the safetensors headers on the Hub (a few KB of range requests),
+    refused where a local file's header would be (a dtype we cannot read, a name in two files)."""
     from huggingface_hub import get_safetensors_metadata
 
     with _hub_errors(repo_id, sha, False):
         meta = get_safetensors_metadata(repo_id, revision=sha, token=token)
-    return {name: (t.dtype, tuple(t.shape)) for f in meta.files_metadata.values() for name, t in f.tensors.items()}
-
-
-def remote_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], removed: list[str], table_bytes: int,
-                 repo_id: str) -> tuple[int, int]:
-    """(bytes before, bytes after) of converting a checkpoint known only by its headers."""
-    from precompute_cli.st_io import DTYPES
-
-    def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-        if dtype not in DTYPES:
-            raise InputError(f"{repo_id}: a tensor has dtype {dtype}, which precompute cannot read")
-        return math.prod(shape) * DTYPES[dtype].itemsize
-
-    sizes = {name: nbytes(*t) for name, t in tensors.items()}
-    missing = [n for n in removed if n not in sizes]
-    if missing:
-        raise InputError(f"{repo_id}: the checkpoint on the Hub has no tensor {missing[0]}, which the config implies")
-    before = sum(sizes.values())
-    return before, before - sum(sizes[n] for n in removed) + table_bytes
+    found: dict[str, TensorRef] = {}
+    for file, header in sorted(meta.files_metadata.items()):
+        for name, t in header.tensors.items():
+            if t.dtype not in DTYPES:
+                raise InputError(f"{repo_id}: {file} on the Hub: tensor {name} has unknown dtype {t.dtype!r}")
+            if name in found:
+                raise InputError(f"{repo_id}: {file} on the Hub: tensor {name} also appears in another file")
+            found[name] = TensorRef(name, t.dtype, tuple(t.shape))
+    return found
 
 
 def check_repo_id(repo_id: str, where: str = "--push-to-hub") -> None:
@@ -170,7 +169,8 @@ def push(folder: Path, repo_id: str, private: bool = False, token: str | None = 
 
 @contextmanager
 def remote_source(repo_id: str, sha: str, token: str | None = None) -> Iterator:
-    """A config-only Source for a commit on the Hub, in a temporary folder (for dry runs: nothing stays behind)."""
+    """A config-only Source for a commit on the Hub, in a temporary folder (for dry runs and inspect: nothing stays
+    behind)."""
     from huggingface_hub import hf_hub_download
 
     from precompute_cli.source import Source

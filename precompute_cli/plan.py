@@ -63,7 +63,7 @@ class Plan:
     recipe: Recipe
     table: TablePlan
     removed: tuple[TensorRef, ...]
-    shards: tuple[ShardPlan, ...]  # empty when planned from a config alone
+    shards: tuple[ShardPlan, ...]  # empty when planned from a config (and the Hub's headers) alone
     inputs: dict[str, tuple[Path, TensorInfo]]  # tensors the fold reads
     params_before: int | None  # exact when tensors are known
     bytes_before: int | None
@@ -103,10 +103,13 @@ def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:
 
 
 def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
-              max_shard_size: int | None = None) -> Plan:
+              max_shard_size: int | None = None, headers: dict[str, TensorRef] | None = None) -> Plan:
     """Refuse what cannot be folded, then match the recipe's tensors against the checkpoint's.
 
-    Output shards mirror the source's; `max_shard_size` (bytes of tensor data per file) re-shards instead."""
+    Output shards mirror the source's; `max_shard_size` (bytes of tensor data per file) re-shards instead.
+    `headers` are the tensors of a checkpoint whose files are not here (from the Hub's safetensors headers, with a
+    config-only source): the plan is checked and sized against them as against local files, but has no shards and
+    no inputs, since there is nothing here to read or copy (execute refuses it)."""
     cfg = recipe.cfg
     if "precompute" in cfg.data:
         raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a 'precompute' block)")
@@ -116,22 +119,24 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
                 **recipe.embedding_transforms(), **recipe.folded()}
     tensors = source.tensors() if source.shards else {}
-    if source.shards and not tensors:  # else it would pass for a plan from the config alone
+    known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
+    if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")
-    disk = _names_on_disk(recipe, list(expected), tensors)
+    files = {n: path for n, (path, _) in tensors.items()}  # where a tensor is named in errors; else the checkpoint
+    disk = _names_on_disk(recipe, list(expected), known)
     for name, shape in expected.items():
-        if tensors and disk[name] not in tensors:
+        if known and disk[name] not in known:
             raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
                              f"but the checkpoint has no tensor {name}")
-        if tensors and tensors[disk[name]][1].shape != shape:
-            raise InputError(f"{tensors[disk[name]][0]}: tensor {disk[name]} has shape "
-                             f"{list(tensors[disk[name]][1].shape)}, the config implies {list(shape)}")
+        if known and known[disk[name]].shape != shape:
+            raise InputError(f"{files.get(disk[name], source.ref)}: tensor {disk[name]} has shape "
+                             f"{list(known[disk[name]].shape)}, the config implies {list(shape)}")
     inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}
-    dtype_of = {n: (inputs[n][1].dtype if inputs else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
+    dtype_of = {n: (known[disk[n]].dtype if known else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
     for name in expected:
         if dtype_of[name] not in ("F32", "F16", "BF16", "F64"):
-            where = inputs[name][0] if inputs else source.config_path
-            raise InputError(f"{where}: tensor {disk[name]} is {dtype_of[name]}; only float checkpoints can be folded")
+            at = files.get(disk[name], source.ref) if known else source.config_path
+            raise InputError(f"{at}: tensor {disk[name]} is {dtype_of[name]}; only float checkpoints can be folded")
     table = TablePlan(
         rows=recipe.spec.vocab_size,
         dtype=_table_dtype(table_dtype, dtype_of[recipe.embedding]),
@@ -148,12 +153,12 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
         inputs=inputs,
-        params_before=sum(i.numel for _, i in tensors.values()) if tensors else None,
-        bytes_before=sum(i.nbytes for _, i in tensors.values()) if tensors else None,
+        params_before=sum(t.numel for t in known.values()) if known else None,
+        bytes_before=sum(t.nbytes for t in known.values()) if known else None,
     )
 
 
-def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, tuple[Path, TensorInfo]]) -> dict[str, str]:
+def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, object]) -> dict[str, str]:
     """The recipe's names as this checkpoint spells them. Some checkpoints were saved from the bare base model,
     without its prefix (the recipe's `base_prefix`, such as BLOOM's `transformer.`); transformers loads both
     spellings, and so do we: the fold reads, and the output removes, the names on disk."""

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import precompute_cli
-from precompute_cli import hub, modelcard
+from precompute_cli import conversion, hub, modelcard
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.execute import Progress, execute, precompute_block
-from precompute_cli.plan import load_recipe, make_plan
-from precompute_cli.report import conversion_report
+from precompute_cli.execute import Progress, precompute_block
+from precompute_cli.report import ConversionReport
 from precompute_cli.source import INDEX_NAME, Source, is_hub_id, resolve
 from precompute_cli.st_io import NAME_TO_ST
 
@@ -182,21 +181,20 @@ def _run(entry: Entry, out_root: Path, state: dict[str, Any], push: bool, offlin
             outcome.notes.append("source revision and tool version unchanged since the last run")
             return outcome
         state["models"].pop(entry.name, None)
-        src = resolve(entry.source, revision=outcome.revision if entry.on_hub else None, offline=offline,
-                      token=token)
-        plan = make_plan(src, load_recipe(src), entry.dtype)
-        if progress:
-            with progress(f"{entry.name}: folding layer 0") as update:
-                result = execute(plan, out, overwrite=True, progress=update)
-        else:
-            result = execute(plan, out, overwrite=True)
-        outcome.report = conversion_report(plan, result).as_dict()
-        outcome.verify = verify(src, out) if verify else None
+
+        def record(report: ConversionReport) -> None:  # in the summary even if verify then raises
+            outcome.report = report.as_dict()
+
+        done = conversion.convert(
+            entry.source, out, revision=outcome.revision if entry.on_hub else None, offline=offline, token=token,
+            table_dtype=entry.dtype, overwrite=True,
+            progress=progress(f"{entry.name}: folding layer 0") if progress else None, reported=record, verify=verify)
+        outcome.verify = done.verified
         if outcome.verify is None:
             outcome.notes.append("not verified: precompute_cli.verify is not available")
         elif not outcome.verify.get("passed", False):
             raise PrecomputeError(outcome.verify.get("failure") or f"{out}: does not verify against {entry.source}")
-        block = precompute_block(plan)
+        block = precompute_block(done.plan)
         if will_push:
             outcome.url = hub.publish(out, entry.repo, outcome.report, block, entry.private, token, outcome.verify)
             outcome.pushed = entry.repo

@@ -9,11 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from precompute_cli.errors import InputError
-from precompute_cli.st_io import Header, TensorInfo, read_header
+from precompute_cli.st_io import Header, TensorInfo, TensorRef, read_header
+
+if TYPE_CHECKING:
+    from precompute_cli.hub import Pull
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied verbatim to the output (and the only non-weight files downloaded from the Hub).
@@ -67,6 +73,34 @@ def resolve(ref: str, revision: str | None = None, offline: bool = False, token:
 
     folder, sha = download(ref, revision=revision, offline=offline, token=token)
     return _local(ref, folder, revision=sha)
+
+
+@dataclass(frozen=True)
+class Peek:
+    """A checkpoint to plan or inspect without its weights."""
+
+    source: Source  # its local files; for a Hub repo not in the cache, only its config.json (in a temporary folder)
+    headers: dict[str, TensorRef] | None  # then: its tensors, from the safetensors headers on the Hub
+    pull: Pull | None  # what resolving a Hub id downloads; None for a local path
+
+
+@contextmanager
+def peek(ref: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Iterator[Peek]:
+    """What `ref` names, downloading no weights: the local files when they are here (a path; a Hub snapshot
+    complete in the cache, or offline), else the Hub's config.json, in a temporary folder gone on exit, and the
+    Hub's safetensors headers. Pass `headers` on to make_plan."""
+    if not is_hub_id(ref):
+        yield Peek(resolve(ref, revision, offline, token), None, None)
+        return
+    from precompute_cli import hub
+
+    pull = hub.plan_pull(ref, revision, offline, token)
+    if pull.complete_in_cache:
+        yield Peek(resolve(ref, pull.revision, offline=True, token=token), None, pull)
+        return
+    headers = hub.remote_tensors(pull.repo_id, pull.revision, token)
+    with hub.remote_source(pull.repo_id, pull.revision, token) as config_only:
+        yield Peek(config_only, headers, pull)
 
 
 def is_hub_id(ref: str) -> bool:

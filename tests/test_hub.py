@@ -14,7 +14,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import HfApi, ModelCard, constants
 from safetensors import safe_open
-from tiny import build, convert
+from tiny import build, convert, run_cli
 
 from precompute_cli import hub, modelcard
 from precompute_cli.st_io import read_header
@@ -151,31 +151,49 @@ def test_dry_run_from_cache_writes_nothing(tmp_path, tiny, cache, capsys):
     assert f"tensor bytes {report['bytes_before']:,} -> {report['bytes_after']:,}" in err
 
 
-def test_dry_run_of_an_uncached_repo_sizes_it_from_the_hub_headers(tmp_path, tiny, cache, capsys, monkeypatch):
-    """The online path, with the three Hub calls it makes replaced by answers built from a real checkpoint
-    (this checks our use of their results, not huggingface_hub's network code, which no offline test can reach)."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    src = tiny["a"]
-    sizes = {p.name: p.stat().st_size for p in src.iterdir()}
+def serve_from_hub(monkeypatch, folder: Path, repo_id: str = "org/tiny") -> list[str]:
+    """The online path, with the three Hub calls a look at an uncached repo makes answered from a local checkpoint
+    (this checks our use of their results, not huggingface_hub's network code, which no offline test can reach):
+    the dry-run listing (nothing cached), the safetensors headers, and hf_hub_download, which serves config.json
+    alone. Returns the names hf_hub_download was asked for."""
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    def snapshot_download(repo_id, *, revision, allow_patterns, token, dry_run):
-        assert dry_run and "*.safetensors" in allow_patterns and "*.bin" not in allow_patterns
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    downloaded: list[str] = []
+
+    def snapshot_download(repo, *, revision, allow_patterns, token, dry_run):
+        assert repo == repo_id and dry_run and "*.safetensors" in allow_patterns and "*.bin" not in allow_patterns
         return [SimpleNamespace(filename=n, file_size=s, commit_hash=COMMIT_A, will_download=True)
                 for n, s in sizes.items()]
 
-    def get_safetensors_metadata(repo_id, revision, token):
-        header = read_header(src / "model.safetensors")
-        tensors = {n: SimpleNamespace(dtype=t.dtype, shape=list(t.shape)) for n, t in header.tensors.items()}
-        return SimpleNamespace(files_metadata={"model.safetensors": SimpleNamespace(tensors=tensors)})
+    def get_safetensors_metadata(repo, revision, token):
+        assert repo == repo_id and revision == COMMIT_A
+        files = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            header = read_header(path)
+            files[path.name] = SafetensorsFileMetadata(metadata=header.metadata, tensors={
+                n: TensorInfo(t.dtype, list(t.shape), (t.start - header.data_start, t.end - header.data_start))
+                for n, t in header.tensors.items()})
+        weight_map = {n: f for f, meta in files.items() for n in meta.tensors}
+        return SafetensorsRepoMetadata(None, len(files) > 1, weight_map, files)
 
-    def hf_hub_download(repo_id, filename, revision, token, local_dir):
-        assert revision == COMMIT_A
-        (Path(local_dir) / filename).write_bytes((src / filename).read_bytes())
+    def hf_hub_download(repo, filename, revision, token, local_dir):
+        assert repo == repo_id and revision == COMMIT_A and filename == "config.json"
+        downloaded.append(filename)
+        (Path(local_dir) / filename).write_bytes((folder / filename).read_bytes())
         return str(Path(local_dir) / filename)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return downloaded
+
+
+def test_dry_run_of_an_uncached_repo_sizes_it_from_the_hub_headers(tmp_path, tiny, cache, capsys, monkeypatch):
+    src = tiny["a"]
+    serve_from_hub(monkeypatch, src)
+    sizes = {p.name: p.stat().st_size for p in src.iterdir()}
     code, err = run(capsys, "convert", "org/tiny", str(tmp_path / "out"), "--dry-run")
     assert code == 0, err
     assert not (tmp_path / "out").exists()
@@ -183,6 +201,110 @@ def test_dry_run_of_an_uncached_repo_sizes_it_from_the_hub_headers(tmp_path, tin
     assert convert(src, tmp_path / "real", "--json", str(tmp_path / "r.json")) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert f"tensor bytes {report['bytes_before']:,} -> {report['bytes_after']:,}" in err
+
+
+def inspect_both(capsys, monkeypatch, folder: Path, *args: str) -> tuple[tuple[dict, dict], tuple[str, str]]:
+    """`inspect` of org/tiny (served by serve_from_hub) and of the same checkpoint as a local folder: the --json
+    objects, and the printed texts without their titles (the name given)."""
+    results = []
+    monkeypatch.chdir(folder.parent)
+    for ref in ("org/tiny", folder.name):
+        code, out, err = run_cli(capsys, "inspect", ref, "--json", *args)
+        assert code == 0, err
+        code, _, printed = run_cli(capsys, "inspect", ref, *args)
+        assert code == 0, printed
+        results.append((json.loads(out), " ".join(printed.split()).removeprefix(ref)))
+    (remote, remote_text), (local, local_text) = results
+    return (remote, local), (remote_text, local_text)
+
+
+@pytest.mark.parametrize("sharded, args", [(False, ()), (False, ("--assume-parallel",)), (True, ())])
+def test_inspect_of_an_uncached_repo_reads_only_its_config_and_headers(tmp_path, tiny, cache, capsys, monkeypatch,
+                                                                       sharded, args):
+    folder = tiny["a"]
+    if sharded:
+        from transformers import AutoModelForCausalLM
+
+        folder = tmp_path / "sharded"
+        AutoModelForCausalLM.from_pretrained(tiny["a"]).save_pretrained(folder, max_shard_size="150KB")
+        assert len(list(folder.glob("*.safetensors"))) > 1
+    downloaded = serve_from_hub(monkeypatch, folder)
+    (remote, local), (remote_text, local_text) = inspect_both(capsys, monkeypatch, folder, *args)
+    assert downloaded == ["config.json", "config.json"]  # once per run; never a weight file
+    assert not any(cache.rglob("*"))  # nothing kept in the Hub cache either
+    assert remote == local and remote_text == local_text
+    assert remote["total_params_exact"] is True  # sized from the headers, not estimated from the config
+    assert remote["precomputable"] and remote["removed"] and f"{remote['param_delta']:+,}" in remote_text
+
+
+def test_inspect_of_an_uncached_converted_repo_shows_its_precompute_block(tmp_path, tiny, cache, capsys,
+                                                                          monkeypatch):
+    assert convert(tiny["a"], tmp_path / "converted") == 0
+    downloaded = serve_from_hub(monkeypatch, tmp_path / "converted")
+    (remote, local), (remote_text, local_text) = inspect_both(capsys, monkeypatch, tmp_path / "converted")
+    assert downloaded == ["config.json", "config.json"]
+    assert remote == local and remote_text == local_text
+    assert remote["converted"] is True and remote["precompute"]["table"] == "precompute.table"
+
+
+def test_inspect_of_a_repo_whose_headers_contradict_its_config_is_exit_2(tmp_path, tiny, cache, capsys,
+                                                                         monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "model.safetensors").write_bytes((tiny["a"] / "model.safetensors").read_bytes())
+    config = json.loads((tiny["a"] / "config.json").read_text())
+    (served / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    serve_from_hub(monkeypatch, served)
+    code, err = run(capsys, "inspect", "org/tiny")
+    assert code == 2 and "org/tiny: tensor model.embed_tokens.weight has shape [211, 64], the config implies" in err
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_inspect_of_a_cached_repo_reads_the_cache(tiny, cache, capsys, monkeypatch, online):
+    """Complete in the cache (or offline): the local path, as for a folder."""
+    real_snapshot_download = huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kwargs):
+        if kwargs.pop("dry_run", False):  # online: the Hub's listing says every file is cached
+            return [SimpleNamespace(filename=p.name, file_size=p.stat().st_size, commit_hash=COMMIT_A,
+                                    will_download=False) for p in tiny["a"].iterdir()]
+        assert kwargs["local_files_only"]
+        return real_snapshot_download(repo_id, **kwargs)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", not online)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    add_commit(cache, "org/tiny", COMMIT_A, files_of(tiny["a"]))
+    monkeypatch.chdir(tiny["a"].parent)
+    answers = [run_cli(capsys, "inspect", ref, "--json") for ref in ("org/tiny", "a")]
+    assert [code for code, _, _ in answers] == [0, 0], answers
+    assert json.loads(answers[0][1]) == json.loads(answers[1][1])
+
+
+def test_inspect_and_dry_run_of_a_cached_repo_with_the_hub_unreachable_read_the_cache(tmp_path, tiny, cache, capsys,
+                                                                                    monkeypatch):
+    """Not offline, but no network: the Hub's listing fails, and the cache answers, as it does for a download."""
+    import httpx2
+
+    def unreachable(*args, **kwargs):
+        raise httpx2.ConnectError("no route to host")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "repo_info", unreachable)
+    add_commit(cache, "org/tiny", COMMIT_A, files_of(tiny["a"]))
+    monkeypatch.chdir(tiny["a"].parent)
+    answers = [run_cli(capsys, "inspect", ref, "--json") for ref in ("org/tiny", "a")]
+    assert [code for code, _, _ in answers] == [0, 0], answers
+    assert json.loads(answers[0][1]) == json.loads(answers[1][1])
+    code, err = run(capsys, "convert", "org/tiny", str(tmp_path / "out"), "--dry-run")
+    assert code == 0, err
+    assert f"at commit {COMMIT_A}: 0 bytes to fetch (all in the local cache)" in err
+    code, err = run(capsys, "inspect", "org/absent")
+    assert code == 2 and "not in the local Hub cache" in err and "the Hub cannot be reached" in err
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from test_hub import COMMIT_A, COMMIT_B, add_commit, files_of, run
 from tiny import build, convert
 
 import precompute_cli
+from precompute_cli.errors import PrecomputeError
 from precompute_cli.release import STATE_NAME, SUMMARY_NAME, load_entries
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +176,21 @@ name = "last"
     assert code == 1
     assert {m["name"]: m["status"] for m in summary(out_root)["models"]} == {
         "first": "skipped", "broken": "failed", "not-cached": "failed", "last": "skipped"}
+
+
+def test_a_verify_that_raises_fails_the_model_and_keeps_its_report(tmp_path, models, capsys, monkeypatch):
+    """The conversion's report reaches the summary as soon as it exists, before a verify that may raise."""
+
+    def verify(original, converted: Path) -> dict:
+        raise PrecomputeError(f"{converted}: cannot load it")
+
+    monkeypatch.setattr("precompute_cli.release.default_verify", lambda: verify)
+    config = release_file(tmp_path, f'[[model]]\npath = "{models["llama"]}"\n')
+    code, err = run(capsys, "convert-all", str(config), str(tmp_path / "release"))
+    assert code == 1 and "1 of 1 models failed" in err
+    (model,) = summary(tmp_path / "release")["models"]
+    assert model["status"] == "failed" and "cannot load it" in model["error"] and model["verify"] is None
+    assert model["report"]["model_type"] == "llama" and model["report"]["bytes_after"] > 0
 
 
 def test_batch_push_publishes_each_verified_model_and_skips_what_is_on_the_hub(tmp_path, models, capsys,

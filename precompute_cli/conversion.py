@@ -1,0 +1,43 @@
+"""One conversion, as `precompute convert` and the release job both run it: resolve, detect, plan, execute, report,
+and (when asked) verify the output against its source. Printing, uploading and bookkeeping stay with the callers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from precompute_cli.execute import Progress, execute
+from precompute_cli.plan import Plan, load_recipe, make_plan
+from precompute_cli.report import ConversionReport, conversion_report
+from precompute_cli.source import Source, resolve
+
+V = TypeVar("V")  # what the caller's verify returns
+
+
+@dataclass(frozen=True)
+class Conversion(Generic[V]):
+    source: Source
+    plan: Plan
+    report: ConversionReport
+    verified: V | None  # None when not asked to verify
+
+
+def convert(ref: str, out: Path, *, revision: str | None = None, offline: bool = False, token: str | None = None,
+            table_dtype: str | None = None, max_shard_size: int | None = None, overwrite: bool = False,
+            link: bool = False, device: str = "cpu", progress: AbstractContextManager[Progress] | None = None,
+            reported: Callable[[ConversionReport], None] | None = None,
+            verify: Callable[[Source, Path], V] | None = None) -> Conversion[V]:
+    """Convert the checkpoint `ref` names into `out`. `progress` is entered around the fold and yields its callback;
+    `reported` sees the report as soon as it exists (before a verify that takes a while, or fails);
+    `verify(source, out)` proves the output."""
+    src = resolve(ref, revision=revision, offline=offline, token=token)
+    plan = make_plan(src, load_recipe(src), table_dtype, max_shard_size)
+    with progress or nullcontext() as update:
+        result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
+    report = conversion_report(plan, result)
+    if reported:
+        reported(report)
+    return Conversion(src, plan, report, verify(src, out) if verify else None)
