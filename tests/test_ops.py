@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -72,3 +73,16 @@ def test_rounding_to_bf16_and_back_matches_torch_bit_for_bit(shape):
     into = np.zeros((*shape[:-1], shape[-1] + 4), dtype=np.uint16)
     st_io.from_float(x, "BF16", out=into[..., 2:-2])
     assert np.array_equal(into[..., 2:-2], ours) and not into[..., :2].any() and not into[..., -2:].any()
+
+
+def test_rounding_to_float16_with_torch_loaded_gives_numpys_bits():
+    """from_float(F16) hands the cast to torch when torch is loaded: the same bits as numpy's, into a view too."""
+    assert "torch" in sys.modules  # imported by this module
+    rng = np.random.default_rng(1)
+    with np.errstate(over="ignore"):
+        x = (rng.standard_normal(4_000) * 10.0 ** rng.integers(-9, 7, 4_000)).astype(np.float32).reshape(100, 40)
+    x[0, :8] = [np.inf, -np.inf, 65504.0, 65520.0, -65519.0, 6e-8, -3e-8, 1e-10]  # max, ties to inf, subnormals
+    into = np.zeros((100, 44), dtype=np.float16)
+    ours = st_io.from_float(x, "F16", out=into[:, 2:-2])
+    assert np.array_equal(ours.view(np.uint16), x.astype(np.float16).view(np.uint16))
+    assert not into[:, :2].any() and not into[:, -2:].any()

@@ -1,4 +1,5 @@
-"""The output path below the executor: the aligned, hashing FileWriter and the GEMM-to-writer TableStream."""
+"""The output path below the executor: the aligned, hashing FileWriter, the GEMM-to-writer TableStream and the
+GEMM workers' row chunks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from precompute_cli import check, writer
+from precompute_cli.execute import _row_ranges
 from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
 
 
@@ -135,3 +137,14 @@ def test_hash_file_matches_hashlib(tmp_path):
     data = os.urandom(100_000)
     (tmp_path / "f").write_bytes(data)
     assert check.sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("rows,chunk,workers", [(32000, 1820, 2), (10, 20, 2), (7, 4, 3), (5, 1, 1), (1, 1, 2)])
+def test_row_ranges_cover_the_vocabulary_once_in_order_with_a_finer_tail(rows, chunk, workers):
+    """The GEMM workers' chunks: every row once, in order; the last `workers` chunks' worth in quarter chunks."""
+    ranges = _row_ranges(rows, chunk, workers)
+    assert [r for a, b in ranges for r in range(a, b)] == list(range(rows))
+    assert max(b - a for a, b in ranges) <= chunk
+    if workers > 1 and rows > workers * chunk:
+        tail = [b - a for a, b in ranges if a >= rows - workers * chunk]
+        assert sum(tail) == workers * chunk and max(tail) == max(1, chunk // 4)
