@@ -85,3 +85,13 @@ def test_absolute_positions_are_explained_not_converted(capsys, tmp_path):
     assert data["precomputable"] is False
     assert data["positional"] == "absolute"
     assert "position" in data["reason"]
+
+
+def test_the_printed_table_shows_the_papers_factors(capsys):
+    """The rich table prints the factors as the paper does (2,458x ... 10x), and one below 10 with a decimal
+    (2.8x, which the paper rounds to 3; a tiny model's 0.4x would otherwise read 0x)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(CONFIGS / "mistral-7b.json")])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().err  # the rich tables go to stderr, keeping stdout for --json
+    assert all(f in text for f in ("(2,458x)", "(154x)", "(10x)", "(2.8x)")), text
