@@ -26,7 +26,7 @@ test: install-test
 lint:
 	$(PYTHON) -m ruff check precompute_cli tests scripts
 
-# Both tables of docs/BENCHMARKS.md (about 14 minutes on 2 cores); `make bench BENCH_FLAGS=--quick` for a smoke run.
+# Both tables of docs/BENCHMARKS.md (about 15 minutes on 2 cores); `make bench BENCH_FLAGS=--quick` for a smoke run.
 BENCH_FLAGS ?=
 bench: install-test
 	$(PYTHON) scripts/bench_convert.py $(BENCH_FLAGS)
