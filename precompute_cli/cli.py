@@ -6,7 +6,7 @@ import json
 import signal
 import sys
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -89,7 +89,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     assume_parallel: bool = typer.Option(False, "--assume-parallel",
                                          help="Analyse as if attention and FFN ran in parallel (paper, section 3)."),
-    vocab_size: int | None = typer.Option(None, help="Analyse with this vocabulary size instead."),
+    vocab_size: int | None = typer.Option(None, help="Analyse with this vocabulary size instead (from the config "
+                                          "alone: totals are then estimated, not counted from the tensors)."),
     revision: str | None = REVISION,
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
@@ -110,6 +111,8 @@ def inspect(
             reason = recipe.refusal()
             if reason:
                 data = refused(recipe.spec, reason)
+            elif vocab_size is not None:  # a vocabulary the tensors do not have: analyse the config alone
+                data = analysis(make_plan(replace(src, shards=()), recipe), assume_parallel=assume_parallel)
             else:
                 data = analysis(make_plan(src, recipe, headers=found.headers), assume_parallel=assume_parallel)
             data["supported_model_types"] = supported()

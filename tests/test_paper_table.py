@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import build
 
 from precompute_cli.cli import main
 
@@ -95,3 +96,15 @@ def test_the_printed_table_shows_the_papers_factors(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().err  # the rich tables go to stderr, keeping stdout for --json
     assert all(f in text for f in ("(2,458x)", "(154x)", "(10x)", "(2.8x)")), text
+
+
+def test_vocab_size_on_a_checkpoint_with_weights_analyses_its_config(tmp_path, capsys):
+    """--vocab-size asks about a vocabulary the tensors do not have: the analysis comes from the config alone,
+    rather than failing on the embedding's shape."""
+    folder = build(tmp_path / "llama", "llama")
+    counted = inspect_json(capsys, str(folder))
+    asked = inspect_json(capsys, str(folder), "--vocab-size", str(2 * counted["vocab_size"]))
+    assert counted["total_params_exact"] and not asked["total_params_exact"]
+    assert asked["vocab_size"] == 2 * counted["vocab_size"]
+    assert asked["table_params"] == 2 * counted["table_params"]
+    assert asked["eliminated_linear_params"] == counted["eliminated_linear_params"]
