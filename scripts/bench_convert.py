@@ -126,7 +126,8 @@ def write_checkpoint(model: Model, folder: Path) -> bool:
         filename_pattern="model{suffix}.safetensors", max_shard_size=model.max_shard_size or 1 << 62)
     gen = torch.Generator().manual_seed(0)
     pool = (torch.randn(32 << 20, generator=gen) * 0.02).to(dtype)  # 32M values, reused at random offsets
-    pool_bytes = pool.view(torch.uint8).numpy() if dtype.itemsize == 1 else pool.view(torch.int16).numpy()
+    pool_bytes = pool.view(torch.uint8).numpy()  # the pool's bytes: value i is bytes [i * size, (i + 1) * size)
+    size = dtype.itemsize
     for filename, names in split.filename_to_tensors.items():
         writer = FileWriter(folder / filename)
         try:
@@ -136,7 +137,7 @@ def write_checkpoint(model: Model, folder: Path) -> bool:
                 while done < numel:
                     take = min(numel - done, pool.numel() // 2)
                     at = int(torch.randint(0, pool.numel() - take + 1, (1,), generator=gen))
-                    writer.write(pool_bytes[at:at + take])
+                    writer.write(pool_bytes[at * size:(at + take) * size])
                     done += take
             writer.finish()
         finally:
