@@ -247,6 +247,50 @@ def time_without_gemm(src: Path, work: Path, cold: bool) -> Run:
     return rest
 
 
+# The naive converter the issue names as the baseline to beat: load every tensor, run each GEMM over the whole
+# vocabulary at once, save every tensor (safetensors' save_file, through the page cache; no checksums). The fold's
+# norms and exact columns are skipped: only its cost matters here. argv: the source's shard files, the output
+# folder, then a JSON of what the plan knows (embedding, folded weights, removed tensors, table name and shape).
+NAIVE = """
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+shards, out, plan = [Path(p) for p in sys.argv[1:-2]], Path(sys.argv[-2]), json.loads(sys.argv[-1])
+files = {path.name: load_file(path) for path in shards}
+tensors = {name: t for f in files.values() for name, t in f.items()}
+emb = tensors[plan["embedding"]].float()
+outputs, by_width = [emb], {emb.shape[1]: emb}
+for name in sorted(plan["folded"], key=lambda n: tensors[n].shape[1] != emb.shape[1]):  # FFN down after up
+    y = by_width[tensors[name].shape[1]] @ tensors[name].float().T
+    outputs.append(y)
+    by_width.setdefault(y.shape[1], torch.nn.functional.gelu(y))
+table = torch.cat(outputs, dim=1)[:, :plan["table_shape"][1]].to(emb.dtype if plan["dtype"] == "F32" else
+                                                                   tensors[plan["embedding"]].dtype).contiguous()
+out.mkdir()
+for i, (file, contents) in enumerate(files.items()):
+    kept = {n: t for n, t in contents.items() if n not in plan["removed"]}
+    if i == 0:
+        kept[plan["table"]] = table
+    save_file(kept, out / file)
+"""
+
+
+def time_naive(plan, src: Path, work: Path, cold: bool) -> Run:
+    out = work / "naive"
+    shutil.rmtree(out, ignore_errors=True)
+    prepare_cache(src, cold)
+    known = {"embedding": plan.recipe.embedding, "folded": [n for n, s in plan.recipe.folded().items() if len(s) == 2],
+             "removed": [r.name for r in plan.removed], "table": plan.table.name,
+             "table_shape": list(plan.table.ref.shape), "dtype": plan.table.ref.dtype}
+    started = time.perf_counter()
+    naive = run([sys.executable, "-c", NAIVE, *map(str, plan.source.shards), str(out), json.dumps(known)])
+    os.sync()  # save_file leaves its bytes in the page cache; the conversion fsyncs
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out)
+    os.sync()
+    return Run(seconds, naive.cpu, naive.rss)
+
+
 def gemm_shapes(plan) -> list[tuple[int, int]]:
     """(in, out) of every matrix the fold multiplies the vocabulary's rows by: layer 0's 2-D folded weights."""
     return [(shape[1], shape[0]) for shape in plan.recipe.folded().values() if len(shape) == 2]
@@ -283,7 +327,7 @@ def fastest(runs: list[Run]) -> Run:
     return min(runs, key=lambda r: r.seconds)
 
 
-def measure(model: Model, work: Path, cold: bool, repeat: int, with_link: bool) -> dict:
+def measure(model: Model, work: Path, cold: bool, repeat: int, with_link: bool, with_naive: bool) -> dict:
     """Every step `repeat` times, the steps interleaved (so that a host whose speed drifts, as a shared VM's does,
     slows the floors and the conversion alike), the fastest of each kept."""
     src = work / model.name
@@ -299,6 +343,7 @@ def measure(model: Model, work: Path, cold: bool, repeat: int, with_link: bool) 
             "torch": lambda: time_gemm(plan.table.rows, shapes, "torch"),
             "convert": lambda: time_convert(src, work, cold),
             "rest": lambda: time_without_gemm(src, work, cold),
+            **({"naive": lambda: time_naive(plan, src, work, cold)} if with_naive else {}),
             **({"link": lambda: time_convert(src, work, cold, "--link")} if with_link else {}),
             "cp": lambda: time_copy(src, work, cold, then_sync=False),
             "cp_sync": lambda: time_copy(src, work, cold, then_sync=True),
@@ -323,6 +368,8 @@ def measure(model: Model, work: Path, cold: bool, repeat: int, with_link: bool) 
         # What no schedule on these cores beats: the GEMM's CPU plus all the conversion's other CPU, shared by the
         # cores (start-up counted as if it too ran on every core: a bound, not an estimate).
         "floor_s": max(gemm.seconds, (gemm.cpu + best["rest"].cpu) / cores),
+        "naive_s": best["naive"].seconds if with_naive else None,
+        "naive_rss": best["naive"].rss if with_naive else None,
         "peak_rss": convert.rss, "rss_bound": table + GIB, "rss_ok": convert.rss < table + GIB,
     }
 
@@ -343,7 +390,9 @@ def machine() -> str:
 
 def markdown(rows: list[dict], cold: bool) -> str:
     link = any(r["convert_link_s"] is not None for r in rows)
+    naive = any(r["naive_s"] is not None for r in rows)
     head = ("| model | source GB | shards | table MB | convert s |" + (" convert --link s |" if link else "") +
+            (" naive s (peak RSS MB) |" if naive else "") +
             " cp -r s | cp -r + sync s | GEMM s: numpy / torch (GFLOP) | **convert / max(cp, GEMM)** "
             "| convert / (cp + GEMM) | CPU s: convert / cp / GEMM / rest | floor s | floor / max(cp, GEMM) "
             "| peak RSS MB | table + 1 GiB MB "
@@ -353,6 +402,7 @@ def markdown(rows: list[dict], cold: bool) -> str:
         lines.append(
             f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} | {r['shards']} | {r['table_bytes'] / 1e6:,.0f} "
             f"| {r['convert_s']:.1f} |" + (f" {r['convert_link_s']:.1f} |" if link else "") +
+            (f" {r['naive_s']:.1f} ({r['naive_rss'] / 1e6:,.0f}) |" if naive else "") +
             f" {r['cp_s']:.1f} | {r['cp_sync_s']:.1f} | {r['gemm_numpy_s']:.1f} / {r['gemm_torch_s']:.1f} "
             f"({r['gflop']:,.0f}) "
             f"| **{r['ratio']:.2f}** | {r['ratio_sum']:.2f} "
@@ -375,6 +425,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every step N times, interleaved, and keep the fastest of each")
     parser.add_argument("--with-link", action="store_true", help="also time `convert --link`")
+    parser.add_argument("--with-naive", action="store_true",
+                        help="also time the naive converter (load all, one GEMM, save all), the baseline to beat")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if TIME is None:
@@ -392,7 +444,8 @@ def main() -> None:
                 print(f"  {model.name}: skipped, this precompute_cli has no {model.config['model_type']} recipe",
                       file=sys.stderr)
                 continue
-            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, args.with_link))
+            rows.append(measure(quick(model) if args.quick else model, work, args.cold, args.repeat, args.with_link,
+                                args.with_naive))
             print(f"  {model.name}: done ({rows[-1]['convert_s']:.1f} s to convert)", file=sys.stderr, flush=True)
     finally:
         if args.workdir is None:
