@@ -190,4 +190,3 @@ def render_conversion(console: Console, report: ConversionReport) -> None:
 def _factor(x: float) -> str:
     """2,458x as the paper prints it; below 10 one decimal, so that a small model's 0.4x does not read as 0x."""
     return f"{x:,.0f}x" if x >= 10 else f"{x:.1f}x"
-

@@ -161,7 +161,7 @@ def from_float(x: np.ndarray, st_dtype: str, out: np.ndarray | None = None) -> n
     written into `out` (any view of the right shape) when given."""
     if out is None:
         out = np.empty(np.shape(x), dtype=DTYPES[st_dtype])
-    if st_dtype == "F16" and "torch" in sys.modules and out.strides[-1] == out.itemsize:
+    if st_dtype == "F16" and "torch" in sys.modules and out.ndim and out.strides[-1] == out.itemsize:
         # numpy casts to float16 one value at a time (2.5 ns each: 1 CPU-second for Pythia-1.4B's table), torch
         # with vector instructions, 15x faster and to the same bits. Only when torch is loaded already (models with
         # exact GELU load it for erf): importing it for this alone would cost more than it saves.

@@ -88,3 +88,4 @@ def test_rounding_to_float16_with_torch_loaded_gives_numpys_bits():
         expected = x.astype(np.float16)
     assert np.array_equal(ours.view(np.uint16), expected.view(np.uint16))
     assert not into[:, :2].any() and not into[:, -2:].any()
+    assert st_io.from_float(np.float32(3.5), "F16") == np.float16(3.5)  # a scalar goes numpy's way
