@@ -194,28 +194,29 @@ def run(cmd: list[str]) -> Run:
     return Run(seconds, float(user) + float(system), int(kib) * 1024)
 
 
-def time_copy(src: Path, work: Path, cold: bool, then_sync: bool) -> Run:
-    dst = work / "copy"
-    shutil.rmtree(dst, ignore_errors=True)
+def time_step(cmd: list[str], out: Path, src: Path, cold: bool, then_sync: bool = False) -> Run:
+    """One timed command that writes `out` from `src`: the cache prepared first, `out` deleted after (and synced,
+    so the next step does not pay for this one's writeback). `then_sync` counts a sync in the time, for commands
+    that leave their output in the page cache (the conversion fsyncs its own)."""
+    shutil.rmtree(out, ignore_errors=True)
     prepare_cache(src, cold)
     started = time.perf_counter()
-    copied = run(["cp", "-r", str(src), str(dst)])
+    measured = run(cmd)
     if then_sync:
         os.sync()
     seconds = time.perf_counter() - started
-    shutil.rmtree(dst)
+    shutil.rmtree(out)
     os.sync()
-    return Run(seconds, copied.cpu, copied.rss)
+    return Run(seconds, measured.cpu, measured.rss)
+
+
+def time_copy(src: Path, work: Path, cold: bool, then_sync: bool) -> Run:
+    return time_step(["cp", "-r", str(src), str(work / "copy")], work / "copy", src, cold, then_sync)
 
 
 def time_convert(src: Path, work: Path, cold: bool, *flags: str) -> Run:
     out = work / "converted"
-    shutil.rmtree(out, ignore_errors=True)
-    prepare_cache(src, cold)
-    converted = run([sys.executable, "-m", "precompute_cli", "convert", str(src), str(out), *flags])
-    shutil.rmtree(out)
-    os.sync()
-    return converted
+    return time_step([sys.executable, "-m", "precompute_cli", "convert", str(src), str(out), *flags], out, src, cold)
 
 
 # The conversion as the CLI runs it, with every GEMM replaced by a product of the right shape that costs nothing:
@@ -239,12 +240,7 @@ with ops.gemms_with(no_gemm):
 
 def time_without_gemm(src: Path, work: Path, cold: bool) -> Run:
     out = work / "converted"
-    shutil.rmtree(out, ignore_errors=True)
-    prepare_cache(src, cold)
-    rest = run([sys.executable, "-c", WITHOUT_GEMM, "convert", str(src), str(out)])
-    shutil.rmtree(out)
-    os.sync()
-    return rest
+    return time_step([sys.executable, "-c", WITHOUT_GEMM, "convert", str(src), str(out)], out, src, cold)
 
 
 # The naive converter the issue names as the baseline to beat: load every tensor, run each GEMM over the whole
@@ -277,23 +273,21 @@ for i, (file, contents) in enumerate(files.items()):
 
 def time_naive(plan, src: Path, work: Path, cold: bool) -> Run:
     out = work / "naive"
-    shutil.rmtree(out, ignore_errors=True)
-    prepare_cache(src, cold)
-    known = {"embedding": plan.recipe.embedding, "folded": [n for n, s in plan.recipe.folded().items() if len(s) == 2],
+    known = {"embedding": plan.recipe.embedding, "folded": list(gemm_weights(plan)),
              "removed": [r.name for r in plan.removed], "table": plan.table.name,
              "table_shape": list(plan.table.ref.shape), "dtype": plan.table.ref.dtype}
-    started = time.perf_counter()
-    naive = run([sys.executable, "-c", NAIVE, *map(str, plan.source.shards), str(out), json.dumps(known)])
-    os.sync()  # save_file leaves its bytes in the page cache; the conversion fsyncs
-    seconds = time.perf_counter() - started
-    shutil.rmtree(out)
-    os.sync()
-    return Run(seconds, naive.cpu, naive.rss)
+    return time_step([sys.executable, "-c", NAIVE, *map(str, plan.source.shards), str(out), json.dumps(known)],
+                     out, src, cold, then_sync=True)  # save_file leaves its bytes in the page cache
+
+
+def gemm_weights(plan) -> dict[str, tuple[int, ...]]:
+    """The matrices the fold multiplies the vocabulary's rows by: layer 0's 2-D folded weights, [out, in]."""
+    return {name: shape for name, shape in plan.recipe.folded().items() if len(shape) == 2}
 
 
 def gemm_shapes(plan) -> list[tuple[int, int]]:
-    """(in, out) of every matrix the fold multiplies the vocabulary's rows by: layer 0's 2-D folded weights."""
-    return [(shape[1], shape[0]) for shape in plan.recipe.folded().values() if len(shape) == 2]
+    """(in, out) of each GEMM the fold runs."""
+    return [(shape[1], shape[0]) for shape in gemm_weights(plan).values()]
 
 
 def time_gemm(rows: int, shapes: list[tuple[int, int]], library: str, chunk: int = 4096) -> Run:
