@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.source import AUX_PATTERNS, WEIGHT_PATTERNS
-from precompute_cli.st_io import DTYPES, TensorRef
+from precompute_cli.source import AUX_PATTERNS, WEIGHT_PATTERNS, by_name
+from precompute_cli.st_io import TensorRef, check_dtype
 
 PATTERNS = [*WEIGHT_PATTERNS, *AUX_PATTERNS]  # the only files ever downloaded (source.py owns the lists)
 
@@ -120,15 +120,11 @@ def remote_tensors(repo_id: str, sha: str, token: str | None = None) -> dict[str
 
     with _hub_errors(repo_id, sha, False):
         meta = get_safetensors_metadata(repo_id, revision=sha, token=token)
-    found: dict[str, TensorRef] = {}
-    for file, header in sorted(meta.files_metadata.items()):
-        for name, t in header.tensors.items():
-            if t.dtype not in DTYPES:
-                raise InputError(f"{repo_id}: {file} on the Hub: tensor {name} has unknown dtype {t.dtype!r}")
-            if name in found:
-                raise InputError(f"{repo_id}: {file} on the Hub: tensor {name} also appears in another file")
-            found[name] = TensorRef(name, t.dtype, tuple(t.shape))
-    return found
+    files = {f"{repo_id}: {file} on the Hub": header.tensors for file, header in sorted(meta.files_metadata.items())}
+    for where, tensors in files.items():
+        for name, t in tensors.items():
+            check_dtype(where, name, t.dtype)
+    return {name: TensorRef(name, t.dtype, tuple(t.shape)) for name, (_, t) in by_name(files).items()}
 
 
 def check_repo_id(repo_id: str, where: str = "--push-to-hub") -> None:

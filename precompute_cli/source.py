@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from precompute_cli.errors import InputError
 from precompute_cli.st_io import Header, TensorInfo, TensorRef, read_header
 
 if TYPE_CHECKING:
     from precompute_cli.hub import Pull
+
+F, T = TypeVar("F"), TypeVar("T")  # a checkpoint file (a path, a name on the Hub) and what its header says of a tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied verbatim to the output (and the only non-weight files downloaded from the Hub).
@@ -47,12 +49,7 @@ class Source:
 
     def tensors(self) -> dict[str, tuple[Path, TensorInfo]]:
         """Every tensor of the checkpoint by name, checked against the index file when there is one."""
-        found: dict[str, tuple[Path, TensorInfo]] = {}
-        for path, header in self.headers().items():
-            for name, info in header.tensors.items():
-                if name in found:
-                    raise InputError(f"{path}: tensor {name} also appears in {found[name][0].name}")
-                found[name] = (path, info)
+        found = by_name({path: header.tensors for path, header in self.headers().items()}, lambda path: path.name)
         index = self.root / INDEX_NAME
         if len(self.shards) > 1 and index.exists():
             weight_map = _read_index(index)
@@ -60,6 +57,18 @@ class Source:
                 if name not in found or found[name][0].name != shard:
                     raise InputError(f"{index}: says {name} is in {shard}, but that shard does not hold it")
         return found
+
+
+def by_name(files: Mapping[F, Mapping[str, T]], label: Callable[[F], object] = str) -> dict[str, tuple[F, T]]:
+    """Every tensor of a checkpoint's files by name, with its file; a name in two files is refused (which one
+    would a loader take?)."""
+    found: dict[str, tuple[F, T]] = {}
+    for file, tensors in files.items():
+        for name, tensor in tensors.items():
+            if name in found:
+                raise InputError(f"{file}: tensor {name} also appears in {label(found[name][0])}")
+            found[name] = (file, tensor)
+    return found
 
 
 def resolve(ref: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Source:

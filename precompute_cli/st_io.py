@@ -106,12 +106,17 @@ def read_header(path: Path) -> Header:
     return Header(path, {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}, data_start)
 
 
+def check_dtype(where: object, name: str, dtype: object) -> None:
+    """A header's dtype must be one we can read (a local file's header, or one on the Hub)."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object here is unhashable: check the type first
+        raise InputError(f"{where}: tensor {name} has unknown dtype {dtype!r}")
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise InputError(f"{path}: header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object here is unhashable: check the type first
-        raise InputError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+    check_dtype(path, name, dtype)
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise InputError(f"{path}: tensor {name} has an invalid shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):

@@ -229,6 +229,36 @@ def test_index_and_shard_disagree(capsys, tmp_path):
     refused(capsys, tmp_path, folder, str(index), Q, "does not hold it")
 
 
+def test_a_tensor_in_two_shards(capsys, tmp_path, src):
+    """Two files (no index) that both hold the same tensors: which would a loader take? Refused, naming both."""
+    (src / "model.safetensors").rename(src / "model-a.safetensors")
+    (src / "model-b.safetensors").write_bytes((src / "model-a.safetensors").read_bytes())
+    refused(capsys, tmp_path, src, "model-b.safetensors", "also appears in model-a.safetensors")
+
+
+def test_hub_headers_are_refused_as_local_ones_are(monkeypatch):
+    """The headers of an uncached Hub repo get the local checks: a dtype we cannot read, a name in two files."""
+    from types import SimpleNamespace
+
+    from precompute_cli import hub
+    from precompute_cli.errors import InputError
+
+    def serve(files):
+        meta = SimpleNamespace(files_metadata={f: SimpleNamespace(tensors={n: SimpleNamespace(dtype=d, shape=[2])
+                                                                             for n, d in t.items()})
+                                               for f, t in files.items()})
+        monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", lambda *a, **k: meta)
+
+    serve({"a.safetensors": {"w": "F16"}, "b.safetensors": {"v": "BF16"}})
+    assert set(hub.remote_tensors("org/m", "main")) == {"w", "v"}
+    serve({"a.safetensors": {"w": "Q4_K"}})
+    with pytest.raises(InputError, match="org/m: a.safetensors on the Hub: tensor w has unknown dtype 'Q4_K'"):
+        hub.remote_tensors("org/m", "main")
+    serve({"a.safetensors": {"w": "F16"}, "b.safetensors": {"w": "F16"}})
+    with pytest.raises(InputError, match="b.safetensors on the Hub: tensor w also appears in org/m: a.safetensors"):
+        hub.remote_tensors("org/m", "main")
+
+
 class _Payload:
     """Unpickling this creates a file: proof, if it ever appears, that something unpickled our input."""
 
