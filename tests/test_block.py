@@ -61,6 +61,18 @@ def test_whether_the_table_stores_the_residual_is_the_recipes_decision(converted
     assert (block.residual is None) is tied
 
 
+def test_inspect_takes_the_table_width_from_the_plan_and_the_recipe(converted):
+    """A tied serial block keeps x out of the table; assumed parallel, the recipe's rule puts it back in."""
+    from precompute_cli.report import analysis
+
+    src = resolve(str(converted[True][0]))
+    plan = make_plan(src, load_recipe(src))
+    spec = plan.recipe.spec
+    assert analysis(plan)["table_width"] == plan.table.width == spec.q_dim + 2 * spec.kv_dim
+    assert analysis(plan, assume_parallel=True)["table_width"] == spec.hidden_size + spec.q_dim + 2 * spec.kv_dim
+    assert plan.recipe.spec.block == "serial" and plan.table.columns["residual"] is None  # the plan is untouched
+
+
 def _good() -> dict:
     return {
         "format": 1, "layer": 0, "block": "serial", "table": "precompute.table", "dtype": "BF16",
@@ -121,6 +133,13 @@ def test_a_malformed_block_is_refused_in_one_sentence(change, message):
     assert text.startswith("out/config.json: ") and message in text
     assert "\n" not in text and text.count(". ") == 0
     assert caught.value.exit_code == 2
+
+
+def test_the_block_is_written_in_the_key_order_converted_checkpoints_already_have():
+    """Checkpoints converted before block.py have this text; a rerun must still give the same bytes."""
+    good = _good()
+    assert json.dumps(PrecomputeBlock.read({"precompute": good}, "config.json").as_dict(), indent=2) == \
+        json.dumps(good, indent=2)
 
 
 def test_no_block_at_all_is_not_a_converted_checkpoint():
