@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-import precompute_cli
 from precompute_cli import native
+from precompute_cli.block import PrecomputeBlock
 from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.hub import published_sha256
 from precompute_cli.plan import Plan
 from precompute_cli.recipes import ops
 from precompute_cli.source import INDEX_NAME
@@ -57,22 +56,6 @@ class Result:
     out: Path
     files: tuple[OutputFile, ...]
     seconds: float
-
-
-def precompute_block(plan: Plan) -> dict:
-    """The config.json entry that marks a converted checkpoint; the runtime and inspect read only this."""
-    src = plan.source
-    return {
-        "format": 1,
-        "layer": 0,
-        "block": plan.recipe.spec.block,
-        "table": plan.table.name,
-        "dtype": plan.table.dtype,
-        "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
-        "removed": [r.name for r in plan.removed],
-        "source": {"id": src.ref, "revision": src.revision},
-        "tool": {"name": "precompute-cli", "version": precompute_cli.__version__},
-    }
 
 
 def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress | None = None,
@@ -232,7 +215,7 @@ def _file_jobs(plan: Plan, tmp: Path, link: bool) -> list[FileJob]:
         if shard.unchanged:
             size = shard.source.stat().st_size
             jobs.append(FileJob(tmp / shard.name, b"", ((shard.source, 0, size),), link=shard.source if link else None,
-                                sha256=published_sha256(shard.source)))
+                                sha256=shard.published_sha256))
             continue
         refs = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
         if shard.has_table:
@@ -373,8 +356,7 @@ def _prefetch(path: Path, start: int, nbytes: int) -> None:
 
 
 def _write_metadata(plan: Plan, tmp: Path) -> None:
-    config = dict(plan.recipe.cfg.data)
-    config["precompute"] = precompute_block(plan)
+    config = PrecomputeBlock.of(plan).added_to(plan.recipe.cfg.data)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(plan.shards) > 1:
         weight_map = {i.name: s.name for s in plan.shards for i in s.kept}

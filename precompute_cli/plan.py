@@ -6,11 +6,13 @@ mismatch is found before a byte is written. `--dry-run`, `inspect`, the report a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from precompute_cli.block import KEY, is_converted
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.recipes.base import Weights
@@ -46,6 +48,8 @@ class ShardPlan:
     source_count: int  # tensors in the source shard (-1: gathered from several source shards)
     has_table: bool
     sources: tuple[Path, ...] = ()  # per kept tensor, when they come from several files (--max-shard-size)
+    # `source`'s sha256 as the Hub published it, where known (copying it whole needs no hashing); none when gathered
+    published_sha256: str | None = None
 
     @property
     def unchanged(self) -> bool:
@@ -111,8 +115,8 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     config-only source): the plan is checked and sized against them as against local files, but has no shards and
     no inputs, since there is nothing here to read or copy (execute refuses it)."""
     cfg = recipe.cfg
-    if "precompute" in cfg.data:
-        raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a 'precompute' block)")
+    if is_converted(cfg.data):
+        raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a '{KEY}' block)")
     reason = recipe.refusal()
     if reason:
         raise InputError(f"{cfg.path}: {reason}")
@@ -147,9 +151,9 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
     elif max_shard_size is None:
-        shards = _shards(tensors, removed_names, disk[recipe.embedding])
+        shards = _shards(tensors, removed_names, disk[recipe.embedding], source.published)
     else:
-        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size)
+        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size, source.published)
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
         inputs=inputs,
@@ -175,7 +179,8 @@ def _table_dtype(requested: str | None, embedding_dtype: str) -> str:
     return NAME_TO_ST[requested]
 
 
-def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str) -> tuple[ShardPlan, ...]:
+def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str,
+            published: Mapping[Path, str]) -> tuple[ShardPlan, ...]:
     """Mirror the source's shards; the table goes where the embedding was."""
     by_file: dict[Path, list[TensorInfo]] = {}
     for path, info in tensors.values():
@@ -186,7 +191,8 @@ def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embe
     for path, infos in sorted(by_file.items()):
         kept = tuple(sorted((i for i in infos if i.name not in removed), key=lambda i: i.start))
         if kept or path == table_home:
-            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home))
+            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home,
+                                   published_sha256=published.get(path)))
     return tuple(plans)
 
 
@@ -210,7 +216,7 @@ def parse_size(text: str) -> int:
 
 
 def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str, table: TablePlan,
-               max_shard_size: int) -> tuple[ShardPlan, ...]:
+               max_shard_size: int, published: Mapping[Path, str]) -> tuple[ShardPlan, ...]:
     """Split the output afresh, in the source's order, the table where the embedding was (after it when kept).
 
     huggingface_hub's size-based split (what save_pretrained uses): a tensor larger than the limit, such as a big
@@ -239,5 +245,5 @@ def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], e
         whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))]
         home = pieces[0][0] if pieces else next(iter(tensors.values()))[0]
         plans.append(ShardPlan(name, home, tuple(i for _, i in pieces), len(pieces) if whole else -1, has_table,
-                               () if whole else tuple(p for p, _ in pieces)))
+                               () if whole else tuple(p for p, _ in pieces), published.get(home) if whole else None))
     return tuple(plans)

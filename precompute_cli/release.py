@@ -22,8 +22,9 @@ from typing import Any
 
 import precompute_cli
 from precompute_cli import conversion, hub, modelcard
+from precompute_cli.block import PrecomputeBlock
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.execute import Progress, precompute_block
+from precompute_cli.execute import Progress
 from precompute_cli.report import ConversionReport
 from precompute_cli.source import INDEX_NAME, Source, is_hub_id, resolve
 from precompute_cli.st_io import NAME_TO_ST
@@ -194,7 +195,7 @@ def _run(entry: Entry, out_root: Path, state: dict[str, Any], push: bool, offlin
             outcome.notes.append("not verified: precompute_cli.verify is not available")
         elif not outcome.verify.get("passed", False):
             raise PrecomputeError(outcome.verify.get("failure") or f"{out}: does not verify against {entry.source}")
-        block = precompute_block(done.plan)
+        block = PrecomputeBlock.of(done.plan)
         if will_push:
             outcome.url = hub.publish(out, entry.repo, outcome.report, block, entry.private, token, outcome.verify)
             outcome.pushed = entry.repo
