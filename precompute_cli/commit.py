@@ -102,8 +102,13 @@ def _renameat2() -> Callable[..., int] | None:
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """An exclusive flock on the folder itself (it leaves no file behind). A file system that has no locks (some
-    network mounts) is committed to without one: the renames' own checks still hold there."""
-    fd = os.open(folder, os.O_RDONLY)
+    network mounts), or a folder this user may write but not list, is committed to without one: the renames' own
+    checks still hold there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
