@@ -90,9 +90,12 @@ def stopped_run(barrier: Path, mode: str, *args) -> Iterator[Stopped]:
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     run = Stopped(proc, barrier / "go")
     try:
+        deadline = time.monotonic() + 120
         while not reached.exists():
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before its commit: {proc.communicate()[1].decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail("the run did not reach its commit in 120 s")
             time.sleep(0.01)
         yield run
         run.release()
