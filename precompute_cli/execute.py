@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute_cli import native
+from precompute_cli import native, space
 from precompute_cli.block import PrecomputeBlock
 from precompute_cli.check import sha256, write_manifest
+from precompute_cli.commit import commit, exists_error
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.plan import Plan
 from precompute_cli.recipes import ops
@@ -68,9 +69,10 @@ def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress |
     if out.resolve() == source_root or out.resolve() in source_root.parents:
         raise InputError(f"{out}: holds the source checkpoint; converting into it would replace the source")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"{out}: already exists and is not empty (use --overwrite to replace it)")
+        raise exists_error(out)  # early, to save the work; the commit checks again, atomically
+    space.check(plan, out, link)
     try:
-        with _staging(out) as tmp:
+        with _staging(out, overwrite) as tmp:
             digests = _write_shards(plan, tmp, progress, link, device)
             _write_metadata(plan, tmp)
             _check_written(tmp)
@@ -100,10 +102,11 @@ def _check_written(tmp: Path) -> None:
 
 
 @contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside OUT, renamed into place on success and deleted on any failure or signal.
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside OUT, committed in its place on success (commit.py) and deleted on any failure,
+    signal, or when another run's OUT got there first.
 
-    The swap and the cleanup run with SIGINT/SIGTERM deferred, so a second Ctrl-C cannot strand a half-deleted
+    The commit and the cleanup run with SIGINT/SIGTERM deferred, so a second Ctrl-C cannot strand a half-deleted
     folder; folders made for OUT's parent are removed again when nothing was committed."""
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,23 +119,16 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         with _signals_deferred():
-            old = out.parent / f".{out.name}.precompute-old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            if out.exists():
-                os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                if old.exists():
-                    os.rename(old, out)
-                raise
+            _remove(out.parent / f".{out.name}.precompute-old-{os.getpid()}")
+            replaced = commit(tmp, out, overwrite)
             committed = True
-            shutil.rmtree(old, ignore_errors=True)
+            if replaced is not None:
+                _remove(replaced)
             _fsync_dir(out.parent)
     finally:
         try:
             with _signals_deferred():
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove(tmp)
                 for folder in [] if committed else created:
                     try:
                         folder.rmdir()
@@ -153,6 +149,14 @@ def _reap_abandoned(out: Path) -> None:
         if kind.endswith(".precompute-old") and not out.exists():
             continue  # a swap cut short between its two renames: this is the only copy of the old OUT
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or what an --overwrite replaced (a file or a link where OUT was); missing is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

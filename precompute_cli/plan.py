@@ -18,10 +18,13 @@ from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.recipes.base import Weights
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, read_array
+from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array
 
 TABLE_NAME = "precompute.table"
 SINGLE_FILE = "model.safetensors"
+# Bytes allowed for what a plan does not size exactly: the "precompute" block added to config.json, the index's
+# framing, the headers' metadata.
+METADATA_MARGIN = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,22 @@ class Plan:
     def bytes_after(self) -> int | None:
         removed, added = sum(r.nbytes for r in self.removed), self.table.ref.nbytes
         return None if self.bytes_before is None else self.bytes_before - removed + added
+
+    def output_bytes(self, link: bool = False) -> int:
+        """What OUT will take on disk: every file's header and tensors, the files copied verbatim, and a margin
+        for config.json and the index; with `link`, less the whole files that are hard-linked (they share the
+        source's blocks)."""
+        total = METADATA_MARGIN + sum(p.stat().st_size for p in (self.source.config_path, *self.source.aux))
+        for shard in self.shards:
+            if shard.unchanged:
+                total += 0 if link else shard.source.stat().st_size
+                continue
+            refs = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
+            refs += [self.table.ref] if shard.has_table else []
+            total += len(encode_header(refs, {})) + sum(r.nbytes for r in refs)
+        if len(self.shards) > 1:  # the index: a line per tensor
+            total += sum(len(i.name) + 64 for s in self.shards for i in s.kept)
+        return total
 
     @property
     def from_config_only(self) -> bool:
