@@ -136,11 +136,11 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
                **from_pretrained: Any) -> nn.Module:
     """A transformers causal LM for a converted checkpoint (needs the `runtime` extra: transformers).
 
-    Keyword arguments go to `from_pretrained` (device_map, attn_implementation, ...); `device` is a device_map
-    for one device (as transformers, a device_map other than the CPU needs accelerate), so the weights are loaded
-    there directly, and the table is read onto the input embedding's device. Refuses a checkpoint that lacks a tensor the
-    conversion did not remove, or holds one the model does not have: transformers would fill the first with
-    random values and ignore the second."""
+    Keyword arguments go to `from_pretrained` (device_map, attn_implementation, ...). `device` is a device_map
+    for one device (as with transformers, any but the CPU needs accelerate), so the weights load there directly;
+    the table is read onto the input embedding's device. Refuses a checkpoint that lacks a tensor the conversion
+    did not remove, or holds one the model does not have: transformers would fill the first with random values
+    and ignore the second."""
     try:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
