@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,35 @@ def test_sampling_with_a_seed_equals_the_originals(llama):
     assert out[0] == out[1]
     torch.manual_seed(4321)
     assert converted.generate(ids, max_new_tokens=16, do_sample=True, top_k=0, temperature=1.5).tolist() != out[1]
+
+
+def test_threads_share_one_model(llama):
+    """Each thread's forward call has its own table rows: two threads running different inputs at once each get
+    their own result (one shared slot of rows would hand one thread's q, k, v to the other)."""
+    _, _, original, converted = llama
+    inputs = [torch.tensor([[i, i + 1, i + 2, i + 3] * 4]) for i in (5, 50)]
+    with torch.no_grad():
+        want = [original(ids).logits for ids in inputs]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            start.wait()
+            for _ in range(150):
+                with torch.no_grad():
+                    torch.testing.assert_close(converted(inputs[k]).logits, want[k], rtol=1e-4, atol=1e-5)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as Python can, so that calls interleave
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
