@@ -323,37 +323,50 @@ class _Amount(ProgressColumn):
 
 
 class _progress:
-    """Long work's progress on stderr (so --json output stays clean), one line per step, from the first step on;
-    entering it gives the hook the work reports through (precompute_cli.progress), or None when quiet."""
+    """Long work's progress on stderr (so --json output stays clean), one line per step; entering it gives the hook
+    the work reports through (precompute_cli.progress), or None when quiet.
+
+    A Hub download, while the source is resolved, draws huggingface_hub's own bars (bytes, time left); ours start
+    with the first step after it, and when quiet, theirs are silenced too."""
 
     def __init__(self, label: str = ""):
         self.label = f"{label}: " if label else ""
         self.bar = None
+        self.hub_bars: bool | None = None
 
     def __enter__(self) -> Progress | None:
         if _quiet_here():
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+            self.hub_bars = not are_progress_bars_disabled()
+            disable_progress_bars()
             return None
         from rich.progress import Progress as Bars
 
-        self.bar = Bars(SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), _Amount(),
-                        TimeRemainingColumn(), console=console, transient=True)
-        self.bar.__enter__()
+        bar = Bars(SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), _Amount(),
+                   TimeRemainingColumn(), console=console, transient=True)
         tasks: dict[str, Any] = {}
 
         def update(step: str, done: int, total: int) -> None:
+            if step == "resolving":  # a download, if any, is drawn by huggingface_hub
+                return
+            if self.bar is None:
+                self.bar = bar
+                bar.__enter__()
             if step not in tasks:
-                for other in tasks.values():  # a step that could not say how far it was is over when another starts
-                    if self.bar.tasks[other].total is None:
-                        self.bar.update(other, visible=False)
                 label, unit = STEPS.get(step, (step, ""))
-                tasks[step] = self.bar.add_task(f"{escape(self.label)}{label}", total=None, unit=unit)
-                self.bar.refresh()  # drawn as it starts, not at the next tick
+                tasks[step] = bar.add_task(f"{escape(self.label)}{label}", total=None, unit=unit)
+                bar.refresh()  # drawn as it starts, not at the next tick
             task = tasks[step]  # several threads report: keep the furthest
-            self.bar.update(task, completed=max(done, self.bar.tasks[task].completed), total=total or None)
+            bar.update(task, completed=max(done, bar.tasks[task].completed), total=total or None)
 
         return update
 
     def __exit__(self, *exc):
+        if self.hub_bars:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
         return self.bar.__exit__(*exc) if self.bar else None
 
 

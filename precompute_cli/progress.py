@@ -13,7 +13,7 @@ Progress = Callable[[str, int, int], None]  # (step, done, total)
 
 # step -> (what the user sees, unit), in the order a conversion meets them
 STEPS: dict[str, tuple[str, str]] = {
-    "resolving": ("finding the checkpoint", ""),
+    "resolving": ("finding the checkpoint", ""),  # a Hub download: huggingface_hub draws its own bars
     "reading": ("reading layer 0's weights", "bytes"),
     "folding": ("folding layer 0 into the table", "rows"),
     "copying": ("copying the other tensors", "bytes"),
