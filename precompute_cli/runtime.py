@@ -157,6 +157,7 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     if device is not None and torch.device(device).type != "cpu":  # transformers loads onto the CPU by itself
         from_pretrained.setdefault("device_map", device)  # (a device_map needs accelerate installed)
     wants_info = from_pretrained.pop("output_loading_info", False)
+    from_pretrained.setdefault("ignore_mismatched_sizes", True)  # reported, then refused by name (not a bare raise)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design; checked below instead
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -187,17 +188,22 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
 
 def _check_loaded(src, model: nn.Module, unloaded: dict[str, torch.Tensor | None], info: dict,
                   table: str) -> None:
-    """No tensor of the patched model may be one transformers filled at random, and the checkpoint may hold
-    nothing but the model's tensors and the table: the error names the rest."""
+    """No tensor of the patched model may be one transformers filled at random (missing, or of the wrong shape),
+    and the checkpoint may hold nothing but the model's tensors and the table: the error names the rest."""
     live = {id(t) for t in (*model.parameters(), *model.buffers())}
     random = sorted(name for name, t in unloaded.items() if t is None or id(t) in live)
     unexpected = sorted(set(info["unexpected_keys"]) - {table})
     mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", ()))
-    problems = [f"lacks {', '.join(random)} (the conversion did not remove them; they would be random)"] * bool(
-        random) + [f"holds {', '.join(unexpected)}, which the model does not have"] * bool(unexpected) + [
-        f"has the wrong shape for {', '.join(mismatched)}"] * bool(mismatched)
+    problems = []
+    if random:
+        problems.append(f"lacks {', '.join(random)} (the conversion did not remove them; they would be random)")
+    if unexpected:
+        problems.append(f"holds {', '.join(unexpected)}, which the model does not have")
+    if mismatched:
+        problems.append(f"has the wrong shape for {', '.join(mismatched)}")
     if problems:
-        raise InputError(f"{src.root}: not a complete converted checkpoint: it " + "; it ".join(problems))
+        raise InputError(f"{src.root}: the converted checkpoint does not match its config: it "
+                         + "; it ".join(problems))
 
 
 def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> None:

@@ -84,6 +84,13 @@ def test_an_unexpected_tensor_is_refused(llama, tmp_path):
         load_model(broken)
 
 
+def test_a_tensor_of_the_wrong_shape_is_refused(llama, tmp_path):
+    _, out, _, _ = llama
+    broken = _edited(out, tmp_path / "reshaped", add={"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 95)})
+    with pytest.raises(InputError, match=r"wrong shape for model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(broken)
+
+
 def test_the_cli_names_the_lost_tensor(llama, tmp_path, capsys):
     """verify goes through load_model: the refusal reaches the user as one sentence, exit 2."""
     src, out, _, _ = llama
