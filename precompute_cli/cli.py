@@ -134,8 +134,10 @@ def inspect(
     token: str | None = TOKEN,
     check: bool = typer.Option(False, "--check", help="Re-hash every file of a converted folder against the "
                                "SHA256SUMS that convert wrote into it; exit 2 if any file changed or is missing."),
+    quiet: bool = QUIET,
 ) -> None:
     """Explain a checkpoint: its architecture and what converting it gains, or what a converted one holds."""
+    _be_quiet(quiet)
     if check:
         _check(Path(checkpoint), as_json)
         return

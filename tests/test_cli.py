@@ -179,8 +179,10 @@ def test_no_progress_when_stdout_is_not_a_terminal(llama, tmp_path, capsys, monk
     assert code == 0 and "output files" in drawn.getvalue() and "folding" not in drawn.getvalue()
 
 
-def test_inspect_check_draws_hashing_on_a_terminal(llama, capsys, monkeypatch):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_inspect_check_draws_hashing_on_a_terminal(llama, capsys, monkeypatch, quiet):
     _, out = llama
     terminal = pretend_terminal(monkeypatch)
-    code, _, _ = run_cli(capsys, "inspect", out, "--check")
-    assert code == 0 and "hashing" in terminal.getvalue()
+    code, _, _ = run_cli(capsys, "inspect", out, "--check", *(["-q"] if quiet else []))
+    assert code == 0 and "every file listed" in terminal.getvalue()
+    assert ("hashing" in terminal.getvalue()) is not quiet
