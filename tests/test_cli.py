@@ -53,6 +53,8 @@ def test_help_lists_the_choices_the_version_and_debug(capsys, wide):
     assert code == 0 and "float32|bfloat16|float16" in out and "cpu|cuda|cuda:N" in out and "--quiet" in out
     code, out, _ = run_cli(capsys, "verify", "--help")
     assert code == 0 and "float32|bfloat16|float16" in out
+    code, out, _ = run_cli(capsys)  # no command at all: the help, as a usage error
+    assert code == 2 and "Usage:" in out and "convert" in out
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
