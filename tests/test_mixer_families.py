@@ -27,6 +27,10 @@ CASES = {
                       embedding_multiplier=2.0, attention_in_multiplier=0.5, key_multiplier=1.5,
                       ssm_in_multiplier=0.7, ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 2.0], ssm_out_multiplier=0.9,
                       attention_out_multiplier=1.1, lm_head_multiplier=0.8, mlp_multipliers=[1.3, 0.6]),
+    "lfm2": dict(model_type="lfm2", layer_types=["conv", "full_attention"]),
+    "lfm2-bias-untied": dict(model_type="lfm2", full_attn_idxs=[1], conv_bias=True, tie_word_embeddings=False),
+    "lfm2_moe": dict(model_type="lfm2_moe", layer_types=["conv", "full_attention"], num_dense_layers=1,
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 
 

@@ -14,6 +14,7 @@ from precompute_cli.recipes import (  # noqa: F401
     olmo,
     phi,
     phi3,
+    short_conv,
     stablelm,
 )
 from precompute_cli.recipes.base import REGISTRY, Recipe, RuntimePatch, recipe_for, supported
