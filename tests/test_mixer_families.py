@@ -8,6 +8,8 @@ from tiny import assert_equivalent, build, convert
 
 MAMBA2 = dict(num_heads=8, head_dim=16, n_groups=2, state_size=16, chunk_size=4)
 MAMBA2_KEYS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=4)
+GDN = dict(linear_num_key_heads=2, linear_key_head_dim=16, linear_num_value_heads=4, linear_value_head_dim=16,
+           head_dim=16, layer_types=["linear_attention", "full_attention"])
 
 CASES = {
     "mamba": dict(model_type="mamba", state_size=8),
@@ -31,6 +33,11 @@ CASES = {
     "lfm2-bias-untied": dict(model_type="lfm2", full_attn_idxs=[1], conv_bias=True, tie_word_embeddings=False),
     "lfm2_moe": dict(model_type="lfm2_moe", layer_types=["conv", "full_attention"], num_dense_layers=1,
                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen3_next": dict(model_type="qwen3_next", **GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "qwen3_5_text": dict(model_type="qwen3_5_text", **GDN),
+    "qwen3_5_moe_text": dict(model_type="qwen3_5_moe_text", **GDN, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=32),
 }
 
 

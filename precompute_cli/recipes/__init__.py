@@ -5,6 +5,7 @@ from precompute_cli.recipes import (  # noqa: F401
     bloom,
     cohere,
     falcon,
+    gated_deltanet,
     gemma,
     gpt_neox,
     gptj,
