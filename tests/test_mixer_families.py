@@ -38,6 +38,10 @@ CASES = {
     "qwen3_5_text": dict(model_type="qwen3_5_text", **GDN),
     "qwen3_5_moe_text": dict(model_type="qwen3_5_moe_text", **GDN, num_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "kimi_linear": dict(model_type="kimi_linear", num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        linear_attn_config={"head_dim": 16, "num_heads": 4, "kda_layers": [1], "full_attn_layers": [2],
+                                            "short_conv_kernel_size": 4},
+                        num_experts=4, num_experts_per_token=2, moe_intermediate_size=32),
 }
 
 

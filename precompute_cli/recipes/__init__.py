@@ -9,6 +9,7 @@ from precompute_cli.recipes import (  # noqa: F401
     gemma,
     gpt_neox,
     gptj,
+    kimi_linear,
     llama,
     mamba,
     mpt,

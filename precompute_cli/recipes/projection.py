@@ -8,7 +8,7 @@ its conv, recurrence, gates and output projection, and the runtime feeds the loo
 
 A family is a declaration: where its layer 0 lives, its input norm, its embedding multiplier, and the projections
 (`Projection`: module, column groups, bias) its layer-0 kind has; the kind modules (mamba.py, short_conv.py,
-gated_deltanet.py, kimi_linear.py) say which projections that is, from the config.
+gated_deltanet.py, kimi_linear.py) say which projections that is, and what layer 0 is, from the config.
 
 Padding: these mixers multiply their input by the attention mask before projecting, so a padded position's
 projection is that of a zero vector (the bias, or zeros). The projections' biases stay in the checkpoint, and the
@@ -38,6 +38,11 @@ class Projection:
     bias: bool = False
     masked: bool = True
     input_scale: float = 1.0  # a multiplier the model applies to the normed input first (Falcon-H1's *_in_multiplier)
+    on_disk: str | None = None  # the module's name in the checkpoint, when it differs from `module` (Kimi's flat names)
+
+    @property
+    def saved(self) -> str:
+        return self.on_disk or self.module
 
     @property
     def width(self) -> int:
@@ -100,12 +105,12 @@ class ProjectionRecipe(Recipe):
         d, p = self.spec.hidden_size, self.prefix
         out: dict[str, Shape] = {f"{p}{self.norm.module}.weight": (d,)}
         for proj in self.projections():
-            out[f"{p}{proj.module}.weight"] = (proj.width, d)
+            out[f"{p}{proj.saved}.weight"] = (proj.width, d)
         return out
 
     def kept_inputs(self) -> dict[str, Shape]:
         """The projections' biases: the fold reads them, the output keeps them for padded rows."""
-        return {f"{self.prefix}{proj.module}.bias": (proj.width,) for proj in self.projections() if proj.bias}
+        return {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections() if proj.bias}
 
     def columns(self) -> dict[str, tuple[int, int] | None]:
         widths = [("residual", self.spec.hidden_size if self.stores_residual else 0)]
@@ -138,7 +143,7 @@ class ProjectionRecipe(Recipe):
         h = ops.rms_norm(x, w(f"{p}{self.norm.module}.weight"), self.eps(), offset=self.norm.offset)
         for proj in self.projections():
             inp = h if proj.input_scale == 1.0 else h * proj.input_scale
-            y = ops.linear(inp, w(f"{p}{proj.module}.weight"), w(f"{p}{proj.module}.bias") if proj.bias else None)
+            y = ops.linear(inp, w(f"{p}{proj.saved}.weight"), w(f"{p}{proj.saved}.bias") if proj.bias else None)
             out.update(self.split(proj, y))
         return out
 
