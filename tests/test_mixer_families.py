@@ -3,8 +3,12 @@ independent recomputation, and equivalence with transformers (logits, a left-pad
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from tiny import assert_equivalent, build, convert
+import torch
+from tiny import assert_equivalent, build, convert, run_cli
+from tiny import tensors as _tensors
 
 MAMBA2 = dict(num_heads=8, head_dim=16, n_groups=2, state_size=16, chunk_size=4)
 MAMBA2_KEYS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=4)
@@ -50,3 +54,89 @@ def test_equivalent_float32(tmp_path, case):
     src = build(tmp_path / "src", **CASES[case])
     assert convert(src, tmp_path / "out") == 0
     assert_equivalent(src, tmp_path / "out")
+
+
+def test_table_matches_independent_recomputation(tmp_path):
+    """Mamba-2 with a bias, tied: the table is [z | xBC | dt] = in_proj(RMSNorm(x)) + b; the norm and the weight
+    go, the bias stays (padded rows need it), every other tensor is copied byte for byte."""
+    src = build(tmp_path / "src", **CASES["mamba2-bias-tied"])
+    assert convert(src, tmp_path / "out") == 0
+    before, after = _tensors(src / "model.safetensors"), _tensors(tmp_path / "out" / "model.safetensors")
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    p = "backbone.layers.0."
+    x = before["backbone.embeddings.weight"].double()
+    h = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * before[p + "norm.weight"].double()
+    proj = h @ before[p + "mixer.in_proj.weight"].double().T + before[p + "mixer.in_proj.bias"].double()
+    inner, conv = 128, 128 + 2 * 2 * 16
+    expect = {"z": proj[:, :inner], "xBC": proj[:, inner:inner + conv], "dt": proj[:, inner + conv:]}
+    table = after["precompute.table"].double()
+    assert block["columns"]["residual"] is None  # tied: x comes from the embedding the head keeps
+    for name, part in expect.items():
+        start, stop = block["columns"][name]
+        assert torch.allclose(table[:, start:stop], part, atol=1e-5), name
+    assert set(block["removed"]) == {p + "norm.weight", p + "mixer.in_proj.weight"}
+    assert p + "mixer.in_proj.bias" in after
+    for name, t in before.items():
+        if name not in block["removed"]:
+            assert torch.equal(after[name], t), name
+
+
+HUB = {  # configs/: what inspect must report, from the formulas of each kind (w_new = new columns per token)
+    "qwen3-next-80b-a3b": ("Gated DeltaNet", 2 * 16 * 128 + 2 * 32 * 128 + 2 * 32, 2048 * (2 * 16 * 128 + 2 * 32 * 128
+                                                                                             + 2 * 32)),
+    "granite-4.0-h-small": ("Mamba-2", 2 * 8192 + 2 * 128 + 128, 4096 * (2 * 8192 + 2 * 128 + 128)),
+    "falcon-h1-7b": ("attention and Mamba-2 in parallel", 1536 + 2 * 256 + 2 * 3072 + 2 * 256 + 24,
+                     3072 * (1536 + 2 * 256 + 2 * 3072 + 2 * 256 + 24)),
+    "lfm2-1.2b": ("short conv", 2 * 2048, 3 * 2048 * 2048),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB))
+def test_inspect_hub_configs(capsys, name):
+    kind, new, linear = HUB[name]
+    code, out, err = run_cli(capsys, "inspect", f"configs/{name}.json", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["layer0"] == kind
+    assert sum(data["folds"].values()) == new
+    assert data["eliminated_linear_params"] == linear
+    assert data["reads_with_precompute"]["1"] == data["hidden_size"] + new
+    assert data["reads_without_precompute"]["1"] == data["hidden_size"] + linear
+
+
+@pytest.mark.parametrize(("config", "kind"), [
+    (dict(model_type="bamba", attn_layer_indices=[0, 3]), "attention"),
+    (dict(model_type="bamba", attn_layer_indices=[3]), "Mamba-2"),
+    (dict(model_type="nemotron_h", hybrid_override_pattern="*M-M"), "attention"),
+    (dict(model_type="nemotron_h", hybrid_override_pattern="M-M*"), "Mamba-2"),
+    (dict(model_type="nemotron_h"), "Mamba-2"),  # transformers' default list starts with a Mamba block
+    (dict(model_type="granitemoehybrid", layer_types=["attention", "mamba"]), "attention"),
+    (dict(model_type="jamba", attn_layer_offset=0, attn_layer_period=2), "attention"),
+    (dict(model_type="jamba"), "Mamba-1"),  # defaults: attention at 4 mod 8
+    (dict(model_type="lfm2"), "attention"),  # transformers' default: every layer attention
+    (dict(model_type="lfm2", full_attn_idxs=[2, 5]), "short conv"),
+    (dict(model_type="qwen3_next", full_attention_interval=1), "attention"),
+    (dict(model_type="qwen3_next"), "Gated DeltaNet"),
+    (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [2, 3], "full_attn_layers": [1]}), "attention"),
+    (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [1, 2], "full_attn_layers": [3]}),
+     "Kimi Delta Attention"),
+])
+def test_layer0_kind_from_the_config(capsys, tmp_path, config, kind):
+    """The layer pattern is read from config.json, in each family's own keys; a layer 0 that is attention in a
+    hybrid is not folded, and inspect says why in one sentence naming it."""
+    base = dict(vocab_size=211, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96)
+    (tmp_path / "config.json").write_text(json.dumps({**base, **config}))
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "config.json", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    if kind.startswith("attention"):
+        assert not data["precomputable"] and "layer 0" in data["reason"] and "is attention" in data["reason"]
+    else:
+        assert data["precomputable"] and data["layer0"] == kind
+
+
+def test_attention_layer0_of_a_hybrid_is_refused_on_convert(tmp_path, capsys):
+    src = build(tmp_path / "src", **{**CASES["bamba"], "attn_layer_indices": [0]})
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
+    assert code == 2 and "layer 0 of this bamba config is attention" in err
+    assert not (tmp_path / "out").exists()
