@@ -14,7 +14,7 @@ from rich.table import Table
 
 from precompute_cli.execute import Result
 from precompute_cli.plan import Plan
-from precompute_cli.recipes.projection import ProjectionRecipe
+from precompute_cli.recipes.projection import Mixed
 from precompute_cli.spec import ModelSpec
 from precompute_cli.st_io import TensorRef
 
@@ -51,7 +51,7 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     stores_residual = parallel or not spec.tied_embeddings
     table_width = (spec.hidden_size if stores_residual else 0) + spec.q_dim + 2 * spec.kv_dim
     new_columns = spec.q_dim + 2 * spec.kv_dim
-    if isinstance(recipe, ProjectionRecipe):  # a mixer layer 0: its own projections, not Q, K, V
+    if isinstance(recipe, Mixed):  # a mixer layer 0: its own projections, not Q, K, V
         eliminated_linear, new_columns, table_width = recipe.linear_weights(), recipe.new_columns(), plan.table.width
     table_params = table_width * spec.vocab_size
     total = plan.params_before if plan.params_before is not None else estimated_params(spec)
@@ -59,7 +59,7 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     reads = spec.hidden_size + new_columns
     paper_increase = new_columns * spec.vocab_size - eliminated_linear
     return {
-        "layer0": recipe.kind() if isinstance(recipe, ProjectionRecipe) else "attention",
+        "layer0": recipe.kind() if isinstance(recipe, Mixed) else "attention",
         "folds": {k: v[1] - v[0] for k, v in plan.table.columns.items() if v and k != "residual"},
         **{k: v for k, v in spec.as_dict().items() if k not in ("num_heads", "num_kv_heads", "head_dim")},
         "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,

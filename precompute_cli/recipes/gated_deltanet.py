@@ -15,47 +15,50 @@ of each interval, so layer 0 is linear attention unless the interval is 1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.projection import Norm, Projection, ProjectionRecipe, pattern_kind
-from precompute_cli.spec import ModelSpec
+from precompute_cli.recipes.declare import rms
+from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Pattern, Projection
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes
 
-GDN, ATTENTION = "Gated DeltaNet", "attention"
+KEY_HEADS, VALUE_HEADS = Key("linear_num_key_heads", default=16), Key("linear_num_value_heads", default=32)
+KEY_DIM, VALUE_DIM = Key("linear_key_head_dim", default=128), Key("linear_value_head_dim", default=128)
 
 
-@register
-class GatedDeltaNet(ProjectionRecipe):
-    model_types = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
-    norm = Norm("input_layernorm", "rms_norm_eps", 1e-6, offset=1.0)
-    kinds = (GDN,)
+@dataclass(frozen=True)
+class GatedDeltaNet(Mixer):
+    """Fused (qwen3_next: in_proj_qkvz, in_proj_ba, grouped per key head) or separate (qwen3_5) projections."""
 
-    def kind(self) -> str:
-        c = self.cfg
-        types = c.get("layer_types", default=None)
-        if types is not None:
-            return GDN if pattern_kind(types, 0, c.path, "layer_types") == "linear_attention" else ATTENTION
-        return ATTENTION if c.int("full_attention_interval", default=4) == 1 else GDN
+    kind: ClassVar[str] = "Gated DeltaNet"
+    fused: bool
 
-    def heads(self) -> tuple[int, int, int, int]:
-        """(key heads, key head dim, value heads, value head dim)."""
-        c = self.cfg
-        return (c.int("linear_num_key_heads", default=16), c.int("linear_key_head_dim", default=128),
-                c.int("linear_num_value_heads", default=32), c.int("linear_value_head_dim", default=128))
-
-    def describe(self) -> ModelSpec:
-        c = self.cfg
-        nk, _, nv, dv = self.heads()
-        moe = c.model_type != "qwen3_5_text"
-        return self.mixer_spec(nv, dv, kv_heads=nk, positional="rope", ffn_matrices=3,
-                               intermediate=c.int("moe_intermediate_size" if moe else "intermediate_size", default=0),
-                               experts=c.int("num_experts", default=512) if moe else 1)
-
-    def projections(self) -> tuple[Projection, ...]:
-        nk, dk, nv, dv = self.heads()
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        nk, dk, nv, dv = (k.int(cfg, {}) for k in (KEY_HEADS, KEY_DIM, VALUE_HEADS, VALUE_DIM))
         p = "linear_attn."
-        if self.cfg.model_type == "qwen3_next":
+        if self.fused:
             return (Projection(p + "in_proj_qkvz", (("qkvz", 2 * nk * dk + 2 * nv * dv),)),
                     Projection(p + "in_proj_ba", (("ba", 2 * nv),)))
         return (Projection(p + "in_proj_qkv", (("q", nk * dk), ("k", nk * dk), ("v", nv * dv))),
                 Projection(p + "in_proj_z", (("z", nv * dv),)),
                 Projection(p + "in_proj_b", (("b", nv),)),
                 Projection(p + "in_proj_a", (("a", nv),)))
+
+
+def layout(fused: bool, moe: bool) -> MixerLayout:
+    """The spec's heads are the layer-0 mixer's: value heads (key heads as KV) of value_head_dim."""
+    return MixerLayout(
+        GatedDeltaNet(fused),
+        pattern=Pattern(lists=("layer_types",), interval=Key("full_attention_interval", default=4)),
+        input_norm=rms("input_layernorm", offset=1.0), positional="rope",
+        sizes=Sizes(num_heads=VALUE_HEADS, num_kv_heads=KEY_HEADS, head_dim=VALUE_DIM,
+                    **({"num_experts": Key("num_experts", default=512),
+                        "intermediate_size": Key("moe_intermediate_size", default=512)} if moe else {})),
+    )
+
+
+@register
+class Qwen3Next(Mixed):
+    layouts = {"qwen3_next": layout(True, True), "qwen3_5_text": layout(False, False),
+               "qwen3_5_moe_text": layout(False, True)}

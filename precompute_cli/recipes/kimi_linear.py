@@ -13,45 +13,39 @@ Layer types: layer_types when saved; else the Hub's linear_attn_config.kda_layer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.projection import Norm, Projection, ProjectionRecipe, pattern_kind
-from precompute_cli.spec import ModelSpec
+from precompute_cli.recipes.declare import rms
+from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Pattern, Projection
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes
 
-KDA, ATTENTION = "Kimi Delta Attention", "attention (MLA)"
+# linear_attn_config's values first, as the config class prefers them
+HEADS = Key("linear_attn_config.num_heads", "linear_num_heads", default=32)
+HEAD_DIM = Key("linear_attn_config.head_dim", "linear_head_dim", default=128)
 
 
-@register
-class KimiLinear(ProjectionRecipe):
-    model_types = ("kimi_linear",)
-    norm = Norm("input_layernorm", "rms_norm_eps", 1e-5)
-    kinds = (KDA,)
+@dataclass(frozen=True)
+class KimiDelta(Mixer):
+    kind: ClassVar[str] = "Kimi Delta Attention"
 
-    def kind(self) -> str:
-        c = self.cfg
-        types = c.get("layer_types", default=None)
-        if types is not None:
-            return KDA if pattern_kind(types, 0, c.path, "layer_types") == "linear_attention" else ATTENTION
-        kda = c.get("linear_attn_config.kda_layers", default=None)
-        full = c.get("linear_attn_config.full_attn_layers", default=None)
-        if isinstance(kda, list) and isinstance(full, list):
-            return KDA if 1 in kda else ATTENTION
-        return KDA
-
-    def heads(self) -> tuple[int, int]:
-        """(heads, head_dim): linear_attn_config's, as the config class prefers them, else the saved keys."""
-        c = self.cfg
-        return (c.int("linear_attn_config.num_heads", "linear_num_heads", default=32),
-                c.int("linear_attn_config.head_dim", "linear_head_dim", default=128))
-
-    def describe(self) -> ModelSpec:
-        heads, hd = self.heads()
-        return self.mixer_spec(heads, hd, intermediate=self.cfg.int("intermediate_size", default=0), ffn_matrices=3,
-                               experts=self.cfg.int("num_experts", "num_local_experts", default=256))
-
-    def projections(self) -> tuple[Projection, ...]:
-        heads, hd = self.heads()
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        heads, hd = spec.num_heads, spec.head_dim
         p = "self_attn."
         return (*(Projection(f"{p}{n}_proj", ((n, heads * hd),)) for n in "qkv"),
                 Projection(f"{p}forget_gate.f_a_proj", (("f_a", hd),), on_disk=f"{p}f_a_proj"),
                 Projection(f"{p}b_proj", (("b", heads),)),
                 Projection(f"{p}g_a_proj", (("g_a", hd),)))
+
+
+@register
+class KimiLinear(Mixed):
+    layouts = {"kimi_linear": MixerLayout(
+        KimiDelta(),
+        pattern=Pattern(lists=("layer_types",),
+                        one_indexed=("linear_attn_config.kda_layers", "linear_attn_config.full_attn_layers")),
+        input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=1e-5)),
+        sizes=Sizes(num_heads=HEADS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
+                    num_experts=Key("num_experts", "num_local_experts", default=256)),
+    )}

@@ -6,220 +6,155 @@ h = RMSNorm(x) (Llama convention); p = in_proj(h) (+ bias), a per-token linear m
 xBC (= [x | B | C]) goes to the conv, z to the gated norm, dt to softplus(dt + dt_bias). The table holds p; the
 mixer's conv, x_proj/dt_proj, A_log, D, dt_bias, norm and out_proj stay in the model and run on it.
 
-Which layers are Mamba comes from the config, and several of transformers' defaults differ from the Hub's configs,
-so every family reads its own key (listed with each declaration). transformers names Mamba layers
-"linear_attention" and attention layers "full_attention" (legacy "mamba" / "attention" are remapped).
+Falcon-H1: attention and Mamba-2 read the same normed input (x = embedding * embedding_multiplier): q, k, v =
+W (h * attention_in_multiplier) and in_proj(h * ssm_in_multiplier). The mixer multiplies in_proj's output by
+mup_vector (built from ssm_multipliers, not on disk) and the attention multiplies k by key_multiplier, both after the
+table, so both stay in the model.
+
+Which layers are Mamba comes from each family's own keys (its Pattern), and several of transformers' defaults
+differ from the Hub's configs. transformers names Mamba layers "linear_attention" ("mamba" is remapped).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.projection import Norm, Projection, ProjectionRecipe, pattern_kind
-from precompute_cli.spec import ModelSpec
-
-MAMBA1, MAMBA2, ATTENTION = "Mamba-1", "Mamba-2", "attention"
-
-
-class _Mamba(ProjectionRecipe):
-    """A Mamba mixer at layer 0; subclasses give the sizes' config keys and the layer pattern."""
-
-    mixer: str = "mixer"  # the mixer module under the layer
-    version: str = MAMBA2
-    bias_key: str = "use_bias"
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return (self.version,)
-
-    def sizes(self) -> tuple[int, int, int, int]:
-        """(intermediate I, heads, groups G, state N); Mamba-1 has no heads or groups (0, 0)."""
-        raise NotImplementedError
-
-    def projections(self) -> tuple[Projection, ...]:
-        inner, heads, groups, state = self.sizes()
-        bias = bool(self.cfg.get(self.bias_key, default=False))
-        if self.version == MAMBA1:
-            return (Projection(f"{self.mixer}.in_proj", (("x", inner), ("z", inner)), bias),)
-        return (Projection(f"{self.mixer}.in_proj",
-                           (("z", inner), ("xBC", inner + 2 * groups * state), ("dt", heads)), bias),)
-
-    def describe(self) -> ModelSpec:
-        inner, heads, _, _ = self.sizes()
-        return self.mixer_spec(max(heads, 1), inner // max(heads, 1), tied_default=self.tied_default,
-                               intermediate=self.cfg.int("intermediate_size", default=0) if self.has_ffn else 0,
-                               ffn_matrices=3 if self.has_ffn else 0)
-
-    tied_default: bool = False
-    has_ffn: bool = False
+from precompute_cli.recipes.declare import rms
+from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Pattern, Projection
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 
 
-@register
-class Mamba(_Mamba):
-    """mamba, falcon_mamba: every layer is Mamba-1 (`backbone.*`). I = intermediate_size, else expand * d."""
-
-    model_types = ("mamba", "falcon_mamba")
-    layer, prefix, embedding = "backbone.layers.0", "backbone.layers.0.", "backbone.embeddings.weight"
-    norm = Norm("norm", "layer_norm_epsilon", 1e-5)
-    version, tied_default = MAMBA1, True
-
-    def kind(self) -> str:
-        return MAMBA1
-
-    def sizes(self) -> tuple[int, int, int, int]:
-        d = self.cfg.int("hidden_size")
-        return self.cfg.int("intermediate_size", default=int(float(self.cfg.get("expand", default=2)) * d)), 0, 0, 0
+def _inner(cfg: Config, spec: ModelSpec, inner: Key | None, expand: Key | None, heads: int = 0,
+           head_dim: Key | None = None) -> int:
+    """The mixer's width I: a key of its own when present, else heads * head_dim, else expand * hidden_size."""
+    if inner is not None and value(cfg, inner) is not None:
+        return inner.int(cfg, {})
+    if head_dim is not None:
+        return heads * head_dim.int(cfg, {})
+    return int(float(value(cfg, expand)) * spec.hidden_size)
 
 
-@register
-class Jamba(_Mamba):
-    """jamba: layer i is attention when i % attn_layer_period == attn_layer_offset (defaults 8 and 4, so layer 0 is
-    Mamba-1); its Mamba is `model.layers.0.mamba`, I = mamba_expand * d."""
+@dataclass(frozen=True)
+class Mamba1(Mixer):
+    """in_proj -> [x | z], each I wide."""
 
-    model_types = ("jamba",)
-    norm = Norm("input_layernorm", "rms_norm_eps", 1e-6)
-    mixer, version, bias_key, has_ffn = "mamba", MAMBA1, "mamba_proj_bias", True
+    kind: ClassVar[str] = "Mamba-1"
+    module: str = "mixer"
+    bias: Key = Key("use_bias", default=False)
+    expand: Key = Key("expand", default=2)
+    inner: Key | None = None
 
-    def kind(self) -> str:
-        period, offset = self.cfg.int("attn_layer_period", default=8), self.cfg.int("attn_layer_offset", default=4)
-        return ATTENTION if period and 0 % period == offset else MAMBA1
-
-    def sizes(self) -> tuple[int, int, int, int]:
-        return self.cfg.int("mamba_expand", default=2) * self.cfg.int("hidden_size"), 0, 0, 0
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        inner = _inner(cfg, spec, self.inner, self.expand)
+        return (Projection(f"{self.module}.in_proj", (("x", inner), ("z", inner)), bool(value(cfg, self.bias))),)
 
 
-@register
-class Mamba2(_Mamba):
-    """mamba2: every layer is Mamba-2 (`backbone.*`); I = expand * d, heads num_heads, G n_groups, N state_size."""
+@dataclass(frozen=True)
+class Mamba2(Mixer):
+    """in_proj -> [z (I) | xBC (I + 2 G N) | dt (heads)]."""
 
-    model_types = ("mamba2",)
-    layer, prefix, embedding = "backbone.layers.0", "backbone.layers.0.", "backbone.embeddings.weight"
-    norm = Norm("norm", "layer_norm_epsilon", 1e-5)
+    kind: ClassVar[str] = "Mamba-2"
+    heads: Key
+    groups: Key
+    state: Key
+    module: str = "mixer"
+    bias: Key = Key("use_bias", default=False)
+    expand: Key | None = Key("expand", default=2)
+    inner: Key | None = None
+    head_dim: Key | None = None  # I = heads * head_dim (nemotron_h)
+    input_scale: Key | None = None
 
-    def kind(self) -> str:
-        return MAMBA2
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        heads = self.heads.int(cfg, {})
+        inner = _inner(cfg, spec, self.inner, self.expand, heads, self.head_dim)
+        conv = inner + 2 * self.groups.int(cfg, {}) * self.state.int(cfg, {})
+        scale = float(value(cfg, self.input_scale)) if self.input_scale else 1.0
+        return (Projection(f"{self.module}.in_proj", (("z", inner), ("xBC", conv), ("dt", heads)),
+                           bool(value(cfg, self.bias)), input_scale=scale),)
 
-    def sizes(self) -> tuple[int, int, int, int]:
-        c = self.cfg
-        return (int(float(c.get("expand", default=2)) * c.int("hidden_size")), c.int("num_heads", default=128),
-                c.int("n_groups", default=8), c.int("state_size", default=128))
+
+@dataclass(frozen=True)
+class AttentionAndMamba2(Mixer):
+    """Falcon-H1: q, k, v (not masked, before RoPE) beside a Mamba-2 in_proj, from one normed input."""
+
+    kind: ClassVar[str] = "attention and Mamba-2 in parallel"
+    mamba: Mamba2
+    bias: Key = Key("attention_bias", default=False)
+    input_scale: Key = Key("attention_in_multiplier", default=1.0)
+
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        bias, scale = bool(value(cfg, self.bias)), float(value(cfg, self.input_scale))
+        attention = tuple(Projection(f"self_attn.{n}_proj", ((n, width),), bias, masked=False, input_scale=scale)
+                          for n, width in (("q", spec.q_dim), ("k", spec.kv_dim), ("v", spec.kv_dim)))
+        return (*attention, *self.mamba.projections(cfg, spec))
 
 
-class _MambaKeys(_Mamba):
-    """bamba and granitemoehybrid spell the Mamba-2 sizes mamba_* and keep the mixer at `model.layers.0.mamba`."""
+BACKBONE = dict(prefix="backbone.layers.0.", embedding="backbone.embeddings.weight")
+LAYER_NORM_EPS = Key("layer_norm_epsilon", default=1e-5)
+MAMBA_KEYS = dict(heads=Key("mamba_n_heads", default=128), groups=Key("mamba_n_groups", default=1),
+                  state=Key("mamba_d_state", default=256), expand=Key("mamba_expand", default=2),
+                  bias=Key("mamba_proj_bias", default=False), module="mamba")
 
-    mixer, bias_key, has_ffn = "mamba", "mamba_proj_bias", True
 
-    def sizes(self) -> tuple[int, int, int, int]:
-        c = self.cfg
-        inner = int(float(c.get("mamba_expand", default=2)) * c.int("hidden_size"))
-        return (inner, c.int("mamba_n_heads", default=128), c.int("mamba_n_groups", default=1),
-                c.int("mamba_d_state", default=256))
+def mixer_sizes(heads: Key, head_dim: Key, **rest: Key) -> Sizes:
+    """The spec's heads and head_dim are the layer-0 mixer's; a pure SSM has no FFN (intermediate 0)."""
+    return Sizes(num_heads=heads, num_kv_heads=heads, head_dim=head_dim, **rest)
+
+
+SSM_SIZES = dict(intermediate_size=Key(default=0), num_layers=Key("num_hidden_layers", "n_layer"))
+HYBRID_PATTERN = Pattern(lists=("layer_types", "layers_block_type"))
 
 
 @register
-class Bamba(_MambaKeys):
-    """bamba: attention at the layers in attn_layer_indices (none by default; Bamba-9B has 9, 18, 27)."""
-
-    model_types = ("bamba",)
-    norm = Norm("input_layernorm", "rms_norm_eps", 1e-5)
-
-    def kind(self) -> str:
-        indices = self.cfg.get("attn_layer_indices", default=None) or []
-        return ATTENTION if 0 in indices else MAMBA2
-
-
-@register
-class GraniteMoeHybrid(_MambaKeys):
-    """granitemoehybrid (Granite-4.0-H): layer_types (transformers' default: all Mamba; the Hub lists "mamba" and
-    "attention"); x = embedding * embedding_multiplier."""
-
-    model_types = ("granitemoehybrid",)
-    norm = Norm("input_layernorm", "rms_norm_eps", 1e-6)
-    embedding_multiplier_key = "embedding_multiplier"
-
-    def kind(self) -> str:
-        types = self.cfg.get("layer_types", "layers_block_type", default=None)
-        if types is None:
-            return MAMBA2
-        return MAMBA2 if pattern_kind(types, 0, self.cfg.path, "layer_types") == "linear_attention" else ATTENTION
-
-
-@register
-class NemotronH(_Mamba):
-    """nemotron_h: one mixer per block; layers_block_type (list) or the legacy hybrid_override_pattern ("M" Mamba,
-    "*" attention, "-" MLP, "E" MoE); transformers' default starts with Mamba. `backbone.*` on disk, `model.*` in
-    memory; I = mamba_num_heads * mamba_head_dim, G n_groups (legacy mamba_n_groups), N ssm_state_size."""
-
-    model_types = ("nemotron_h",)
-    layer, prefix, embedding = "model.layers.0", "backbone.layers.0.", "backbone.embeddings.weight"
-    norm = Norm("norm", "layer_norm_epsilon", 1e-5)
-
-    def block_types(self) -> list[str] | None:
-        c = self.cfg
-        types = c.get("layers_block_type", "layer_types", default=None)
-        if types is None and isinstance(c.get("hybrid_override_pattern"), str):
-            types = [{"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}.get(ch, ch)
-                     for ch in c.get("hybrid_override_pattern")]
-        return types
-
-    def kind(self) -> str:
-        types = self.block_types()
-        first = "linear_attention" if types is None else pattern_kind(types, 0, self.cfg.path, "layers_block_type")
-        return {"linear_attention": MAMBA2, "full_attention": ATTENTION}.get(first, f"a {first} block")
-
-    def describe(self) -> ModelSpec:
-        """num_hidden_layers is not saved: the block list's length is (transformers' default has four blocks)."""
-        inner, heads, _, _ = self.sizes()
-        types = self.block_types()
-        return self.mixer_spec(heads, inner // max(heads, 1),
-                               num_layers=len(types) if isinstance(types, list) else self.cfg.int(
-                                   "num_hidden_layers", default=4))
-
-    def sizes(self) -> tuple[int, int, int, int]:
-        c = self.cfg
-        heads = c.int("mamba_num_heads", default=128)
-        return (heads * c.int("mamba_head_dim", default=64), heads, c.int("n_groups", "mamba_n_groups", default=8),
-                c.int("ssm_state_size", default=128))
-
-
-@register
-class FalconH1(_Mamba):
-    """falcon_h1: attention and Mamba-2 read the same normed input in every layer (x = embedding *
-    embedding_multiplier): q, k, v = W (h * attention_in_multiplier), the Mamba in_proj(h * ssm_in_multiplier). The
-    mixer multiplies in_proj's output by mup_vector (built from ssm_multipliers, not on disk) and the attention
-    multiplies k by key_multiplier, both after the table, so both stay in the model. I = mamba_d_ssm, else
-    mamba_expand * d."""
-
-    model_types = ("falcon_h1",)
-    norm = Norm("input_layernorm", "rms_norm_eps", 1e-5)
-    mixer, bias_key, has_ffn = "mamba", "mamba_proj_bias", True
-    embedding_multiplier_key = "embedding_multiplier"
-    kinds = ("attention and Mamba-2 in parallel",)
-
-    def kind(self) -> str:
-        return self.kinds[0]
-
-    def sizes(self) -> tuple[int, int, int, int]:
-        c = self.cfg
-        d = c.int("hidden_size")
-        inner = c.get("mamba_d_ssm", default=None)
-        inner = c.int("mamba_d_ssm") if inner is not None else int(float(c.get("mamba_expand", default=2)) * d)
-        return inner, c.int("mamba_n_heads", default=128), c.int("mamba_n_groups", default=1), c.int(
-            "mamba_d_state", default=256)
-
-    def describe(self) -> ModelSpec:
-        c = self.cfg
-        heads = c.int("num_attention_heads")
-        return self.mixer_spec(heads, c.int("head_dim", default=c.int("hidden_size") // max(heads, 1)),
-                               kv_heads=c.int("num_key_value_heads", default=heads),
-                               intermediate=c.int("intermediate_size"), ffn_matrices=3, positional="rope")
-
-    def projections(self) -> tuple[Projection, ...]:
-        c, s = self.cfg, self.spec
-        bias = bool(c.get("attention_bias", default=False))
-        scale = float(c.get("attention_in_multiplier", default=1.0))
-        attn = tuple(Projection(f"self_attn.{n}_proj", ((n, width),), bias, masked=False, input_scale=scale)
-                     for n, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)))
-        (mamba,) = super().projections()
-        ssm_scale = float(c.get("ssm_in_multiplier", default=1.0))
-        return (*attn, Projection(mamba.module, mamba.columns, mamba.bias, input_scale=ssm_scale))
+class Mamba(Mixed):
+    layouts = {
+        # every layer Mamba-1, `backbone.*`; I = intermediate_size, else expand * d; tied by default
+        **{t: MixerLayout(
+            Mamba1(inner=Key("intermediate_size")), **BACKBONE, input_norm=rms("norm", eps=LAYER_NORM_EPS),
+            sizes=mixer_sizes(Key(default=1), Key("intermediate_size", default=lambda k: 2 * k["hidden_size"]),
+                              tied_embeddings=Key("tie_word_embeddings", default=True), **SSM_SIZES),
+            ffn_matrices=0) for t in ("mamba", "falcon_mamba")},
+        # attention where i % attn_layer_period == attn_layer_offset (defaults 8 and 4: layer 0 is Mamba-1)
+        "jamba": MixerLayout(
+            Mamba1("mamba", bias=Key("mamba_proj_bias", default=False), expand=Key("mamba_expand", default=2)),
+            pattern=Pattern(period=(Key("attn_layer_period", default=8), Key("attn_layer_offset", default=4))),
+            input_norm=rms("input_layernorm"),
+            sizes=Sizes(num_experts=Key("num_experts", default=16))),
+        # every layer Mamba-2, `backbone.*`; I = expand * d
+        "mamba2": MixerLayout(
+            Mamba2(Key("num_heads", default=128), Key("n_groups", default=8), Key("state_size", default=128)),
+            **BACKBONE, input_norm=rms("norm", eps=LAYER_NORM_EPS),
+            sizes=mixer_sizes(Key("num_heads", default=128), Key("head_dim", default=64), **SSM_SIZES),
+            ffn_matrices=0),
+        # attention at attn_layer_indices (none by default; Bamba-9B: 9, 18, 27)
+        "bamba": MixerLayout(
+            Mamba2(**MAMBA_KEYS), pattern=Pattern(attention_at="attn_layer_indices"),
+            input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=1e-5)), positional="rope",
+            sizes=Sizes()),
+        # Granite-4.0-H: layer_types (transformers' default all Mamba; the Hub lists "mamba" / "attention")
+        "granitemoehybrid": MixerLayout(
+            Mamba2(**MAMBA_KEYS), pattern=HYBRID_PATTERN,
+            embedding_multiplier=Key("embedding_multiplier", default=1.0),
+            sizes=Sizes(num_experts=Key("num_local_experts", default=8))),
+        # one mixer per block: layers_block_type, or the legacy hybrid_override_pattern ("M" Mamba, "*" attention,
+        # "-" MLP, "E" MoE); the default starts with Mamba. `backbone.*` on disk, `model.*` in memory;
+        # num_hidden_layers is not saved (the block list's length is). I = mamba_num_heads * mamba_head_dim.
+        "nemotron_h": MixerLayout(
+            Mamba2(Key("mamba_num_heads", default=128), Key("n_groups", "mamba_n_groups", default=8),
+                   Key("ssm_state_size", default=128), head_dim=Key("mamba_head_dim", default=64)),
+            pattern=Pattern(lists=("layers_block_type", "layer_types"), string="hybrid_override_pattern",
+                            chars={"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}),
+            **{**BACKBONE, "layer": "model.layers.0"}, input_norm=rms("norm", eps=LAYER_NORM_EPS),
+            sizes=mixer_sizes(Key("mamba_num_heads", default=128), Key("mamba_head_dim", default=64),
+                              intermediate_size=Key(default=0), num_layers=Key("num_hidden_layers", default=0)),
+            ffn_matrices=0),
+        # attention and Mamba-2 in every layer; I = mamba_d_ssm, else mamba_expand * d
+        "falcon_h1": MixerLayout(
+            AttentionAndMamba2(Mamba2(**MAMBA_KEYS, inner=Key("mamba_d_ssm"),
+                                      input_scale=Key("ssm_in_multiplier", default=1.0))),
+            pattern=Pattern(default="attention and Mamba-2", mixer=("attention and Mamba-2",)),
+            input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=1e-5)),
+            embedding_multiplier=Key("embedding_multiplier", default=1.0), positional="rope", sizes=Sizes()),
+    }

@@ -2,13 +2,14 @@
 
 The paper's argument, one step wider: whatever layer 0 computes from the token alone, before the first operation
 that mixes positions, can be tabulated per vocabulary entry. In a Mamba, Gated DeltaNet, KDA or short-conv layer
-that first mixing operation is the causal conv1d (then the recurrence); before it comes the input norm and
-`in_proj` (and its relatives), a per-token linear map. The table holds those projections' outputs, the model keeps
+that first mixing operation is the causal conv1d (then the recurrence); before it come the input norm and
+`in_proj` (and its relatives), per-token linear maps. The table holds those projections' outputs, the model keeps
 its conv, recurrence, gates and output projection, and the runtime feeds the looked-up rows into them.
 
-A family is a declaration: where its layer 0 lives, its input norm, its embedding multiplier, and the projections
-(`Projection`: module, column groups, bias) its layer-0 kind has; the kind modules (mamba.py, short_conv.py,
-gated_deltanet.py, kimi_linear.py) say which projections that is, and what layer 0 is, from the config.
+A model type is a `MixerLayout` (the mixer counterpart of declare.Layout): where layer 0 lives, its input norm (a
+declare.Norm), its embedding multiplier, its sizes (spec.Sizes), where its config says what layer 0 is (`Pattern`),
+and its `Mixer`: the kind of layer, which says what projections it has from the config (mamba.py, short_conv.py,
+gated_deltanet.py, kimi_linear.py). `Mixed` derives the recipe from it.
 
 Padding: these mixers multiply their input by the attention mask before projecting, so a padded position's
 projection is that of a zero vector (the bias, or zeros). The projections' biases stay in the checkpoint, and the
@@ -17,21 +18,26 @@ runtime gives them for an all-zero input row (runtime.TableProjection), exactly 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import MaskedProjection, Recipe, RuntimePatch, Shape, Weights
-from precompute_cli.spec import ModelSpec
+from precompute_cli.recipes.declare import Norm, rms
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
+
+# transformers' names for a mixer layer and an attention layer (configuration_utils remaps the legacy ones)
+LEGACY = {"mamba": "linear_attention", "attention": "full_attention"}
 
 
 @dataclass(frozen=True)
 class Projection:
-    """One per-token linear map of layer 0 that the table replaces: `module` under the layer (the same path in memory
-    and on disk), its output cut into named column groups (in order, with widths), its bias, and whether the model
-    multiplies its input by the attention mask first (the mixers do; attention projections do not)."""
+    """One per-token linear map of layer 0 that the table replaces: `module` under the layer in memory, its output
+    cut into named column groups (in order, with widths), its bias, and whether the model multiplies its input by
+    the attention mask first (the mixers do; attention projections do not)."""
 
     module: str
     columns: tuple[tuple[str, int], ...]
@@ -41,80 +47,168 @@ class Projection:
     on_disk: str | None = None  # the module's name in the checkpoint, when it differs from `module` (Kimi's flat names)
 
     @property
-    def saved(self) -> str:
-        return self.on_disk or self.module
-
-    @property
     def width(self) -> int:
         return sum(w for _, w in self.columns)
 
+    @property
+    def saved(self) -> str:
+        return self.on_disk or self.module
+
+
+class Mixer:
+    """A kind of layer 0. Subclasses (frozen dataclasses of config Keys) give `kind` and `projections`; a kind that
+    stores a function of a projection's output instead of the output overrides `stored` and `split`."""
+
+    kind: ClassVar[str]
+
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        raise NotImplementedError
+
+    def stored(self, proj: Projection, spec: ModelSpec) -> tuple[tuple[str, int], ...]:
+        """The table's column groups for one projection."""
+        return proj.columns
+
+    def split(self, proj: Projection, y: np.ndarray, spec: ModelSpec) -> dict[str, np.ndarray]:
+        """A projection's output as the table's column groups."""
+        out, start = {}, 0
+        for name, width in proj.columns:
+            out[name] = y[..., start:start + width]
+            start += width
+        return out
+
 
 @dataclass(frozen=True)
-class Norm:
-    """Layer 0's input norm: its module under the layer, the eps key and default, and the (1 + w) convention."""
+class Pattern:
+    """Where a config says what each layer is, for layer 0; the first source present wins, and transformers'
+    default applies when none is (several differ from the Hub's configs, which name their layers).
 
-    module: str
-    eps_key: str
-    eps_default: float
-    offset: float = 0.0
+    Sources, in order: `lists` (keys of a per-layer list of type names), `string` (key of a per-layer string with
+    one character per layer, `chars` naming them), `one_indexed` (keys of the mixer and attention layer lists,
+    counted from 1), `attention_at` (key of the 0-based attention layer indices), `period` (attention where
+    i % period == offset), `interval` (attention at the last layer of every interval)."""
+
+    mixer: tuple[str, ...] = ("linear_attention",)  # the type names of the mixer layers
+    lists: tuple[str, ...] = ()
+    string: str | None = None
+    chars: dict[str, str] = field(default_factory=dict)
+    one_indexed: tuple[str, str] | None = None
+    attention_at: str | None = None
+    period: tuple[Key, Key] | None = None
+    interval: Key | None = None
+    default: str = "linear_attention"  # transformers' default type of layer 0
+
+    def layer_types(self, cfg: Config) -> list[str] | None:
+        """The per-layer list, when the config has one (it also gives the number of layers)."""
+        for key in self.lists:
+            types = cfg.get(key, default=None)
+            if types is not None:
+                if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+                    raise InputError(f"{cfg.path}: {key} must be a non-empty list of layer type names")
+                return [LEGACY.get(t, t) for t in types]
+        if self.string and isinstance(cfg.get(self.string), str) and cfg.get(self.string):
+            return [self.chars.get(ch, ch) for ch in cfg.get(self.string)]
+        return None
+
+    def first(self, cfg: Config) -> str:
+        """The type of layer 0."""
+        types = self.layer_types(cfg)
+        if types is not None:
+            return types[0]
+        if self.one_indexed:
+            mixers, attention = (cfg.get(k, default=None) for k in self.one_indexed)
+            if isinstance(mixers, list) and isinstance(attention, list):
+                return self.mixer[0] if 1 in mixers else "full_attention"
+        if self.attention_at and isinstance(cfg.get(self.attention_at, default=None), list):
+            return "full_attention" if 0 in cfg.get(self.attention_at) else self.mixer[0]
+        if self.period:
+            period, offset = (int(value(cfg, k)) for k in self.period)
+            return "full_attention" if period and offset == 0 else self.mixer[0]
+        if self.interval:
+            return "full_attention" if int(value(cfg, self.interval)) == 1 else self.mixer[0]
+        return self.default
 
 
-class ProjectionRecipe(Recipe):
-    """Base of the mixer kinds. Subclasses set `layer` (in memory), `prefix` (on disk), `embedding`, `norm`, and
-    implement `kind()` (layer 0's kind read from the config), `projections()` and `describe()`."""
+@dataclass(frozen=True)
+class MixerLayout:
+    """Everything about one model type's layer 0 when it is a mixer. Defaults are the `model.*` naming."""
 
-    layer: str = "model.layers.0"
-    norm: Norm
-    embedding_multiplier_key: str | None = None  # x = embedding * this, applied by the model after the embedding
-    kinds: tuple[str, ...] = ()  # the layer-0 kinds this recipe folds; kind() may name others, which are refused
+    mixer: Mixer
+    sizes: Sizes
+    pattern: Pattern = field(default_factory=Pattern)
+    prefix: str = "model.layers.0."  # layer 0 on disk
+    layer: str | None = None  # layer 0 in memory, when it differs from the prefix (nemotron_h: backbone. on disk)
+    embedding: str = "model.embed_tokens.weight"
+    input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
+    embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
+    positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
+    ffn_matrices: int = 3
+
+
+class Mixed(Recipe):
+    """A recipe computed from its model type's MixerLayout. Subclasses set `layouts` (model_type -> MixerLayout)."""
+
+    layouts: ClassVar[dict[str, MixerLayout]] = {}
+    layout: MixerLayout
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.layouts:
+            cls.model_types = tuple(cls.layouts)
+
+    def __post_init__(self) -> None:
+        self.layout = self.layouts[self.cfg.model_type]
+        super().__post_init__()
+
+    @property
+    def prefix(self) -> str:  # type: ignore[override]
+        return self.layout.prefix
+
+    @property
+    def embedding(self) -> str:  # type: ignore[override]
+        return self.layout.embedding
+
+    def describe(self) -> ModelSpec:
+        lay = self.layout
+        spec = lay.sizes.read(self.cfg, model_type=self.cfg.model_type, positional=lay.positional, block="serial",
+                              ffn_matrices=lay.ffn_matrices)
+        types = lay.pattern.layer_types(self.cfg)
+        return replace(spec, num_layers=len(types)) if types and not spec.num_layers else spec
 
     def kind(self) -> str:
-        raise NotImplementedError
-
-    def projections(self) -> tuple[Projection, ...]:
-        raise NotImplementedError
+        """What layer 0 is: the mixer's kind, or the type the config gives it."""
+        first = self.layout.pattern.first(self.cfg)
+        if first in self.layout.pattern.mixer:
+            return self.layout.mixer.kind
+        return "attention" if first == "full_attention" else f"a {first.replace('_', ' ')} block"
 
     def refusal(self) -> str | None:
         kind = self.kind()
-        if kind not in self.kinds:
-            return (f"layer 0 of this {self.cfg.model_type} config is {kind}; precompute folds a {self.cfg.model_type} "
-                    f"layer 0 only when it is {' or '.join(self.kinds)}")
+        if kind != self.layout.mixer.kind:
+            return (f"layer 0 of this {self.cfg.model_type} config is {kind}; precompute folds a "
+                    f"{self.cfg.model_type} layer 0 only when it is {self.layout.mixer.kind}")
         return None
 
-    # -- shared spec fields -------------------------------------------------------------------------------------
-    def mixer_spec(self, heads: int, head_dim: int, kv_heads: int | None = None, intermediate: int = 0,
-                   ffn_matrices: int = 0, experts: int = 1, tied_default: bool = False,
-                   positional: str = "none", num_layers: int | None = None) -> ModelSpec:
-        """A ModelSpec for a mixer model: heads and head_dim are the layer-0 mixer's (the attention fields of the
-        spec describe what layer 0 runs), the rest from the common keys."""
-        c = self.cfg
-        return ModelSpec(
-            model_type=c.model_type, block="serial", positional=positional, hidden_size=c.int("hidden_size", "d_model"),
-            num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim, intermediate_size=intermediate,
-            ffn_matrices=ffn_matrices, num_experts=experts, vocab_size=c.int("vocab_size"),
-            num_layers=num_layers if num_layers is not None else c.int("num_hidden_layers", "n_layer", "num_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=tied_default)), dtype=c.dtype,
-        )
-
-    def eps(self) -> float:
-        return float(self.cfg.get(self.norm.eps_key, default=self.norm.eps_default))
+    def projections(self) -> tuple[Projection, ...]:
+        return self.layout.mixer.projections(self.cfg, self.spec)
 
     # -- what the converter asks ----------------------------------------------------------------------------------
     def folded(self) -> dict[str, Shape]:
         """The input norm and the projections' weights; biases stay (the runtime returns them for padded rows)."""
-        d, p = self.spec.hidden_size, self.prefix
-        out: dict[str, Shape] = {f"{p}{self.norm.module}.weight": (d,)}
+        out = self.layout.input_norm.tensors(self.prefix, self.spec)
         for proj in self.projections():
-            out[f"{p}{proj.saved}.weight"] = (proj.width, d)
+            out[f"{self.prefix}{proj.saved}.weight"] = (proj.width, self.spec.hidden_size)
         return out
 
     def kept_inputs(self) -> dict[str, Shape]:
         """The projections' biases: the fold reads them, the output keeps them for padded rows."""
         return {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections() if proj.bias}
 
+    def stored(self, proj: Projection) -> tuple[tuple[str, int], ...]:
+        return self.layout.mixer.stored(proj, self.spec)
+
     def columns(self) -> dict[str, tuple[int, int] | None]:
         widths = [("residual", self.spec.hidden_size if self.stores_residual else 0)]
-        widths += [col for proj in self.projections() for col in self.stored_columns(proj)]
+        widths += [col for proj in self.projections() for col in self.stored(proj)]
         out: dict[str, tuple[int, int] | None] = {}
         start = 0
         for name, width in widths:
@@ -122,37 +216,25 @@ class ProjectionRecipe(Recipe):
             start += width
         return out
 
-    def stored_columns(self, proj: Projection) -> tuple[tuple[str, int], ...]:
-        """The table's column groups for one projection: its output's, unless the kind stores something narrower."""
-        return proj.columns
-
     def new_columns(self) -> int:
         """Table columns beyond the residual: what layer 0 reads per token besides x."""
-        return sum(w for proj in self.projections() for _, w in self.stored_columns(proj))
+        return sum(w for proj in self.projections() for _, w in self.stored(proj))
 
     def linear_weights(self) -> int:
         """The paper's count: the eliminated projection matrices."""
         return sum(proj.width for proj in self.projections()) * self.spec.hidden_size
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
-        p = self.prefix
+        lay, p = self.layout, self.prefix
         x = ops.upcast(x)
         out = {"residual": x}
-        if self.embedding_multiplier_key:
-            x = x * float(self.cfg.get(self.embedding_multiplier_key, default=1.0))
-        h = ops.rms_norm(x, w(f"{p}{self.norm.module}.weight"), self.eps(), offset=self.norm.offset)
+        if lay.embedding_multiplier:
+            x = x * float(value(self.cfg, lay.embedding_multiplier))
+        h = lay.input_norm.apply(w, x, p, self.cfg, self.spec)
         for proj in self.projections():
             inp = h if proj.input_scale == 1.0 else h * proj.input_scale
             y = ops.linear(inp, w(f"{p}{proj.saved}.weight"), w(f"{p}{proj.saved}.bias") if proj.bias else None)
-            out.update(self.split(proj, y))
-        return out
-
-    def split(self, proj: Projection, y: np.ndarray) -> dict[str, np.ndarray]:
-        """A projection's output as the table's column groups (a kind may store a function of them instead)."""
-        out, start = {}, 0
-        for name, width in proj.columns:
-            out[name] = y[..., start:start + width]
-            start += width
+            out.update(lay.mixer.split(proj, y, self.spec))
         return out
 
     def runtime_patch(self) -> RuntimePatch:
@@ -160,17 +242,10 @@ class ProjectionRecipe(Recipe):
         not masked) the usual TableColumns; the norm a pass-through that still answers `norm.weight.dtype`."""
         projs = self.projections()
         return RuntimePatch(
-            layer=self.layer,
+            layer=self.layout.layer or self.prefix.removesuffix("."),
             projections={proj.columns[0][0]: proj.module for proj in projs if not proj.masked},
-            masked=tuple(MaskedProjection(proj.module, tuple(n for n, _ in self.stored_columns(proj)),
-                                          ones=proj.width - sum(w for _, w in self.stored_columns(proj)))
+            masked=tuple(MaskedProjection(proj.module, tuple(n for n, _ in self.stored(proj)),
+                                          ones=proj.width - sum(w for _, w in self.stored(proj)))
                          for proj in projs if proj.masked),
-            dtype_identities=(self.norm.module,),
+            dtype_identities=(self.layout.input_norm.module,),
         )
-
-
-def pattern_kind(value: object, index: int, path: str, key: str) -> str:
-    """Entry `index` of a per-layer list from the config, normalised as transformers remaps its legacy names."""
-    if not isinstance(value, list) or len(value) <= index or not isinstance(value[index], str):
-        raise InputError(f"{path}: {key} must be a list of layer types with an entry for layer {index}")
-    return {"mamba": "linear_attention", "attention": "full_attention"}.get(value[index], value[index])
