@@ -46,6 +46,9 @@ CASES = {
                         linear_attn_config={"head_dim": 16, "num_heads": 4, "kda_layers": [1], "full_attn_layers": [2],
                                             "short_conv_kernel_size": 4},
                         num_experts=4, num_experts_per_token=2, moe_intermediate_size=32),
+    "minimax": dict(model_type="minimax", layer_types=["linear_attention", "full_attention"], num_local_experts=4,
+                    num_experts_per_tok=2, block_size=4, linear_attn_alpha_factor=1.5, linear_attn_beta_factor=0.7,
+                    full_attn_alpha_factor=0.9, mlp_alpha_factor=1.2, mlp_beta_factor=0.8),
 }
 
 
@@ -116,6 +119,8 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="lfm2"), "attention"),  # transformers' default: every layer attention
     (dict(model_type="lfm2", full_attn_idxs=[2, 5]), "short conv"),
     (dict(model_type="qwen3_next", full_attention_interval=1), "attention"),
+    (dict(model_type="minimax"), "attention"),  # transformers' default: layer 0 is softmax attention
+    (dict(model_type="minimax", layer_types=["linear_attention", "full_attention"] * 2), "lightning attention"),
     (dict(model_type="qwen3_next"), "Gated DeltaNet"),
     (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [2, 3], "full_attn_layers": [1]}), "attention"),
     (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [1, 2], "full_attn_layers": [3]}),

@@ -141,6 +141,7 @@ class MixerLayout:
     input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
     embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
+    residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
     ffn_matrices: int = 3
 
 
@@ -182,6 +183,9 @@ class Mixed(Recipe):
         return "attention" if first == "full_attention" else f"a {first.replace('_', ' ')} block"
 
     def refusal(self) -> str | None:
+        if self.layout.residual_is_norm and not self.stores_residual:
+            return (f"this {self.cfg.model_type} config ties its embedding to the head, and its layer 0 adds the "
+                    "normed input to the residual; precompute folds it only untied")
         kind = self.kind()
         if kind != self.layout.mixer.kind:
             return (f"layer 0 of this {self.cfg.model_type} config is {kind}; precompute folds a "
@@ -231,6 +235,8 @@ class Mixed(Recipe):
         if lay.embedding_multiplier:
             x = x * float(value(self.cfg, lay.embedding_multiplier))
         h = lay.input_norm.apply(w, x, p, self.cfg, self.spec)
+        if lay.residual_is_norm:
+            out["residual"] = h
         for proj in self.projections():
             inp = h if proj.input_scale == 1.0 else h * proj.input_scale
             y = ops.linear(inp, w(f"{p}{proj.saved}.weight"), w(f"{p}{proj.saved}.bias") if proj.bias else None)
