@@ -145,3 +145,32 @@ def test_attention_layer0_of_a_hybrid_is_refused_on_convert(tmp_path, capsys):
     code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
     assert code == 2 and "layer 0 of this bamba config is attention" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_multimodal_qwen3_5_text_decoder(tmp_path, model_type):
+    """Qwen3.5's Hub checkpoints are image-text models: the decoder under model.language_model.*, its keys under
+    text_config. transformers' causal LM loads the decoder alone; the vision tower's tensors are left out of this
+    tiny checkpoint so that the converted model's parameter count can be compared with the file's."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    text = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, **GDN)
+    text.update(moe if model_type.endswith("moe") else {})
+    config = AutoConfig.for_model(model_type, text_config=text, vision_config=dict(
+        depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    kept = {k: v for k, v in _tensors(src / "model.safetensors").items() if not k.startswith("model.visual.")}
+    save_file(kept, src / "model.safetensors", metadata={"format": "pt"})
+    assert convert(src, tmp_path / "out") == 0
+    removed = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["removed"]
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in removed
+    assert_equivalent(src, tmp_path / "out")

@@ -1,4 +1,5 @@
-"""Gated DeltaNet at layer 0: qwen3_next (Qwen3-Next), qwen3_5_text and qwen3_5_moe_text (Qwen3.5's text decoder).
+"""Gated DeltaNet at layer 0: qwen3_next (Qwen3-Next), qwen3_5 and qwen3_5_moe (Qwen3.5's image-text checkpoints,
+whose text decoder is folded) and their text-only types qwen3_5_text, qwen3_5_moe_text.
 
 h = (1 + w) RMSNorm(x; input_layernorm, rms_norm_eps); then per token:
   qwen3_next: in_proj_qkvz(h), grouped per key head as [q_g | k_g | v_g (r heads) | z_g (r heads)], and
@@ -15,7 +16,7 @@ of each interval, so layer 0 is linear attention unless the interval is 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from precompute_cli.recipes.base import register
@@ -58,7 +59,15 @@ def layout(fused: bool, moe: bool) -> MixerLayout:
     )
 
 
+def multimodal(text: MixerLayout) -> MixerLayout:
+    """Qwen3.5's image-text checkpoints: the decoder under model.language_model on disk (transformers' causal LM
+    loads it as model.*), its keys under text_config."""
+    return replace(text, prefix="model.language_model.layers.0.", layer="model.layers.0", text_config=True,
+                   embedding="model.language_model.embed_tokens.weight")
+
+
 @register
 class Qwen3Next(Mixed):
     layouts = {"qwen3_next": layout(True, True), "qwen3_5_text": layout(False, False),
-               "qwen3_5_moe_text": layout(False, True)}
+               "qwen3_5_moe_text": layout(False, True), "qwen3_5": multimodal(layout(False, False)),
+               "qwen3_5_moe": multimodal(layout(False, True))}

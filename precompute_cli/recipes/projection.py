@@ -142,6 +142,7 @@ class MixerLayout:
     embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
+    text_config: bool = False  # a multimodal checkpoint: the text decoder's keys are under text_config
     ffn_matrices: int = 3
 
 
@@ -158,6 +159,9 @@ class Mixed(Recipe):
 
     def __post_init__(self) -> None:
         self.layout = self.layouts[self.cfg.model_type]
+        text = self.cfg.data.get("text_config")
+        if self.layout.text_config and isinstance(text, dict):  # the decoder's keys win; the model type stays
+            self.cfg = Config({**self.cfg.data, **text, "model_type": self.cfg.model_type}, self.cfg.path)
         super().__post_init__()
 
     @property
