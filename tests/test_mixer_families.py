@@ -174,3 +174,11 @@ def test_multimodal_qwen3_5_text_decoder(tmp_path, model_type):
     removed = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["removed"]
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in removed
     assert_equivalent(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["mamba2-bias-tied", "lfm2-bias-untied"])
+def test_equivalent_bfloat16(tmp_path, case):
+    """The table and the kept biases in bfloat16: no further from the float32 original than the original itself."""
+    src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case])
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)

@@ -154,7 +154,6 @@ class Mamba(Mixed):
         "falcon_h1": MixerLayout(
             AttentionAndMamba2(Mamba2(**MAMBA_KEYS, inner=Key("mamba_d_ssm"),
                                       input_scale=Key("ssm_in_multiplier", default=1.0))),
-            pattern=Pattern(default="attention and Mamba-2", mixer=("attention and Mamba-2",)),
             input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=1e-5)),
             embedding_multiplier=Key("embedding_multiplier", default=1.0), positional="rope", sizes=Sizes()),
     }

@@ -134,7 +134,7 @@ class MixerLayout:
 
     mixer: Mixer
     sizes: Sizes
-    pattern: Pattern = field(default_factory=Pattern)
+    pattern: Pattern | None = None  # where the config says what layer 0 is; None: every layer is this mixer
     prefix: str = "model.layers.0."  # layer 0 on disk
     layer: str | None = None  # layer 0 in memory, when it differs from the prefix (nemotron_h: backbone. on disk)
     embedding: str = "model.embed_tokens.weight"
@@ -176,13 +176,14 @@ class Mixed(Recipe):
         lay = self.layout
         spec = lay.sizes.read(self.cfg, model_type=self.cfg.model_type, positional=lay.positional, block="serial",
                               ffn_matrices=lay.ffn_matrices)
-        types = lay.pattern.layer_types(self.cfg)
+        types = lay.pattern.layer_types(self.cfg) if lay.pattern else None
         return replace(spec, num_layers=len(types)) if types and not spec.num_layers else spec
 
     def kind(self) -> str:
         """What layer 0 is: the mixer's kind, or the type the config gives it."""
-        first = self.layout.pattern.first(self.cfg)
-        if first in self.layout.pattern.mixer:
+        pattern = self.layout.pattern
+        first = pattern.first(self.cfg) if pattern else None
+        if pattern is None or first in pattern.mixer:
             return self.layout.mixer.kind
         return "attention" if first == "full_attention" else f"a {first.replace('_', ' ')} block"
 
