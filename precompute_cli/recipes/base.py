@@ -87,6 +87,10 @@ class Recipe:
         """Tensors applied to the embedding row before layer 0 (BLOOM's word_embeddings_layernorm)."""
         return {}
 
+    def kept(self) -> tuple[str, ...]:
+        """Layer 0's tensors its attention reads after the table (sinks, q/k norms after RoPE): checked, not removed."""
+        return ()
+
     def kept_inputs(self) -> dict[str, Shape]:
         """Tensors the fold reads that the converted checkpoint keeps (a mixer projection's bias)."""
         return {}
