@@ -202,15 +202,19 @@ class Mixed(Recipe):
 
     # -- what the converter asks ----------------------------------------------------------------------------------
     def folded(self) -> dict[str, Shape]:
-        """The input norm and the projections' weights; biases stay (the runtime returns them for padded rows)."""
+        """The input norm and the projections' weights, and the biases of projections whose input is not masked;
+        a masked projection's bias stays (the runtime returns it for padded rows)."""
         out = self.layout.input_norm.tensors(self.prefix, self.spec)
         for proj in self.projections():
             out[f"{self.prefix}{proj.saved}.weight"] = (proj.width, self.spec.hidden_size)
+            if proj.bias and not proj.masked:
+                out[f"{self.prefix}{proj.saved}.bias"] = (proj.width,)
         return out
 
     def kept_inputs(self) -> dict[str, Shape]:
-        """The projections' biases: the fold reads them, the output keeps them for padded rows."""
-        return {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections() if proj.bias}
+        """The masked projections' biases: the fold reads them, the output keeps them for padded rows."""
+        return {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
+                if proj.bias and proj.masked}
 
     def stored(self, proj: Projection) -> tuple[tuple[str, int], ...]:
         return self.layout.mixer.stored(proj, self.spec)
