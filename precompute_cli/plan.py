@@ -140,7 +140,7 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     if reason:
         raise InputError(f"{cfg.path}: {reason}")
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
-                **recipe.embedding_transforms(), **recipe.folded()}
+                **recipe.embedding_transforms(), **recipe.folded(), **recipe.kept_inputs()}
     tensors = source.tensors() if source.shards else {}
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone

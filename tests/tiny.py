@@ -102,5 +102,7 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
         assert g1.tolist() == g2.tolist()
     on_disk = sum(math.prod(t.shape) for t in read_header(out / "model.safetensors").tensors.values()) \
         if (out / "model.safetensors").exists() else None
-    if on_disk is not None:
-        assert sum(p.numel() for p in converted.parameters()) == on_disk
+    if on_disk is not None:  # persistent buffers are saved too (LFM2-MoE's expert_bias)
+        persistent = set(converted.state_dict())
+        buffers = sum(b.numel() for n, b in converted.named_buffers() if n in persistent)
+        assert sum(p.numel() for p in converted.parameters()) + buffers == on_disk

@@ -22,6 +22,18 @@ Weights = Callable[[str], np.ndarray]  # tensor name -> its values in float32 (f
 
 
 @dataclass(frozen=True)
+class MaskedProjection:
+    """A layer-0 projection whose input the model multiplies by the attention mask (the mixers of state-space,
+    linear-attention and short-conv layers): the runtime returns its table columns joined in order, then `ones`
+    columns of 1 (a kind that stores a product in place of a factor), and for an all-zero input row the module's
+    own output for zero: its bias, kept in the checkpoint, or zeros."""
+
+    module: str  # under RuntimePatch.layer
+    columns: tuple[str, ...]
+    ones: int = 0
+
+
+@dataclass(frozen=True)
 class RuntimePatch:
     """What the runtime replaces in a transformers model (module paths in memory, relative to the model)."""
 
@@ -36,6 +48,9 @@ class RuntimePatch:
     # What the model's embedding module multiplies the looked-up row by (Gemma's sqrt(d)). The residual columns hold
     # the raw row and the runtime repeats the product in the dtype it runs in, as the module does.
     embedding_scale: float = 1.0
+    masked: tuple[MaskedProjection, ...] = ()  # mixer projections (recipes/projection.py)
+    # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
+    dtype_identities: tuple[str, ...] = ()
 
 
 @dataclass
@@ -75,6 +90,10 @@ class Recipe:
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors its attention reads after the table (sinks, q/k norms after RoPE): checked, not removed."""
         return ()
+
+    def kept_inputs(self) -> dict[str, Shape]:
+        """Tensors the fold reads that the converted checkpoint keeps (a mixer projection's bias)."""
+        return {}
 
     def folded(self) -> dict[str, Shape]:
         """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""
