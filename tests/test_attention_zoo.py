@@ -1,0 +1,95 @@
+"""The 2025-26 serial attention types (issue 14): each converted tiny model equals transformers' own, and inspect
+reports its shape; norms, biases, q/k norms and clamps that the equivalence test cannot see are checked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import assert_equivalent, build, convert
+
+from precompute_cli.cli import main
+
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+# name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
+CASES = {
+    "smollm3": (dict(model_type="smollm3", no_rope_layer_interval=2, **IDS), ("serial", "GQA", 64, 32)),
+    "smollm3-bias-untied": (dict(model_type="smollm3", attention_bias=True, tie_word_embeddings=False, **IDS),
+                            ("serial", "GQA", 64, 32)),
+    "arcee": (dict(model_type="arcee", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "ministral": (dict(model_type="ministral", head_dim=16, sliding_window=4, **IDS), ("serial", "GQA", 64, 32)),
+    "ministral3": (dict(model_type="ministral3", head_dim=32, **IDS), ("serial", "GQA", 128, 64)),
+    "seed_oss": (dict(model_type="seed_oss", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "ernie4_5": (dict(model_type="ernie4_5", head_dim=16, use_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    "ernie4_5_moe": (dict(model_type="ernie4_5_moe", moe_num_experts=4, moe_k=2, moe_intermediate_size=32, **IDS),
+                     ("serial", "GQA", 64, 32)),
+    "helium": (dict(model_type="helium", head_dim=16, attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    "glm": (dict(model_type="glm", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "glm4": (dict(model_type="glm4", head_dim=32, **IDS), ("serial", "GQA", 128, 64)),
+    "glm4_moe": (dict(model_type="glm4_moe", head_dim=32, n_routed_experts=4, n_group=1, topk_group=1,
+                      attention_bias=True, use_qk_norm=True, **MOE, **IDS), ("serial", "GQA", 128, 64)),
+    "glm4_moe-no-qk-norm": (dict(model_type="glm4_moe", n_routed_experts=4, n_group=1, topk_group=1, **MOE, **IDS),
+                            ("serial", "GQA", 64, 32)),
+    "granitemoe": (dict(model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+                        attention_multiplier=0.2, **IDS), ("serial", "GQA", 64, 32)),
+    "granitemoeshared": (dict(model_type="granitemoeshared", num_local_experts=4, num_experts_per_tok=2,
+                              shared_intermediate_size=32, embedding_multiplier=2.5, attention_bias=True, **IDS),
+                         ("serial", "GQA", 64, 32)),
+    "dots1": (dict(model_type="dots1", n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1,
+                   first_k_dense_replace=1, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "apertus": (dict(model_type="apertus", **IDS), ("serial", "GQA", 64, 32)),
+    "exaone4": (dict(model_type="exaone4", sliding_window=4, **IDS), ("serial", "GQA", 64, 32)),
+    "minimax_m2": (dict(model_type="minimax_m2", head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                        rotary_dim=8, **IDS), ("serial", "GQA", 64, 32)),
+    "hunyuan_v1_dense": (dict(model_type="hunyuan_v1_dense", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "hunyuan_v1_moe": (dict(model_type="hunyuan_v1_moe", head_dim=16, num_experts=4, moe_topk=2,
+                            attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+}
+
+
+def inspect_json(capsys, path) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--json", str(path)])
+    assert exit_info.value.code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
+    overrides, (block, attention, q_dim, kv_dim) = CASES[case]
+    src = build(tmp_path / "src", **overrides)
+    info = inspect_json(capsys, src)
+    assert (info["block"], info["attention"], info["q_dim"], info["kv_dim"]) == (block, attention, q_dim, kv_dim)
+    assert info["precomputable"] and info["model_type"] == overrides["model_type"]
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3"])
+def test_equivalent_bfloat16(tmp_path, case):
+    src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
+
+
+def test_hunyuan_keeps_its_q_k_norms_after_rope(tmp_path):
+    """query_layernorm/key_layernorm act after RoPE: their weights stay and the table holds the raw projections."""
+    src = build(tmp_path / "src", **CASES["hunyuan_v1_dense"][0])
+    assert convert(src, tmp_path / "out") == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        table = f.get_tensor("precompute.table").double()
+    columns = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["columns"]
+    assert {f"model.layers.0.self_attn.{n}_layernorm.weight" for n in ("query", "key")} <= names
+    assert not any(f"layers.0.self_attn.{n}_proj" in name for n in "qkv" for name in names)
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        x = f.get_tensor("model.embed_tokens.weight").double()
+        eps = json.loads((src / "config.json").read_text())["rms_norm_eps"]
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * f.get_tensor(
+            "model.layers.0.input_layernorm.weight").double()
+        q = h @ f.get_tensor("model.layers.0.self_attn.q_proj.weight").double().T
+    assert torch.allclose(table[:, slice(*columns["q"])], q, atol=1e-5)
