@@ -48,6 +48,26 @@ CASES = {
     "hunyuan_v1_dense": (dict(model_type="hunyuan_v1_dense", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
     "hunyuan_v1_moe": (dict(model_type="hunyuan_v1_moe", head_dim=16, num_experts=4, moe_topk=2,
                             attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    "olmo3": (dict(model_type="olmo3", sliding_window=4, **IDS), ("serial", "GQA", 64, 32)),
+    "flex_olmo": (dict(model_type="flex_olmo", num_experts=4, num_experts_per_tok=2, **IDS), ("serial", "GQA", 64, 32)),
+    "olmoe": (dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, **IDS), ("serial", "GQA", 64, 32)),
+    "olmoe-clip": (dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, clip_qkv=0.5, attention_bias=True,
+                        **IDS), ("serial", "GQA", 64, 32)),
+    "phimoe": (dict(model_type="phimoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True, **IDS),
+               ("serial", "GQA", 64, 32)),
+    "starcoder2": (dict(model_type="starcoder2", **IDS), ("serial", "GQA", 64, 32)),
+    "starcoder2-nobias-untied": (dict(model_type="starcoder2", use_bias=False, tie_word_embeddings=False, **IDS),
+                                 ("serial", "GQA", 64, 32)),
+    "nemotron": (dict(model_type="nemotron", attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    "persimmon": (dict(model_type="persimmon", num_key_value_heads=None, **IDS), ("serial", "MHA", 64, 64)),
+    "persimmon-no-qk-norm": (dict(model_type="persimmon", qk_layernorm=False, **IDS), ("serial", "MHA", 64, 64)),
+    "dbrx": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=1e4),
+                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **IDS),
+             ("serial", "GQA", 64, 32)),
+    # transformers 5.24 cannot run DBRX without clip_qkv (torch.clamp with neither bound), the Hub one sets 8
+    "dbrx-mqa": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=1, clip_qkv=8.0, rope_theta=1e4),
+                      ffn_config=dict(ffn_hidden_size=32, moe_num_experts=2, moe_top_k=1), **IDS),
+                 ("serial", "MQA", 64, 16)),
 }
 
 
@@ -69,7 +89,7 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
     assert_equivalent(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3"])
+@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3", "olmo3", "starcoder2"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -93,3 +113,25 @@ def test_hunyuan_keeps_its_q_k_norms_after_rope(tmp_path):
             "model.layers.0.input_layernorm.weight").double()
         q = h @ f.get_tensor("model.layers.0.self_attn.q_proj.weight").double().T
     assert torch.allclose(table[:, slice(*columns["q"])], q, atol=1e-5)
+
+
+def test_olmoe_table_is_normed_then_clamped(tmp_path):
+    """OLMoE clamps q and k after their norms (and v): the table must hold clamp(norm(W h + b)), and the clamp bites."""
+    src = build(tmp_path / "src", **CASES["olmoe-clip"][0])
+    assert convert(src, tmp_path / "out") == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        table = f.get_tensor("precompute.table").double()
+    columns = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["columns"]
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        t = {k.removeprefix("model.layers.0."): f.get_tensor(k).double() for k in f.keys()}
+    h = rms(t["model.embed_tokens.weight"], t["input_layernorm.weight"])
+    for n in "qkv":
+        raw = h @ t[f"self_attn.{n}_proj.weight"].T + t[f"self_attn.{n}_proj.bias"]
+        normed = rms(raw, t[f"self_attn.{n}_norm.weight"]) if n != "v" else raw
+        col = table[:, slice(*columns[n])]
+        assert torch.allclose(col, normed.clamp(-0.5, 0.5), atol=1e-5), n
+        assert (normed.abs() > 0.51).any()

@@ -55,8 +55,7 @@ NOT_WRITTEN: dict[str, str] = {
         "gpt_neox_japanese", "hy_v4", "inkling2_text", "inkling2_loop_text")},
     # Planned this release (each moves to a recipe with its equivalence test when it lands):
     **{t: _NOT_WRITTEN.format("attention on a Llama-like skeleton") for t in (
-        "phimoe", "starcoder2", "nemotron", "olmo3", "olmoe", "flex_olmo", "llama4_text", "persimmon", "dbrx",
-        "jetmoe", "gpt_oss")},
+        "llama4_text", "jetmoe", "gpt_oss")},
     **{t: _NOT_WRITTEN.format("a parallel attention/FFN block") for t in ("cohere2", "codegen", "cohere2_moe")},
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "gemma3", "llama4", "gemma3n", "gemma4", "qwen3_5", "qwen3_5_moe")},
