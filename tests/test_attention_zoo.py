@@ -4,6 +4,7 @@ reports its shape; norms, biases, q/k norms and clamps that the equivalence test
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,22 @@ def test_olmoe_table_is_normed_then_clamped(tmp_path):
         col = table[:, slice(*columns[n])]
         assert torch.allclose(col, normed.clamp(-0.5, 0.5), atol=1e-5), n
         assert (normed.abs() > 0.51).any()
+
+
+@pytest.mark.parametrize("config, expect", [
+    # (model_type, block, attention, q_dim, kv_dim, new columns per token, paper's eliminated Q/K/V weights)
+    ("olmo-3-7b.json", ("olmo3", "serial", "MHA", 4096, 4096, 12288, 50_331_648)),
+    ("glm-4.5.json", ("glm4_moe", "serial", "GQA", 12288, 1024, 14336, 73_400_320)),
+])
+def test_flagship_configs(capsys, config, expect):
+    """What a user of OLMo-3-7B and GLM-4.5 gets from inspect on the Hub config (configs/, values from memory)."""
+    info = inspect_json(capsys, Path(__file__).parent.parent / "configs" / config)
+    new_columns = info["table_width"] - (0 if info["tied_embeddings"] else info["hidden_size"])
+    assert (info["model_type"], info["block"], info["attention"], info["q_dim"], info["kv_dim"], new_columns,
+            info["eliminated_linear_params"]) == expect
+    removed = {r["name"] for r in info["removed"]}
+    if info["model_type"] == "glm4_moe":  # use_qk_norm: the per-head q/k norms fold; biases go with their weights
+        assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.q_proj.bias"} <= removed
+    else:  # norm-free layer 0: only the q/k norms over the whole projection and the projections go
+        assert not any("input_layernorm" in n for n in removed)
+        assert "model.layers.0.self_attn.k_norm.weight" in removed

@@ -39,10 +39,12 @@ How to add a model type
             )}
 
    Names under the layer are relative to `prefix` ("model.layers.0."); "{}" in a q/k/v or q/k-norm name stands for
-   q, k, v. Norms are values: rms(...) with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's
-   mean-centred norm, weight=False for a weightless one; each with eps=Key(config key, default=...) or a fixed
-   float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group"). Tensors the attention reads
-   after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
+   q, k, v (a q/k norm named with other words sets fill=("query", "key"), Hunyuan). Norms are values: rms(...)
+   with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's mean-centred norm, weight=False for a
+   weightless one; each with eps=Key(config key, default=...) or a fixed float. Fused projections:
+   fused(module, "blocked" | "per_head" | "per_kv_group"). Clamp(key) clamps q, k, v to [-c, c] on the
+   projections' outputs, or after the q/k norms with after_qk_norm=True (OLMoE). Tensors the attention reads after
+   the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
