@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, layer_norm, separate
+from precompute_cli.spec import TIED
 
 
 @register
 class Cohere(Declared):
     layouts = {"cohere": Layout(
-        sizes=Sizes(tied_embeddings=Key("tie_word_embeddings", default=True)),
+        sizes=Sizes(tied_embeddings=TIED),
         parallel=True,
         input_norm=layer_norm("input_layernorm", bias=False),
         qkv=separate(bias=Key("attention_bias", default=False)),

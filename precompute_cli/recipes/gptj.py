@@ -9,17 +9,16 @@ n_inner (None -> 4 d), and an `intermediate_size` key, if present, is not used b
 from __future__ import annotations
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, layer_norm, mlp, separate
-from precompute_cli.spec import four_d, heads, per_head
+from precompute_cli.recipes.declare import Declared, Key, Layout, layer_norm, mlp, separate
+from precompute_cli.spec import four_d, mha
 
 
 @register
 class GPTJ(Declared):
     layouts = {"gptj": Layout(
         prefix="transformer.h.0.", embedding="transformer.wte.weight",
-        sizes=Sizes(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
-                    num_kv_heads=Key(default=heads), head_dim=Key(default=per_head),
-                    intermediate_size=Key("n_inner", default=four_d), num_layers=Key("n_layer", "num_hidden_layers")),
+        sizes=mha(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
+                  intermediate_size=Key("n_inner", default=four_d), num_layers=Key("n_layer", "num_hidden_layers")),
         parallel=True,
         input_norm=layer_norm("ln_1", eps=Key("layer_norm_epsilon", "layer_norm_eps", default=1e-5)),
         qkv=separate("attn.{}_proj"),
