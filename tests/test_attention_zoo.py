@@ -10,8 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny import assert_equivalent, build, convert
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from precompute_cli.cli import main
+from precompute_cli.recipes import recipe_for
+from precompute_cli.spec import Config, value
 
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
@@ -19,6 +22,7 @@ MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
 CASES = {
     "smollm3": (dict(model_type="smollm3", no_rope_layer_interval=2, **IDS), ("serial", "GQA", 64, 32)),
+    "smollm3-nope-layer-0": (dict(model_type="smollm3", no_rope_layers=[0, 1], **IDS), ("serial", "GQA", 64, 32)),
     "smollm3-bias-untied": (dict(model_type="smollm3", attention_bias=True, tie_word_embeddings=False, **IDS),
                             ("serial", "GQA", 64, 32)),
     "arcee": (dict(model_type="arcee", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
@@ -155,3 +159,37 @@ def test_flagship_configs(capsys, config, expect):
     else:  # norm-free layer 0: only the q/k norms over the whole projection and the projections go
         assert not any("input_layernorm" in n for n in removed)
         assert "model.layers.0.self_attn.k_norm.weight" in removed
+
+
+DEFAULTS_EXTRA = {
+    "ministral": dict(head_dim=16), "hunyuan_v1_dense": dict(head_dim=16), "hunyuan_v1_moe": dict(head_dim=16),
+    "nemotron": dict(num_key_value_heads=2),  # transformers cannot build these without the key
+    "dots1": dict(n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1),
+    "glm4_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=1, attn_config=dict(rope_theta=1e4, clip_qkv=8.0)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted({c[0]["model_type"] for c in CASES.values()}))
+def test_declared_defaults_are_the_config_classes(model_type):
+    """A config.json that leaves out eps, KV heads, head_dim, biases and tying (the tiny models above write every
+    key) must read as transformers reads it: the folded tensors' names and shapes, the input and q/k norms' eps and
+    the tying equal those of the model transformers builds from the same json."""
+    data = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211,
+            "num_hidden_layers": 1, "intermediate_size": 32, "pad_token_id": 0, **DEFAULTS_EXTRA.get(model_type, {})}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+    recipe = recipe_for(Config(data))
+    on_model = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: on_model.get(k) for k in recipe.folded()} == recipe.folded()
+    layer, lay = model.get_submodule(recipe.prefix.rstrip(".")), recipe.layout
+    biases = {k for k in on_model if k.startswith(recipe.prefix) and k.endswith("bias") and "proj" in k
+              and not any(s in k for s in ("o_proj", "mlp", "dense", "out_proj"))}
+    assert biases <= set(recipe.folded())  # a bias transformers builds is folded, none is invented (above)
+    norms = [(lay.input_norm, "")] if lay.input_norm else []
+    if lay.qk_norm and value(recipe.cfg, lay.qk_norm.when):
+        norms.append((lay.qk_norm, "q"))
+    for norm, which in norms:
+        module = layer.get_submodule(norm.path(which))
+        assert getattr(module, "variance_epsilon", getattr(module, "eps", None)) == float(value(recipe.cfg, norm.eps))
+    assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)
