@@ -100,9 +100,10 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
             g1 = original.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)
             g2 = converted.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)
         assert g1.tolist() == g2.tolist()
-    on_disk = sum(math.prod(t.shape) for t in read_header(out / "model.safetensors").tensors.values()) \
-        if (out / "model.safetensors").exists() else None
-    if on_disk is not None:  # persistent buffers are saved too (LFM2-MoE's expert_bias)
+    if (out / "model.safetensors").exists():
+        header = read_header(out / "model.safetensors").tensors
+        # persistent buffers are saved like parameters (Apertus' xIELU beta and eps, MiniMax-M2's router bias)
         persistent = set(converted.state_dict())
-        buffers = sum(b.numel() for n, b in converted.named_buffers() if n in persistent)
-        assert sum(p.numel() for p in converted.parameters()) + buffers == on_disk
+        saved_buffers = sum(b.numel() for n, b in converted.named_buffers() if n in persistent)
+        in_memory = sum(p.numel() for p in converted.parameters()) + saved_buffers
+        assert in_memory == sum(math.prod(t.shape) for t in header.values())
