@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import precompute_cli
-from precompute_cli import native
+from precompute_cli import native, portable
 from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.hub import published_sha256
@@ -173,13 +173,7 @@ def _reap_abandoned(out: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return portable.process_alive(pid)
 
 
 @contextmanager
@@ -399,8 +393,4 @@ def _fsync_all(folder: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    portable.fsync_path(path)

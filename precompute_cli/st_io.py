@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute_cli import portable
 from precompute_cli.errors import InputError
 
 # Each safetensors dtype as numpy stores its bytes. numpy has no bfloat16 or float8: those are held as raw
@@ -137,8 +138,11 @@ def read_tensor(path: Path, info: TensorInfo, rows: tuple[int, int] | None = Non
         start += rows[0] * row_bytes
         shape = (rows[1] - rows[0], *shape[1:])
     out = np.empty(shape, dtype=DTYPES[info.dtype])
-    with open(path, "rb") as f:
-        got = os.preadv(f.fileno(), [out.reshape(-1).view(np.uint8)], start) if out.nbytes else 0
+    fd = portable.open_read(path)
+    try:
+        got = portable.read_into(fd, memoryview(out.reshape(-1).view(np.uint8)), start) if out.nbytes else 0
+    finally:
+        os.close(fd)
     if got != out.nbytes:
         raise InputError(f"{path}: truncated while reading tensor {info.name}")
     return out
