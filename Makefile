@@ -1,17 +1,43 @@
 # The two commands of the README: `make demo` and `make test`. Each installs what it needs first.
-PYTHON ?= python3
+#
+# Every target runs in one Python environment: PYTHON=... when given, else the active virtual environment
+# (VIRTUAL_ENV), else .venv here, made on first use with the python3 on PATH (SYSTEM_PYTHON=... picks another).
+# A system Python is never installed into: Debian's and Ubuntu's refuse it (PEP 668).
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+ifeq ($(origin PYTHON),undefined)
+  ifdef VIRTUAL_ENV
+    PYTHON := $(VIRTUAL_ENV)/bin/python
+  else
+    PYTHON := $(VENV)/bin/python
+    READY := $(VENV)/.ready
+  endif
+endif
 PIP := $(PYTHON) -m pip
-# The CPU build of torch must come first: a plain `torch` requirement would otherwise pull a CUDA build of several GB.
+# The runtime extra (load_model, verify, the tests) needs torch; converting does not. Its CPU build goes in first:
+# on Linux a plain `torch` requirement pulls a CUDA build of several GB. Where pip's own configuration does not
+# already find the CPU build (it does on the project's machines), point it at PyTorch's CPU index:
+#   make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
+# Extra flags for every pip install (e.g. PIP_FLAGS=--quiet).
+PIP_FLAGS ?=
 
-.PHONY: install install-test demo test lint bench clean
+.PHONY: install install-runtime install-test demo test lint pytest test-no-torch test-floors bench clean
 
-install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH)
-	$(PIP) install -e .
+$(VENV)/.ready:
+	$(SYSTEM_PYTHON) scripts/make_venv.py $(VENV)
 
-install-test: install
-	$(PIP) install -e ".[test]"
+# The base install: convert and inspect (numpy, no torch).
+install: $(READY)
+	$(PIP) install $(PIP_FLAGS) -e .
+
+install-runtime: install
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(PIP_FLAGS) $(TORCH) $(TORCH_INDEX)
+	$(PIP) install $(PIP_FLAGS) -e ".[runtime]"
+
+install-test: install-runtime
+	$(PIP) install $(PIP_FLAGS) -e ".[test]"
 
 demo: install
 	$(PYTHON) scripts/make_demo_checkpoint.py build/demo-llama
@@ -19,12 +45,40 @@ demo: install
 	$(PYTHON) -m precompute_cli inspect build/demo-llama-precomputed
 	ls -l build/demo-llama-precomputed
 
-test: install-test
+test: lint pytest test-no-torch
+
+lint: install-test
 	$(PYTHON) -m ruff check precompute_cli tests scripts
+
+# pytest exits 5 when it collected no test: that fails here like any other non-zero exit.
+pytest: install-test
 	$(PYTHON) -m pytest -q
 
-lint:
-	$(PYTHON) -m ruff check precompute_cli tests scripts
+# The base install in an environment of its own, without torch: convert and inspect the demo checkpoint there.
+NO_TORCH_VENV := build/venv-no-torch
+test-no-torch:
+	$(SYSTEM_PYTHON) scripts/make_venv.py $(NO_TORCH_VENV)
+	$(NO_TORCH_VENV)/bin/python -m pip install $(PIP_FLAGS) --quiet .
+	! $(NO_TORCH_VENV)/bin/python -c "import torch" 2>/dev/null
+	rm -rf build/no-torch && mkdir -p build/no-torch
+	$(NO_TORCH_VENV)/bin/python scripts/make_demo_checkpoint.py build/no-torch/demo
+	$(NO_TORCH_VENV)/bin/precompute convert build/no-torch/demo build/no-torch/out
+	$(NO_TORCH_VENV)/bin/precompute inspect --check build/no-torch/out
+	$(NO_TORCH_VENV)/bin/python -c "import sys, precompute_cli.cli; assert 'torch' not in sys.modules"
+
+# The suite against the lowest versions pyproject.toml allows (torch excepted: its CPU build), in an environment
+# of its own: a floor that is not true fails here.
+FLOORS_VENV := build/venv-floors
+test-floors:
+	$(SYSTEM_PYTHON) scripts/make_venv.py $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python scripts/lowest_requirements.py > build/floors.txt
+	cat build/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) $(TORCH) $(TORCH_INDEX)
+	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) -r build/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
+	$(FLOORS_VENV)/bin/python -m pip check
+	$(FLOORS_VENV)/bin/python -m pip freeze
+	$(FLOORS_VENV)/bin/python -m pytest -q
 
 # Both tables of docs/BENCHMARKS.md (about 15 minutes on 2 cores); `make bench BENCH_FLAGS=--quick` for a smoke run.
 BENCH_FLAGS ?=
