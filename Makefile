@@ -15,11 +15,11 @@ ifeq ($(origin PYTHON),undefined)
 endif
 PIP := $(PYTHON) -m pip
 # The runtime extra (load_model, verify, the tests) needs torch; converting does not. Its CPU build goes in first:
-# on Linux a plain `torch` requirement pulls a CUDA build of several GB. Where pip's own configuration does not
-# already find the CPU build (it does on the project's machines), point it at PyTorch's CPU index:
-#   make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+# on Linux PyPI's torch is a CUDA build of several GB, and PyTorch's CPU index has the same version as +cpu, which
+# pip prefers. Where that index cannot be reached, pip says so and goes on with what its own configuration finds
+# (on the project's machines, the CPU build on local disk). TORCH_INDEX= (empty) asks PyPI alone.
 TORCH := torch==2.13.0
-TORCH_INDEX ?=
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
 # Extra flags for every pip install (e.g. PIP_FLAGS=--quiet).
 PIP_FLAGS ?=
 
