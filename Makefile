@@ -66,12 +66,25 @@ test-no-torch:
 	$(NO_TORCH_VENV)/bin/precompute inspect --check build/no-torch/out
 	$(NO_TORCH_VENV)/bin/python -c "import sys, precompute_cli.cli; assert 'torch' not in sys.modules"
 
-# The suite against the lowest versions pyproject.toml allows (torch excepted: its CPU build), in an environment
-# of its own: a floor that is not true fails here.
+# The lowest versions pyproject.toml allows, in environments of their own: first the base install alone (no
+# torch: convert and inspect), then with the runtime and test extras (torch excepted: its CPU build) under the
+# whole suite. A floor that is not true fails here.
 FLOORS_VENV := build/venv-floors
 test-floors:
+	$(SYSTEM_PYTHON) scripts/make_venv.py $(FLOORS_VENV)-base
+	$(FLOORS_VENV)-base/bin/python scripts/lowest_requirements.py > build/floors-base.txt
+	cat build/floors-base.txt
+	$(FLOORS_VENV)-base/bin/python -m pip install $(PIP_FLAGS) -r build/floors-base.txt
+	$(FLOORS_VENV)-base/bin/python -m pip install $(PIP_FLAGS) --no-deps .
+	$(FLOORS_VENV)-base/bin/python -m pip check
+	! $(FLOORS_VENV)-base/bin/python -c "import torch" 2>/dev/null
+	rm -rf build/floors-demo && mkdir -p build/floors-demo
+	$(FLOORS_VENV)-base/bin/python scripts/make_demo_checkpoint.py build/floors-demo/src
+	$(FLOORS_VENV)-base/bin/precompute --help
+	$(FLOORS_VENV)-base/bin/precompute convert build/floors-demo/src build/floors-demo/out
+	$(FLOORS_VENV)-base/bin/precompute inspect --check build/floors-demo/out
 	$(SYSTEM_PYTHON) scripts/make_venv.py $(FLOORS_VENV)
-	$(FLOORS_VENV)/bin/python scripts/lowest_requirements.py > build/floors.txt
+	$(FLOORS_VENV)/bin/python scripts/lowest_requirements.py runtime test > build/floors.txt
 	cat build/floors.txt
 	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) $(TORCH) $(TORCH_INDEX)
 	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) -r build/floors.txt

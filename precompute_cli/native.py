@@ -38,6 +38,8 @@ def single_threaded() -> Iterator[None]:
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# What the block restores: mallopt(3)'s documented defaults, fixed values (glibc has no call that reads the
+# current ones, and a value read at one conversion's start could be another's setting still in force).
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 << 10, 65536
 
 

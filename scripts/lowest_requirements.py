@@ -1,8 +1,9 @@
 """The lowest versions pyproject.toml allows, one `name==floor` a line, for `make test-floors`.
 
-Every requirement of the package and of the extras named (default: runtime and test, which the suite needs) must
-have a `>=` floor; the floor is what is pinned, so a floor that is not true fails the suite instead of passing
-unnoticed. torch is left out: the Makefile installs its CPU build (no CPU build of torch's floor can be had).
+Every requirement of the package and of the extras named (none: the base install alone) must have a `>=` floor;
+the floor is what is pinned, so a floor that is not true fails instead of passing unnoticed. A package required
+twice (the base and an extra) is pinned at the higher of its floors. torch is left out: the Makefile installs its
+CPU build (no CPU build of torch's floor can be had).
 
     python scripts/lowest_requirements.py [EXTRA ...] > floors.txt
 """
@@ -35,16 +36,18 @@ def lowest(extras: list[str]) -> list[str]:
                 wanted.extend(e.strip() for e in extras_of.strip("[]").split(","))
             else:
                 requirements.append(requirement)
-    pins = {}
+    pins: dict[str, tuple[tuple[int, ...], str]] = {}
     for requirement in requirements:
         name, _, spec, marker = REQUIREMENT.match(requirement).groups()
         if _normal(name) in LEFT_OUT:
             continue
-        floor = re.search(r">=\s*([^,\s]+)", spec)
+        floor = re.search(r">=\s*([0-9][0-9.]*)(?=[,\s]|$)", spec)
         if floor is None:
             raise SystemExit(f"pyproject.toml: {requirement!r} has no >= floor")
-        pins[_normal(name)] = f"{name}=={floor.group(1)}{marker or ''}"
-    return sorted(pins.values(), key=str.lower)
+        version = tuple(int(part) for part in floor.group(1).split("."))
+        if _normal(name) not in pins or version > pins[_normal(name)][0]:
+            pins[_normal(name)] = (version, f"{name}=={floor.group(1)}{marker or ''}")
+    return sorted((pin for _, pin in pins.values()), key=str.lower)
 
 
 def _normal(name: str) -> str:
@@ -52,4 +55,4 @@ def _normal(name: str) -> str:
 
 
 if __name__ == "__main__":
-    print("\n".join(lowest(sys.argv[1:] or ["runtime", "test"])))
+    print("\n".join(lowest(sys.argv[1:])))
