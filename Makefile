@@ -16,10 +16,26 @@ endif
 PIP := $(PYTHON) -m pip
 # The runtime extra (load_model, verify, the tests) needs torch; converting does not. Its CPU build goes in first:
 # on Linux PyPI's torch is a CUDA build of several GB, and PyTorch's CPU index has the same version as +cpu, which
-# pip prefers. Where that index cannot be reached, pip says so and goes on with what its own configuration finds
-# (on the project's machines, the CPU build on local disk). TORCH_INDEX= (empty) asks PyPI alone.
+# pip prefers. TORCH_INDEX=auto (the default) adds that index when it answers, and otherwise says so and leaves
+# pip to its own configuration (on the project's machines, which cannot reach it, that finds the CPU build on
+# local disk); TORCH_INDEX="--index-url URL" or TORCH_INDEX= (PyPI alone) choose yourself.
 TORCH := torch==2.13.0
-TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= auto
+# $(call install_torch,PYTHON): install $(TORCH) into that environment unless it already has a torch.
+define install_torch
+$(1) -c "import torch" 2>/dev/null || { \
+  index='$(TORCH_INDEX)'; \
+  if [ "$$index" = auto ]; then \
+    if $(1) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=15)" 2>/dev/null; then \
+      index="--extra-index-url $(TORCH_CPU_INDEX)"; \
+    else \
+      echo "$(TORCH_CPU_INDEX) cannot be reached: torch comes from pip's own configuration"; index=; \
+    fi; \
+  fi; \
+  echo "$(1) -m pip install $(TORCH) $$index"; \
+  $(1) -m pip install $(PIP_FLAGS) $(TORCH) $$index; }
+endef
 # Extra flags for every pip install (e.g. PIP_FLAGS=--quiet).
 PIP_FLAGS ?=
 
@@ -33,7 +49,7 @@ install: $(READY)
 	$(PIP) install $(PIP_FLAGS) -e .
 
 install-runtime: install
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install $(PIP_FLAGS) $(TORCH) $(TORCH_INDEX)
+	@$(call install_torch,$(PYTHON))
 	$(PIP) install $(PIP_FLAGS) -e ".[runtime]"
 
 install-test: install-runtime
@@ -86,7 +102,7 @@ test-floors:
 	$(SYSTEM_PYTHON) scripts/make_venv.py $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/python scripts/lowest_requirements.py runtime test > build/floors.txt
 	cat build/floors.txt
-	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) $(TORCH) $(TORCH_INDEX)
+	@$(call install_torch,$(FLOORS_VENV)/bin/python)
 	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) -r build/floors.txt
 	$(FLOORS_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
 	$(FLOORS_VENV)/bin/python -m pip check
