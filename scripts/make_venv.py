@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def _pip_from_pypi(python: Path) -> bool:
         with urllib.request.urlopen(PYPI_PIP, timeout=60) as response:
             release = json.load(response)
         url = next(u["url"] for u in release["urls"] if u["filename"].endswith("-py3-none-any.whl"))
+        url = urllib.parse.urljoin(PYPI_PIP, url)  # absolute on PyPI; relative through some mirrors
         with tempfile.TemporaryDirectory() as tmp:
-            wheel = Path(tmp) / url.rsplit("/", 1)[-1]
+            wheel = Path(tmp) / urllib.parse.urlparse(url).path.rsplit("/", 1)[-1]
             with urllib.request.urlopen(url, timeout=300) as response:
                 wheel.write_bytes(response.read())
             subprocess.run([str(python), str(wheel / "pip"), "install", "--quiet", "--no-index", str(wheel)])
