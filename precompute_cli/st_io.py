@@ -160,7 +160,7 @@ def to_float(raw: np.ndarray, st_dtype: str, dtype: type = np.float32) -> np.nda
     """Stored values (as read_tensor returns them) to `dtype`. BF16 is the top half of a float32: exact."""
     if st_dtype == "BF16":
         wide = raw.astype(np.uint32)
-        wide <<= 16  # in place: 4x faster than a shift into a new array
+        wide <<= np.uint32(16)  # in place: 4x faster than a new array; uint32, or numpy 1.x widens a 0-d array
         return wide.view(np.float32) if np.dtype(dtype) == np.float32 else wide.view(np.float32).astype(dtype)
     return raw.astype(dtype, copy=False)
 
