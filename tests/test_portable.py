@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from precompute_cli import native, portable
 from precompute_cli.st_io import read_header
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Takes away what Windows lacks, in a fresh interpreter, before precompute_cli is imported; then runs the CLI.
 WITHOUT_FAST_PATHS = """
@@ -41,7 +44,7 @@ main(sys.argv[1:])
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", WITHOUT_FAST_PATHS, *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_help_works_without_any_fast_path():
@@ -52,15 +55,15 @@ def test_help_works_without_any_fast_path():
 
 def test_convert_and_inspect_without_any_fast_path_give_the_same_bytes(tmp_path):
     demo = tmp_path / "demo"
-    made = subprocess.run([sys.executable, "scripts/make_demo_checkpoint.py", str(demo)], capture_output=True,
-                          text=True, timeout=120)
+    made = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_checkpoint.py"), str(demo)],
+                          capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     plain, fast = tmp_path / "plain", tmp_path / "fast"
     run = _run("convert", str(demo), str(plain))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "precompute.table" in read_header(plain / "model.safetensors").tensors
     reference = subprocess.run([sys.executable, "-m", "precompute_cli", "convert", str(demo), str(fast)],
-                               capture_output=True, text=True, timeout=120)
+                               capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert reference.returncode == 0, reference.stderr[-3000:]
     for path in sorted(fast.iterdir()):
         assert (plain / path.name).read_bytes() == path.read_bytes(), path.name
