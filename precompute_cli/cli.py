@@ -241,6 +241,8 @@ def convert_all(
     out_root: Path = typer.Argument(..., help="Folder for the outputs, the release state and release-summary.json."),
     push: bool = typer.Option(False, "--push", help="Upload each model to its `repo`, with a model card."),
     force: bool = typer.Option(False, "--force", help="Convert even the models unchanged since the last run."),
+    only: str | None = typer.Option(None, "--only", metavar="NAME",
+                                    help="Run only the model with this output name (one release job per model)."),
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
     quiet: bool = QUIET,
@@ -251,7 +253,8 @@ def convert_all(
     from precompute_cli.release import convert_all as run
 
     summary = run(config, out_root, push=push, offline=offline, token=token, force=force, report=_print_outcome,
-                  progress=lambda label: _progress(label.removesuffix(": folding layer 0")))  # the model's name
+                  progress=lambda label: _progress(label.removesuffix(": folding layer 0")),  # the model's name
+                  only=only)
     counts = summary["counts"]
     console.print(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed; "
                   f"summary in {out_root / SUMMARY_NAME}")

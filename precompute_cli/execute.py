@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute_cli import native, space
+from precompute_cli import native, portable, space
 from precompute_cli.block import PrecomputeBlock
 from precompute_cli.check import sha256, write_manifest
 from precompute_cli.commit import commit, exists_error
@@ -160,13 +160,7 @@ def _remove(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return portable.process_alive(pid)
 
 
 @contextmanager
@@ -429,8 +423,4 @@ def _fsync_all(folder: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    portable.fsync_path(path)

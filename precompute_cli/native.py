@@ -10,6 +10,8 @@ An allocator that keeps what it frees, while the table is folded: every chunk al
 MB each), which glibc serves with fresh mmaps that the kernel must zero, page by page, and unmaps again on free.
 Kept in the heap instead, the next chunk reuses the same pages (measured on Pythia-1.4B: 55.0 to 53.3 CPU-seconds,
 most of the difference the kernel's page zeroing). Elsewhere (not glibc) this does nothing.
+
+Both are fast paths (portable.py): `portable.plain()` or PRECOMPUTE_PLAIN_IO=1 turns them off.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
+from precompute_cli import portable
+
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Within the block, matmuls called from this thread run on this thread only."""
-    setter = _local_setter()
+    setter = _local_setter() if portable.fast() else None
     previous = setter(1) if setter else None
     try:
         yield
@@ -34,6 +38,8 @@ def single_threaded() -> Iterator[None]:
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# What the block restores: mallopt(3)'s documented defaults, fixed values (glibc has no call that reads the
+# current ones, and a value read at one conversion's start could be another's setting still in force).
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 << 10, 65536
 
 
@@ -41,7 +47,7 @@ DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 << 10, 65536
 def allocator_keeps_memory() -> Iterator[None]:
     """Within the block, large allocations come from the heap and freed memory stays there; afterwards glibc's
     defaults are back and the heap is trimmed, so a long-lived process (the release job) does not keep it."""
-    libc = _glibc()
+    libc = _glibc() if portable.fast() else None
     if libc is None:
         yield
         return

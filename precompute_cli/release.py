@@ -138,9 +138,15 @@ def fingerprint(entry: Entry, offline: bool = False, token: str | None = None) -
 def convert_all(config: Path, out_root: Path, push: bool = False, offline: bool = False, token: str | None = None,
                 force: bool = False, progress: ProgressFactory | None = None,
                 verify: Callable[[Source, Path], dict[str, Any]] | None = None,
-                report: Callable[[Outcome], None] | None = None) -> dict[str, Any]:
-    """Run the release file; returns the summary (also written to OUT_ROOT/release-summary.json)."""
+                report: Callable[[Outcome], None] | None = None, only: str | None = None) -> dict[str, Any]:
+    """Run the release file (or only its model named `only`: the release workflow runs one job per model);
+    returns the summary (also written to OUT_ROOT/release-summary.json)."""
     entries = load_entries(config)
+    if only is not None:
+        entries = [e for e in entries if e.name == only]
+        if not entries:
+            names = ", ".join(e.name for e in load_entries(config))
+            raise InputError(f"{config}: no model named {only!r} (its models: {names})")
     if push:
         for entry in entries:
             if entry.repo:

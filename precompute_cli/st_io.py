@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from precompute_cli import portable
 from precompute_cli.errors import InputError
 
 # Each safetensors dtype as numpy stores its bytes. numpy has no bfloat16 or float8: those are held as raw
@@ -154,8 +155,11 @@ def read_tensor(path: Path, info: TensorInfo, rows: tuple[int, int] | None = Non
         start += rows[0] * row_bytes
         shape = (rows[1] - rows[0], *shape[1:])
     out = np.empty(shape, dtype=DTYPES[info.dtype])
-    with open(path, "rb") as f:
-        got = os.preadv(f.fileno(), [out.reshape(-1).view(np.uint8)], start) if out.nbytes else 0
+    fd = portable.open_read(path)
+    try:
+        got = portable.read_into(fd, memoryview(out.reshape(-1).view(np.uint8)), start) if out.nbytes else 0
+    finally:
+        os.close(fd)
     if got != out.nbytes:
         raise InputError(f"{path}: truncated while reading tensor {info.name}")
     return out
@@ -173,7 +177,7 @@ def to_float(raw: np.ndarray, st_dtype: str, dtype: type = np.float32) -> np.nda
     """Stored values (as read_tensor returns them) to `dtype`. BF16 is the top half of a float32: exact."""
     if st_dtype == "BF16":
         wide = raw.astype(np.uint32)
-        wide <<= 16  # in place: 4x faster than a shift into a new array
+        wide <<= np.uint32(16)  # in place: 4x faster than a new array; uint32, or numpy 1.x widens a 0-d array
         return wide.view(np.float32) if np.dtype(dtype) == np.float32 else wide.view(np.float32).astype(dtype)
     return raw.astype(dtype, copy=False)
 

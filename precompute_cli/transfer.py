@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute_cli import portable
 from precompute_cli.check import sha256
 from precompute_cli.writer import FileWriter
 
@@ -98,7 +99,7 @@ def write_file(job: FileJob, table: TableStream) -> str:
             try:
                 for path, start, nbytes in job.runs:
                     if path not in files:
-                        files[path] = os.open(path, os.O_RDONLY)
+                        files[path] = portable.open_read(path)
                     for off in range(start, start + nbytes, STEP):
                         table.check()
                         writer.copy_from(files[path], off, min(STEP, start + nbytes - off))

@@ -4,22 +4,22 @@ Why not plain buffered writes: on the machines this runs on (a VM, ext4, no refl
 the page cache costs about 1.3 CPU-seconds per GB, and its writeback another 1 at fsync, while the same bytes written
 with O_DIRECT from an aligned buffer cost about 0.1 (measured: 1.95 GB in 4.6 CPU-s against 0.4). On 2 cores that
 CPU is taken from the GEMM. Writing sequentially also lets the sha256 the manifest needs be computed from the buffer
-on its way out, instead of reading every file back. Where O_DIRECT is not available (tmpfs, macOS, some network
-file systems) the same code writes through the page cache.
+on its way out, instead of reading every file back. Where O_DIRECT is not available (tmpfs, macOS, Windows, some
+network file systems, or portable.plain()) the same code writes through the page cache.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import mmap
 import os
 from pathlib import Path
 
+from precompute_cli import portable
+
 ALIGN = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block size: 4096 covers all
 BUFFER = 8 << 20  # bytes per write: large enough for the disk, small next to the memory budget
-O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class FileWriter:
@@ -27,17 +27,19 @@ class FileWriter:
 
     def __init__(self, path: Path, direct: bool = True, hashed: bool = True):
         self.path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | portable.O_BINARY
         self.fd = -1
-        if direct and O_DIRECT:
+        o_direct = portable.o_direct() if direct else 0
+        if o_direct:
             try:
-                self.fd = os.open(self.path, flags | O_DIRECT, 0o644)
+                self.fd = os.open(self.path, flags | o_direct, 0o644)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
                     raise
         if self.fd < 0:
             self.fd = os.open(self.path, flags, 0o644)
-        self.direct = bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & O_DIRECT) if O_DIRECT else False
+        self._o_direct = o_direct
+        self.direct = bool(_flags(self.fd) & o_direct) if o_direct else False
         self._buf = mmap.mmap(-1, BUFFER)  # page-aligned, as O_DIRECT needs
         self._view = memoryview(self._buf)
         self._fill = 0
@@ -59,7 +61,7 @@ class FileWriter:
         """Append `nbytes` of another file from `offset`, read straight into the buffer (one memory copy)."""
         while nbytes > 0:
             take = min(nbytes, BUFFER - self._fill)
-            got = os.preadv(fd, [self._view[self._fill:self._fill + take]], offset)
+            got = portable.read_into(fd, self._view[self._fill:self._fill + take], offset)
             if got <= 0:
                 raise OSError(errno.EIO, f"source file ended {nbytes} bytes early while copying")
             self._fill += got
@@ -112,5 +114,13 @@ class FileWriter:
         self._fill = 0
 
     def _drop_direct(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~O_DIRECT)
+        import fcntl  # only where O_DIRECT exists, so fcntl does too (not on Windows)
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, _flags(self.fd) & ~self._o_direct)
         self.direct = False
+
+
+def _flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+pytest.importorskip("resource", reason="the benchmarks measure with POSIX tools (resource, /proc)")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import bench_convert  # noqa: E402
 from tiny import run_cli  # noqa: E402

@@ -1,5 +1,8 @@
-"""Converting a serial model never imports torch: the fold is numpy, and `import torch` alone costs 1.6 s on a
-2-core machine, more than folding a small model. Runs in a fresh interpreter, since this one has torch loaded."""
+"""Converting never imports torch: the fold is numpy, and `import torch` alone costs 1.6 s on a 2-core machine,
+more than folding a small model. The base install has no torch at all (it is the `runtime` extra's), so every
+supported architecture must convert and inspect without it, exact GELU included. Runs in a fresh interpreter,
+since this one has torch loaded. `make test-no-torch` does the same in an environment where torch is not installed.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import sys
 
 import pytest
 import torch
-from tiny import build
+from tiny import build, convert
 
+from precompute_cli.recipes import supported
 from precompute_cli.st_io import read_header
 
 # Records who imports torch first (the import itself goes ahead), then fails after `convert` if anyone did.
@@ -45,3 +49,43 @@ def test_convert_does_not_import_torch(tmp_path, model_type):
 def test_importing_the_planner_does_not_import_torch():
     code = "import sys, precompute_cli.plan, precompute_cli.recipes; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# As if torch and transformers were not installed: importing either fails, as it would in the base install.
+WITHOUT_TORCH = """
+import sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NotInstalled())
+from precompute_cli.cli import main
+args = sys.argv[1:]
+for i in range(0, len(args), 2):
+    for command in (["convert", args[i], args[i + 1]], ["inspect", "--check", args[i + 1]]):
+        try:
+            main(command)
+        except SystemExit as exc:
+            assert not exc.code, f"{command} exited with {exc.code}"
+"""
+OVERRIDES = {"phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)}
+
+
+def test_every_architecture_converts_and_inspects_without_torch_to_the_same_bytes(tmp_path):
+    """One interpreter without torch converts a tiny model of every supported type; the bytes equal a conversion
+    made where torch is loaded (exact GELU, for gpt_neox, falcon and phi, is numpy either way)."""
+    pairs = []
+    for model_type in supported():
+        src = build(tmp_path / model_type, model_type, **OVERRIDES.get(model_type, {}))
+        pairs.append((model_type, src, tmp_path / f"{model_type}-without-torch"))
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *(str(p) for _, src, out in pairs for p in (src, out))],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for model_type, src, out in pairs:
+        assert convert(src, tmp_path / f"{model_type}-with-torch") == 0
+        mine = tmp_path / f"{model_type}-with-torch"
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in mine.iterdir()), model_type
+        for path in mine.iterdir():
+            assert (out / path.name).read_bytes() == path.read_bytes(), (model_type, path.name)

@@ -32,6 +32,60 @@ def test_activations_match_transformers(name, dtype):
     assert np.allclose(ours, theirs, rtol=tol, atol=tol), np.abs(ours - theirs).max()
 
 
+def _exact_gelu(x: np.ndarray) -> np.ndarray:
+    """x Phi(x) from math.erfc in float64, element by element: the reference numpy's GELU must round to."""
+    import math
+
+    return np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64).tolist()])
+
+
+GELU_GRID = np.concatenate([np.linspace(-14, 14, 200_001), RNG.standard_normal(50_000) * 3,
+                            -np.geomspace(1e-30, 1e3, 2_000), np.geomspace(1e-30, 1e3, 2_000)])
+
+
+def test_exact_gelu_in_float32_is_the_correctly_rounded_value():
+    """Every float32 result is the exact GELU rounded once: at most one float32 rounding away (<= 1 ulp), and
+    equal to it almost everywhere (the float64 series is 1e-13 from the truth), also in the far negative tail."""
+    x = GELU_GRID.astype(np.float32)
+    ours = ops.gelu(x).astype(np.float64)
+    exact = _exact_gelu(x)
+    rounded = exact.astype(np.float32).astype(np.float64)
+    ulp = np.spacing(np.abs(rounded).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(ours - rounded) <= ulp)
+    assert np.mean(ours == rounded) > 0.9999
+    tail = x < -6  # where 1 + erf would cancel: the tiny negative values are kept
+    assert np.all(ours[tail] <= 0) and np.all(np.abs(ours[tail] - rounded[tail]) <= ulp[tail])
+
+
+def test_exact_gelu_in_float64_matches_math_erfc():
+    x = GELU_GRID
+    assert np.allclose(ops.gelu(x), _exact_gelu(x), rtol=1e-12, atol=1e-300)
+
+
+def test_exact_gelu_is_no_further_from_torch_than_torch_is_from_the_exact_value():
+    """torch's float32 F.gelu is itself a few ulp off (and returns -0.0 below about -5.5): ours differs from it by
+    no more than torch's own error plus one float32 rounding."""
+    x = GELU_GRID.astype(np.float32)
+    with torch.no_grad():
+        theirs = F.gelu(torch.from_numpy(x)).numpy().astype(np.float64)
+    ours = ops.gelu(x).astype(np.float64)
+    exact = _exact_gelu(x)
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(ours - theirs) <= np.abs(theirs - exact) + ulp)
+    assert np.abs(ours - theirs).max() < 2e-6
+
+
+def test_exact_gelu_keeps_shape_and_limits():
+    x = np.array([[np.inf, -np.inf, np.nan], [0.0, -0.0, 1e30]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = ops.gelu(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert y[0, 0] == np.inf and np.isnan(y[0, 1]) and np.isnan(y[0, 2])
+    assert y[1, 0] == 0 and y[1, 2] == np.float32(1e30)
+    assert ops.gelu(np.zeros((0, 3), np.float32)).shape == (0, 3)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_norms_match_torch(dtype):
     x = (RNG.standard_normal((5, 3, 48)) * 3 + 1).astype(dtype)

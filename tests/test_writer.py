@@ -4,7 +4,6 @@ GEMM workers' row chunks."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import threading
@@ -12,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from precompute_cli import check, writer
+from precompute_cli import check, portable, writer
 from precompute_cli.execute import _row_ranges
 from precompute_cli.transfer import FileJob, Stopped, TableStream, write_file
 
@@ -45,7 +44,7 @@ def test_file_writer_writes_and_hashes_what_it_was_given(tmp_path, small_buffer)
 
 
 def test_file_writer_uses_o_direct_where_the_file_system_has_it(tmp_path):
-    if not writer.O_DIRECT:
+    if not portable.o_direct():
         pytest.skip("no O_DIRECT on this platform")
     out = writer.FileWriter(tmp_path / "f.bin")
     out.write(b"x" * 10)
@@ -56,17 +55,19 @@ def test_file_writer_uses_o_direct_where_the_file_system_has_it(tmp_path):
 @pytest.mark.parametrize("refused_at", ["open", "write"])
 def test_file_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch, refused_at):
     """Some file systems refuse O_DIRECT when the file is opened, others only on the first write (EINVAL)."""
-    if not writer.O_DIRECT:
+    if not portable.o_direct():
         pytest.skip("no O_DIRECT on this platform")
+    import fcntl
+
     real_open, real_write = os.open, os.write
 
     def fussy_open(path, flags, *args):
-        if refused_at == "open" and flags & writer.O_DIRECT:
+        if refused_at == "open" and flags & portable.o_direct():
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
     def fussy_write(fd, data):
-        if refused_at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & writer.O_DIRECT:
+        if refused_at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & portable.o_direct():
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
