@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import functools
 import os
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from precompute_cli import portable
 from precompute_cli.errors import InputError
 
 _AT_FDCWD = -100
@@ -111,7 +111,7 @@ def _locked(folder: Path) -> Iterator[None]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            portable.lock(fd)
         except OSError:
             pass
         yield

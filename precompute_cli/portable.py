@@ -108,3 +108,33 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def lock(fd: int, wait: bool = True) -> bool:
+    """An exclusive lock on an open file or folder, released when `fd` is closed; False if another process holds
+    it and `wait` is false. flock where the platform has it (a process killed outright holds it no more); on Windows,
+    msvcrt locks a regular file's first byte, and a folder goes unlocked (the callers' renames check for themselves)."""
+    try:
+        import fcntl
+    except ImportError:
+        return _lock_msvcrt(fd, wait)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _lock_msvcrt(fd: int, wait: bool) -> bool:
+    try:
+        import msvcrt
+    except ImportError:  # neither flock nor msvcrt: nothing to lock with
+        return True
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+    except PermissionError:  # a folder, or a file system without locks
+        return True
+    except OSError:
+        return False
+    return True

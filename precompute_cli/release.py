@@ -9,7 +9,6 @@ non-zero at the end.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import precompute_cli
-from precompute_cli import conversion, hub, modelcard
+from precompute_cli import conversion, hub, modelcard, portable
 from precompute_cli.block import PrecomputeBlock
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.execute import Progress
@@ -181,14 +180,14 @@ def _only_run(out_root: Path) -> Iterator[None]:
     path = out_root / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        if not portable.lock(fd, wait=False):
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             raise InputError(f"{out_root}: another convert-all (pid {holder}) is running on this folder; wait for "
                              "it to finish, or give this one another OUT_ROOT") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)  # releases the lock
