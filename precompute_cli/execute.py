@@ -69,6 +69,7 @@ def precompute_block(plan: Plan) -> dict:
         "table": plan.table.name,
         "dtype": plan.table.dtype,
         "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
+        **plan.recipe.choices(),
         "removed": [r.name for r in plan.removed],
         "source": {"id": src.ref, "revision": src.revision},
         "tool": {"name": "precompute-cli", "version": precompute_cli.__version__},

@@ -95,11 +95,18 @@ class Plan:
         return not self.shards
 
 
-def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:
+def load_recipe(source: Source, vocab_size: int | None = None, **choices: str | None) -> Recipe:
+    """`choices`: the user's (convert's --mla-table as mla_table); a recipe ignores those it has no use for."""
     cfg = Config.load(source.config_path)
     if vocab_size is not None:
         cfg.data["vocab_size"] = vocab_size
-    return recipe_for(cfg)
+    recipe = recipe_for(cfg)
+    for name, value in choices.items():
+        if value is not None and name not in recipe.choices():
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{cfg.path}: {flag} applies to MLA models only; this is {cfg.model_type}")
+    recipe.choose(**choices)
+    return recipe
 
 
 def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,

@@ -48,12 +48,18 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         ffn = linear_weights(spec, True) - linear_weights(spec, False)
         eliminated += ffn + (spec.hidden_size * spec.num_experts if spec.num_experts > 1 else 0)
     stores_residual = parallel or not spec.tied_embeddings
-    table_width = (spec.hidden_size if stores_residual else 0) + spec.q_dim + 2 * spec.kv_dim
+    new_columns = spec.q_dim + 2 * spec.kv_dim
+    options = recipe.table_options()
+    if options:  # the recipe's own widths (MLA's latents are not q_dim + 2 kv_dim), for the table it will write
+        chosen = options[next(iter(recipe.choices().values()))]
+        new_columns = chosen["new_columns"]
+        eliminated_linear += chosen["eliminated_linear_params"] - linear_weights(spec, False)
+    table_width = (spec.hidden_size if stores_residual else 0) + new_columns
     table_params = table_width * spec.vocab_size
     total = plan.params_before if plan.params_before is not None else estimated_params(spec)
     delta = table_params - eliminated
-    reads = spec.hidden_size + spec.q_dim + 2 * spec.kv_dim
-    paper_increase = (spec.q_dim + 2 * spec.kv_dim) * spec.vocab_size - eliminated_linear
+    reads = spec.hidden_size + new_columns
+    paper_increase = new_columns * spec.vocab_size - eliminated_linear
     return {
         **{k: v for k, v in spec.as_dict().items() if k not in ("num_heads", "num_kv_heads", "head_dim")},
         "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
@@ -78,6 +84,7 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         "removed": [_tensor(r) for r in plan.removed],
         "table": _tensor(plan.table.ref),
         "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
+        **({"table_choice": recipe.choices(), "table_options": options} if options else {}),
     }
 
 
@@ -161,6 +168,25 @@ def render_analysis(console: Console, data: dict[str, Any], title: str) -> None:
                  f"{data['memory_increase_paper']:+,} ({data['memory_increase_paper_pct']:+.1f}%){exact}")
     gain.add_row("parameter delta, exact", f"{data['param_delta']:+,} ({data['param_delta_pct']:+.2f}%){exact}")
     console.print(gain)
+    if data.get("table_options"):
+        render_table_options(console, data["table_options"], data["table_choice"])
+
+
+def render_table_options(console: Console, options: dict[str, dict[str, int]], chosen: dict[str, str]) -> None:
+    """The table choices side by side (MLA: --mla-table latent | full)."""
+    (flag, current), = chosen.items()
+    table = Table(title=f"--{flag.replace('_', '-')}: the choices (this analysis: {current})")
+    table.add_column("")
+    for name in options:
+        table.add_column(name, justify="right")
+    rows = (("new table columns", "new_columns"), ("extra table entries (vocab x columns)", "extra_entries"),
+            ("eliminated weights (every tensor removed)", "eliminated_params"),
+            ("eliminated linear weights", "eliminated_linear_params"),
+            ("linear weights layer 0 still reads per token", "kept_linear_params"),
+            ("table reads per token", "reads_per_token"))
+    for label, key in rows:
+        table.add_row(label, *(f"{o[key]:,}" for o in options.values()))
+    console.print(table)
 
 
 def render_conversion(console: Console, report: ConversionReport) -> None:

@@ -76,6 +76,19 @@ class TableColumns(nn.Module):
         return self._table[0].columns(self.span, hidden_states)
 
 
+class ContiguousTableColumns(TableColumns):
+    """TableColumns for modules whose callers need more than a view of the row (MLA): a contiguous tensor
+    (deepseek_v2's RoPE views pairs as complex numbers, which needs even strides), and a `weight` that tells the
+    dtype (deepseek_v32's indexer casts its input to `weights_proj.weight.dtype`). The weight is empty: no parameter."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states).contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._table[0].table[:0, self.span[0]:self.span[1]]
+
+
 class TableFusedQKV(nn.Module):
     """Stands in for a fused QKV projection: q, k, v from the table, laid out as the model's fused output.
 
@@ -125,19 +138,33 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     if not isinstance(block, dict) or block.get("format") != 1:
         raise InputError(f"{src.config_path}: not a precomputed checkpoint (no 'precompute' block of format 1)")
     recipe = recipe_for(Config({k: v for k, v in cfg.data.items() if k != "precompute"}, cfg.path))
+    recipe.choose(**{k: v for k, v in block.items() if k in recipe.choices()})
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.root, dtype=dtype or "auto", trust_remote_code=False)
+        model = causal_lm_class(cfg, AutoModelForCausalLM).from_pretrained(src.root, dtype=dtype or "auto",
+                                                                           trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(level)
     model_dtype = next(model.parameters()).dtype
     table = _read_table(src, block["table"]).to(model_dtype)
     patch_model(model, recipe, block, table)
     return model.to(device).eval()
+
+
+def causal_lm_class(cfg: Config, auto: type) -> type:
+    """AutoModelForCausalLM, or for a model type it does not map (mistral4 in transformers 5.24) the config's
+    architecture, when that is a causal-LM class of transformers itself (never code from the checkpoint)."""
+    import transformers
+
+    mapped = cfg.model_type in auto._model_mapping._model_mapping  # type: ignore[attr-defined]
+    names = cfg.get("architectures", default=None) or []
+    if not mapped and names and str(names[0]).endswith("ForCausalLM") and hasattr(transformers, str(names[0])):
+        return getattr(transformers, str(names[0]))
+    return auto
 
 
 def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> None:
@@ -153,15 +180,27 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     if "qkv" in patch.projections:
         layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups))
     else:
+        columns = ContiguousTableColumns if patch.contiguous else TableColumns
         for name, path in patch.projections.items():
-            layer.set_submodule(path, TableColumns(embedding, spans[name]))
+            layer.set_submodule(path, columns(embedding, spans[name]))
     for path in patch.identities:
         layer.set_submodule(path, PassThrough())
     for path in patch.zeros:
         layer.set_submodule(path, Zero())
+    _set_attributes(layer, patch.attributes)
     if spans["residual"] is not None:
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
+
+
+def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
+    """RuntimePatch.attributes: "path.to.module.name" -> value, set on the module under `layer`."""
+    for dotted, value in attributes.items():
+        path, _, name = dotted.rpartition(".")
+        module = layer.get_submodule(path) if path else layer
+        if not hasattr(module, name):
+            raise RuntimeError(f"{type(module).__name__} has no attribute {name!r} for the runtime patch to set")
+        setattr(module, name, value)
 
 
 def _read_table(src, name: str) -> torch.Tensor:

@@ -22,12 +22,22 @@ def build(path: Path, model_type: str, dtype: torch.dtype = torch.float32, seed:
     """Save a tiny random `model_type` model whose every weight (norms and biases too) is perturbed."""
     config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    cls = lm_class(model_type)
+    model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def lm_class(model_type: str) -> type:
+    """AutoModelForCausalLM, or the causal-LM class of a type it does not map (mistral4 in transformers 5.24)."""
+    import transformers
+
+    if model_type in AutoModelForCausalLM._model_mapping._model_mapping:
+        return AutoModelForCausalLM
+    return getattr(transformers, type(AutoConfig.for_model(model_type)).__name__.replace("Config", "ForCausalLM"))
 
 
 def convert(src: Path, out: Path, *args: str) -> int:
@@ -73,8 +83,9 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
 
     float32: logits agree to `tol` relative and greedy generations are identical. Lower precision: the converted
     model is no further from the original's float32 run than the original itself is in that dtype."""
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    original = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    auto = lm_class(AutoConfig.from_pretrained(src).model_type)
+    reference = auto.from_pretrained(src, dtype=torch.float32).eval()
+    original = auto.from_pretrained(src, dtype=dtype).eval()
     converted = load_model(out, dtype=dtype)
     ids = probe_ids(original.config.get_text_config().vocab_size)
     mask = torch.ones_like(ids)
@@ -103,4 +114,6 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
     on_disk = sum(math.prod(t.shape) for t in read_header(out / "model.safetensors").tensors.values()) \
         if (out / "model.safetensors").exists() else None
     if on_disk is not None:
-        assert sum(p.numel() for p in converted.parameters()) == on_disk
+        saved = converted.state_dict().keys()  # persistent buffers are on disk too (deepseek's e_score_correction_bias)
+        buffers = sum(b.numel() for n, b in converted.named_buffers() if n in saved)
+        assert sum(p.numel() for p in converted.parameters()) + buffers == on_disk

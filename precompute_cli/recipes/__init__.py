@@ -9,6 +9,7 @@ from precompute_cli.recipes import (  # noqa: F401
     gpt_neox,
     gptj,
     llama,
+    mla,
     mpt,
     olmo,
     phi,
