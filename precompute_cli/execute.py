@@ -31,6 +31,7 @@ from precompute_cli.check import sha256, write_manifest
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.hub import published_sha256
 from precompute_cli.plan import Plan
+from precompute_cli.quant import output_config
 from precompute_cli.recipes import ops
 from precompute_cli.source import INDEX_NAME
 from precompute_cli.st_io import DTYPES, TensorRef, encode_header, from_float, read_header, read_tensor, to_float
@@ -374,7 +375,7 @@ def _prefetch(path: Path, start: int, nbytes: int) -> None:
 
 
 def _write_metadata(plan: Plan, tmp: Path) -> None:
-    config = dict(plan.recipe.cfg.data)
+    config = output_config(dict(plan.recipe.cfg.data), [plan.inputs[n][1].name for n in plan.dequantized])
     config["precompute"] = precompute_block(plan)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(plan.shards) > 1:

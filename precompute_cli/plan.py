@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from precompute_cli.errors import InputError
+from precompute_cli.quant import SCALE_SUFFIX, Quantization, dequantize_fp8
 from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.recipes.base import Weights
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, read_array
+from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, read_array, read_tensor
 
 TABLE_NAME = "precompute.table"
 SINGLE_FILE = "model.safetensors"
@@ -65,17 +66,24 @@ class Plan:
     removed: tuple[TensorRef, ...]
     shards: tuple[ShardPlan, ...]  # empty when planned from a config (and the Hub's headers) alone
     inputs: dict[str, tuple[Path, TensorInfo]]  # tensors the fold reads
-    params_before: int | None  # exact when tensors are known
-    bytes_before: int | None
+    params_before: int | None  # exact when tensors are known (elements as stored: a uint8 of two FP4 values is one)
+    bytes_before: int | None  # bytes as stored
+    quantization: Quantization = Quantization(None)
+    dequantized: tuple[str, ...] = ()  # folded tensors stored as FP8, read through their scales (recipe names)
 
     def weights(self, dtype: type = np.float32) -> Weights:
         """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (float32 for the table, float64
-        for verify; for a parallel MoE block, every expert)."""
+        for verify; for a parallel MoE block, every expert). FP8 weights come dequantized."""
         cache: dict[str, np.ndarray] = {}
 
         def weight(name: str) -> np.ndarray:
             if name not in cache:
-                cache[name] = read_array(*self.inputs[name], dtype=dtype)
+                if name in self.dequantized:
+                    scale = read_array(*self.inputs[name + SCALE_SUFFIX], dtype=dtype)
+                    raw = read_tensor(*self.inputs[name])
+                    cache[name] = dequantize_fp8(raw, scale, self.quantization.block, dtype)
+                else:
+                    cache[name] = read_array(*self.inputs[name], dtype=dtype)
             return cache[name]
 
         return weight
@@ -125,6 +133,10 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         raise InputError(f"{cfg.path}: {reason}")
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
                 **recipe.embedding_transforms(), **recipe.folded()}
+    quantization = Quantization.of(cfg)
+    reason = quantization.refusal(next((n for n, s in recipe.folded().items() if len(s) == 2), recipe.embedding))
+    if reason:
+        raise InputError(f"{cfg.path}: {reason}")
     tensors = source.tensors() if source.shards else {}
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
@@ -138,18 +150,31 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         if known and known[disk[name]].shape != shape:
             raise InputError(f"{files.get(disk[name], source.ref)}: tensor {disk[name]} has shape "
                              f"{list(known[disk[name]].shape)}, the config implies {list(shape)}")
-    inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}
     dtype_of = {n: (known[disk[n]].dtype if known else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
+    scales: dict[str, TensorRef | TensorInfo] = {}  # recipe name of a dequantized weight -> its scale tensor
     for name in expected:
-        if dtype_of[name] not in ("F32", "F16", "BF16", "F64"):
-            at = files.get(disk[name], source.ref) if known else source.config_path
-            raise InputError(f"{at}: tensor {disk[name]} is {dtype_of[name]}; only float checkpoints can be folded")
+        at = files.get(disk[name], source.ref) if known else source.config_path
+        scale = quantization.scale_of(disk[name], dtype_of[name]) if name != recipe.embedding else None
+        if scale is None:
+            if dtype_of[name] not in FLOATS:
+                raise InputError(f"{at}: {quantization.unreadable(disk[name], dtype_of[name])}")
+            continue
+        want = quantization.scale_shape(expected[name])
+        if scale not in known or known[scale].shape != want or known[scale].dtype not in FLOATS:
+            found = f"{known[scale].dtype} {list(known[scale].shape)}" if scale in known else "no such tensor"
+            raise InputError(f"{at}: FP8 tensor {disk[name]} needs its block scales {scale} as float {list(want)} "
+                             f"(weight_block_size {list(quantization.block)}); found {found}")
+        scales[name] = known[scale]
+    inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}
+    if tensors:
+        inputs.update({n + SCALE_SUFFIX: tensors[ref.name] for n, ref in scales.items()})
     table = TablePlan(
         rows=recipe.spec.vocab_size,
         dtype=_table_dtype(table_dtype, dtype_of[recipe.embedding]),
         columns=recipe.columns(),
     )
     removed = tuple(TensorRef(disk[n], dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
+    removed += tuple(TensorRef(ref.name, ref.dtype, tuple(ref.shape)) for ref in scales.values())
     removed_names = {r.name for r in removed}
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
@@ -162,6 +187,7 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         inputs=inputs,
         params_before=sum(t.numel for t in known.values()) if known else None,
         bytes_before=sum(t.nbytes for t in known.values()) if known else None,
+        quantization=quantization, dequantized=tuple(scales),
     )
 
 

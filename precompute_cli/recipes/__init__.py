@@ -7,6 +7,7 @@ from precompute_cli.recipes import (  # noqa: F401
     falcon,
     gemma,
     gpt_neox,
+    gpt_oss,
     gptj,
     llama,
     mla,
