@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,90 @@ class ModelSpec:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "attention": self.attention, "ffn": self.ffn,
                 "q_dim": self.q_dim, "kv_dim": self.kv_dim}
+
+
+Derived = Callable[[dict[str, Any]], Any]  # the values read so far -> a default
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config value as a declaration: the first of `names` present, else `default`, which may be a function of
+    the values read before it (a default of 0 or False is a default like any other). No names: always the default,
+    whatever the config says (the model ignores the key)."""
+
+    names: tuple[str, ...]
+    default: Any = None
+
+    def __init__(self, *names: str, default: Any = None):
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "default", default)
+
+    def read(self, cfg: Config, known: dict[str, Any] | None = None) -> Any:
+        default = self.default(known or {}) if callable(self.default) else self.default
+        return cfg.get(*self.names, default=default) if self.names else default
+
+    def int(self, cfg: Config, known: dict[str, Any]) -> int:
+        default = self.default(known) if callable(self.default) else self.default
+        return cfg.int(*self.names, default=default) if self.names else default
+
+
+def value(cfg: Config, item: Any) -> Any:
+    """A declared value: a Key read from the config, or a fixed value as it is."""
+    return item.read(cfg) if isinstance(item, Key) else item
+
+
+def heads(v: dict[str, Any]) -> int:
+    """Default: one KV head per attention head (MHA)."""
+    return v["num_heads"]
+
+
+def per_head(v: dict[str, Any]) -> int:
+    """Default: hidden_size split evenly over the heads."""
+    return v["hidden_size"] // max(v["num_heads"], 1)
+
+
+def four_d(v: dict[str, Any]) -> int:
+    """Default: an FFN four times as wide as the model."""
+    return 4 * v["hidden_size"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Where a family's config keeps each size of ModelSpec, in reading order: transformers' common spellings and
+    defaults unless a family says otherwise (`Sizes(num_kv_heads=Key("num_key_value_heads", default=8))`)."""
+
+    hidden_size: Key = Key("hidden_size")
+    num_heads: Key = Key("num_attention_heads")
+    num_kv_heads: Key = Key("num_key_value_heads", default=heads)
+    head_dim: Key = Key("head_dim", default=per_head)
+    num_experts: Key = Key(default=1)  # a count below 1 (Qwen MoE's 0) reads as a dense FFN
+    intermediate_size: Key | Callable[[Config, dict[str, Any]], int] = Key("intermediate_size")  # or a function
+    vocab_size: Key = Key("vocab_size")
+    num_layers: Key = Key("num_hidden_layers")
+    tied_embeddings: Key = Key("tie_word_embeddings", default=False)
+
+    @property
+    def head_dim_divides(self) -> bool:
+        """head_dim is hidden_size / heads whatever the config says, so hidden_size must divide evenly."""
+        return not self.head_dim.names and self.head_dim.default is per_head
+
+    def divisibility(self, spec: ModelSpec) -> str | None:
+        """The refusal for a hidden_size the heads do not divide, when this layout needs them to."""
+        if self.head_dim_divides and (spec.num_heads == 0 or spec.hidden_size % spec.num_heads):
+            return (f"{self.hidden_size.names[0]} {spec.hidden_size} is not a multiple of "
+                    f"{self.num_heads.names[0]} {spec.num_heads}")
+        return None
+
+    def read(self, cfg: Config, **spec: Any) -> ModelSpec:
+        """The ModelSpec of `cfg`; `spec` gives the rest (model_type, block, positional, ffn_matrices)."""
+        known: dict[str, Any] = {}
+        for f in fields(self):
+            item = getattr(self, f.name)
+            if f.name == "tied_embeddings":
+                known[f.name] = bool(item.read(cfg))
+            elif isinstance(item, Key):
+                known[f.name] = item.int(cfg, known)
+            else:
+                known[f.name] = item(cfg, known)
+        known["num_experts"] = max(known["num_experts"], 1)
+        return ModelSpec(dtype=cfg.dtype, **known, **spec)

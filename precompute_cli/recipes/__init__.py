@@ -1,22 +1,11 @@
-"""One module per architecture family; importing this package registers them all."""
+"""One module per architecture family, each registering its model types; importing this package imports them all."""
 
-from precompute_cli.recipes import (  # noqa: F401
-    absolute,
-    bloom,
-    cohere,
-    falcon,
-    gemma,
-    gpt_neox,
-    gpt_oss,
-    gptj,
-    llama,
-    mla,
-    mpt,
-    olmo,
-    phi,
-    phi3,
-    stablelm,
-)
+import importlib
+import pkgutil
+
 from precompute_cli.recipes.base import REGISTRY, Recipe, RuntimePatch, recipe_for, supported
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["REGISTRY", "Recipe", "RuntimePatch", "recipe_for", "supported"]

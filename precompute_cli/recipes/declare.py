@@ -1,0 +1,409 @@
+"""Recipes as data: a family is one `Layout` per model_type, and one fold skeleton computes every layout.
+
+A Layout says where layer 0's tensors are and what they do; `Declared` derives from it everything the converter, the
+runtime and `inspect` ask: the ModelSpec (describe), the refusals, the tensors the table replaces (folded), the
+table's columns (fold) and the modules the runtime swaps (runtime_patch). A tensor name is written once, in the
+Layout. The skeleton, in order:
+
+    x = embedding[t] -> embedding_norm -> (the residual columns)
+      -> * embedding_scale / embedding_multiplier -> input_norm = h
+      -> q, k, v = qkv(h) (a fused output split by its layout) -> clamp -> q/k norms before RoPE
+      parallel blocks: residual = x + ffn(h, or ffn.norm(x))
+
+How to add a model type
+-----------------------
+1. Read layer 0 in transformers' modeling file (models/<type>/modeling_<type>.py): the embedding module, the
+   decoder layer's forward up to attention, the attention's forward up to RoPE; and its configuration file for the
+   keys and their defaults. Anything that acts after RoPE or on the attention output is not the table's business.
+2. If it is the Llama skeleton with other names, flags or norms, add a `Layout` to the family's `layouts` (or a
+   new module in recipes/ with a `@register`ed `Declared` subclass: modules are discovered, nothing to import).
+   Every field defaults to Llama's; write only what differs. A Qwen3-like type with biases from a config key,
+   a per-head q/k RMSNorm before RoPE, an eps default of 1e-5, three KV heads by default and a GPT-NeoX-style
+   parallel FFN reading its own LayerNorm would be:
+
+        from precompute_cli.recipes.base import register
+        from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, layer_norm, mlp, rms, separate
+
+        EPS = Key("rms_norm_eps", default=1e-5)
+
+        @register
+        class Example(Declared):
+            layouts = {"example": Layout(
+                sizes=Sizes(num_kv_heads=Key("num_key_value_heads", default=3)),
+                input_norm=rms("input_layernorm", eps=EPS),
+                qkv=separate("self_attn.{}_proj", bias=Key("attention_bias", default=False)),
+                qk_norm=rms("self_attn.{}_norm", eps=EPS, scope="head"),
+                parallel=True,
+                ffn=mlp("fc1", "fc2", bias=True, act=Key("hidden_act", default="gelu"),
+                        norm=layer_norm("post_attention_layernorm")),
+            )}
+
+   Names under the layer are relative to `prefix` ("model.layers.0."); "{}" in a q/k/v or q/k-norm name stands for
+   q, k, v. Norms are values: rms(...) with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's
+   mean-centred norm, weight=False for a weightless one; each with eps=Key(config key, default=...) or a fixed
+   float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group"). Tensors the attention reads
+   after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
+3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
+   random model of the type, converted and compared with transformers' own logits and generations.
+4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
+   `config_refusal()` for flags the converter cannot honour (MPT), or `fold()` for a new kind of layer 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from precompute_cli.recipes import ops
+from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
+from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
+
+__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm", "mlp",
+           "rms", "separate", "sqrt_hidden"]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm as data. `module` is its path under layer 0 (model-level for the embedding norm); in a q/k norm "{}"
+    stands for q or k. The fold computes in float32 (float64 for verify) whatever the module's dtype."""
+
+    module: str
+    centred: bool = False  # LayerNorm (the mean removed first); else RMSNorm
+    weight: bool = True  # False: weightless (nothing on disk, OLMo)
+    bias: bool = False
+    offset: float = 0.0  # 1.0: the (1 + w) convention (Gemma)
+    eps: Key | float = Key("rms_norm_eps", default=1e-6)
+    scope: str = "hidden"  # q/k norms: "head" (over head_dim) or "projection" (over all of q or k)
+    rows: str = "shared"  # per-head weights: "shared" [hd], "per_head" [H, hd], "modules" ({}.norms.i, one per head)
+    when: Key | bool = True  # present only when this is true (a q/k norm behind a config flag)
+    after_rope: bool = False  # a q/k norm applied after RoPE: outside the table, so it stays in the model
+
+    def tensors(self, where: str, spec: ModelSpec, which: str = "") -> dict[str, Shape]:
+        """Its tensors on disk; `which` is "q" or "k" for a q/k norm."""
+        module = where + self.module.format(which)
+        if not self.weight:
+            return {}
+        kinds = ("weight", "bias") if self.bias else ("weight",)
+        count = spec.num_heads if which == "q" else spec.num_kv_heads
+        if self.scope == "projection":
+            return {f"{module}.{k}": (count * spec.head_dim,) for k in kinds}
+        if self.scope == "head" and self.rows == "modules":
+            return {f"{module}.norms.{i}.{k}": (spec.head_dim,) for i in range(count) for k in kinds}
+        if self.scope == "head":
+            shape = (count, spec.head_dim) if self.rows == "per_head" else (spec.head_dim,)
+            return {f"{module}.{k}": shape for k in kinds}
+        return {f"{module}.{k}": (spec.hidden_size,) for k in kinds}
+
+    def apply(self, w: Weights, x: np.ndarray, where: str, cfg: Config, spec: ModelSpec, which: str = "") -> np.ndarray:
+        names = list(self.tensors(where, spec, which))
+        if self.rows == "modules":  # one module per head: their weights stacked into [H, hd] (and biases so)
+            step = 2 if self.bias else 1
+            weight = np.stack([w(n) for n in names[::step]]) if self.weight else None
+            bias = np.stack([w(n) for n in names[1::step]]) if self.bias else None
+        else:
+            weight = w(names[0]) if self.weight else None
+            bias = w(names[1]) if self.bias else None
+        eps = float(value(cfg, self.eps))
+        y = ops.heads(x, spec.head_dim) if self.scope == "head" else x
+        if self.centred:
+            y = ops.layer_norm(y, weight if weight is None or not self.offset else weight + self.offset, bias, eps)
+        else:
+            y = ops.rms_norm(y, weight, eps, self.offset)
+        return y.reshape(x.shape)
+
+
+def rms(module: str, eps: Key | float = Key("rms_norm_eps", default=1e-6), **kind: Any) -> Norm:
+    """RMSNorm (offset=1.0 for (1 + w); weight=False for a weightless one)."""
+    return Norm(module, eps=eps, **kind)
+
+
+def layer_norm(module: str, eps: Key | float = Key("layer_norm_eps", default=1e-5), bias: bool = True,
+               **kind: Any) -> Norm:
+    """LayerNorm, with a bias unless bias=False (Cohere's mean-centred norm, MPT)."""
+    return Norm(module, centred=True, eps=eps, bias=bias, **kind)
+
+
+# groups of [q part, k part, v part] in a fused output (ops.split_qkv), by layout
+_GROUPS: dict[str, Callable[[ModelSpec], int]] = {
+    "blocked": lambda s: 1, "per_head": lambda s: s.num_heads, "per_kv_group": lambda s: s.num_kv_heads,
+}
+
+
+@dataclass(frozen=True)
+class Qkv:
+    """Layer 0's Q, K, V projections: three modules ("{}" = q, k, v) or one fused module with a layout."""
+
+    module: str = "self_attn.{}_proj"
+    bias: Key | bool = False
+    layout: str | None = None  # fused: "blocked" [q; k; v], "per_head" [q_h, k_h, v_h], "per_kv_group" [q.., k, v]
+
+    def widths(self, spec: ModelSpec) -> dict[str, int]:
+        """The output width of each projection module."""
+        if self.layout:
+            return {self.module: spec.q_dim + 2 * spec.kv_dim}
+        return {self.module.format(n): width for n, width in zip("qkv", (spec.q_dim, spec.kv_dim, spec.kv_dim),
+                                                                   strict=True)}
+
+
+def separate(module: str = "self_attn.{}_proj", bias: Key | bool = False) -> Qkv:
+    return Qkv(module, bias)
+
+
+def fused(module: str, layout: str, bias: Key | bool = False) -> Qkv:
+    if layout not in _GROUPS:
+        raise ValueError(f"fused QKV layout {layout!r}: one of {', '.join(_GROUPS)}")
+    return Qkv(module, bias, layout)
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """q, k, v clamped to [-c, c] before RoPE, c read from `key` (None: no clamp; 0: none too when zero_is_off)."""
+
+    key: str
+    zero_is_off: bool = False
+
+    def limit(self, cfg: Config) -> float | None:
+        c = cfg.get(self.key)
+        return float(c) if (c if self.zero_is_off else c is not None) else None
+
+    def refusal(self, cfg: Config) -> str | None:
+        c = cfg.get(self.key)
+        least = "non-negative" if self.zero_is_off else "positive"
+        bad = isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0 or (c == 0 and not self.zero_is_off)
+        return f"{self.key} must be a {least} number or null, got {c!r}" if c is not None and bad else None
+
+
+@dataclass(frozen=True)
+class Ffn:
+    """Layer 0's FFN under `module`: two matrices (up, down) a plain MLP, three (gate, up, down) a GLU. It folds
+    only in a parallel block, where it reads `norm`(x), or, without a norm of its own, the attention's h."""
+
+    matrices: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    module: str = "mlp"
+    bias: Key | bool = False  # plain MLPs only
+    act: Key = Key("hidden_act", default="silu")
+    norm: Norm | None = None
+
+    def tensors(self, where: str, spec: ModelSpec, bias: bool) -> dict[str, Shape]:
+        d, inner = spec.hidden_size, spec.intermediate_size
+        out: dict[str, Shape] = {}
+        for name in self.matrices:
+            shape = (d, inner) if name == self.matrices[-1] else (inner, d)  # the last is down: inner -> d
+            out[f"{where}{self.module}.{name}.weight"] = shape
+            if bias:
+                out[f"{where}{self.module}.{name}.bias"] = shape[:1]
+        return out
+
+
+def glu(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj", **rest: Any) -> Ffn:
+    return Ffn((gate, up, down), **rest)
+
+
+def mlp(up: str, down: str, **rest: Any) -> Ffn:
+    return Ffn((up, down), **rest)
+
+
+def sqrt_hidden(spec: ModelSpec) -> float:
+    """Gemma's embedding scale."""
+    return spec.hidden_size ** 0.5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything about one model type's layer 0 up to RoPE. Every field defaults to Llama's."""
+
+    prefix: str = "model.layers.0."  # layer 0 on disk and in memory
+    embedding: str = "model.embed_tokens.weight"
+    base_prefix: str = ""  # a prefix some checkpoints of the family leave out of every tensor name (plan)
+    sizes: Sizes = field(default_factory=Sizes)
+    parallel: Key | bool = False  # attention and FFN both read the block's input
+    positional: str = "rope"
+    embedding_norm: Norm | None = None  # a model-level norm of the embedding before layer 0 (BLOOM)
+    embedding_scale: Callable[[ModelSpec], float] | None = None  # inside the embedding module, in its dtype (Gemma)
+    embedding_multiplier: Key | None = None  # after the embedding module, outside the residual columns (Granite)
+    input_norm: Norm | None = field(default_factory=lambda: rms("input_layernorm"))
+    norm_is_residual: Key | bool = False  # the attention's residual is input_norm(x), not x (BLOOM's flag)
+    qkv: Qkv = field(default_factory=Qkv)
+    qk_norm: Norm | None = None
+    clamp: Clamp | None = None
+    ffn: Ffn = field(default_factory=Ffn)
+    keep: tuple[str, ...] = ()  # layer 0's tensors read after the table (sinks): they stay
+
+
+class Declared(Recipe):
+    """A recipe computed from its model type's Layout. Subclasses set `layouts` (model_type -> Layout)."""
+
+    layouts: ClassVar[dict[str, Layout]] = {}
+    layout: Layout
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.layouts:
+            cls.model_types = tuple(cls.layouts)
+
+    def __post_init__(self) -> None:
+        self.layout = self.declare()
+        super().__post_init__()
+
+    def declare(self) -> Layout:
+        """This config's Layout (a family whose layer 0 changes with config flags builds it here)."""
+        return self.layouts[self.cfg.model_type]
+
+    def config_refusal(self) -> str | None:
+        """A family's own refusals, between the size checks and the clamp and activation checks."""
+        return None
+
+    # -- what the Layout answers ---------------------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:  # type: ignore[override]
+        return self.layout.prefix
+
+    @property
+    def embedding(self) -> str:  # type: ignore[override]
+        return self.layout.embedding
+
+    @property
+    def base_prefix(self) -> str:  # type: ignore[override]
+        return self.layout.base_prefix
+
+    @property
+    def parallel(self) -> bool:
+        return bool(value(self.cfg, self.layout.parallel))
+
+    @property
+    def qk_norm(self) -> Norm | None:
+        """The q/k norm the table folds (present in this config and before RoPE), or None."""
+        norm = self.layout.qk_norm
+        return norm if norm and not norm.after_rope and value(self.cfg, norm.when) else None
+
+    @property
+    def ffn_norm(self) -> Norm | None:
+        return self.layout.ffn.norm if self.parallel else None
+
+    @property
+    def keeps_input_norm(self) -> bool:
+        """The model must still compute h itself: it is the residual, and the table does not hold it."""
+        return bool(value(self.cfg, self.layout.norm_is_residual)) and not self.stores_residual
+
+    def describe(self) -> ModelSpec:
+        lay = self.layout
+        return lay.sizes.read(self.cfg, model_type=self.cfg.model_type, positional=lay.positional,
+                              block="parallel" if self.parallel else "serial", ffn_matrices=len(lay.ffn.matrices))
+
+    def refusal(self) -> str | None:
+        lay, cfg = self.layout, self.cfg
+        reason = lay.sizes.divisibility(self.spec) or self.config_refusal()
+        reason = reason or (lay.clamp.refusal(cfg) if lay.clamp else None)
+        if reason or not self.parallel:
+            return reason
+        return self.unknown_activation(value(cfg, lay.ffn.act), lay.ffn.act.names[0])
+
+    def embedding_transforms(self) -> dict[str, Shape]:
+        norm = self.layout.embedding_norm
+        return norm.tensors("", self.spec) if norm else {}
+
+    def folded(self) -> dict[str, Shape]:
+        lay, s, p = self.layout, self.spec, self.prefix
+        out = lay.input_norm.tensors(p, s) if lay.input_norm else {}
+        has_bias = bool(value(self.cfg, lay.qkv.bias))
+        for module, width in lay.qkv.widths(s).items():
+            out[f"{p}{module}.weight"] = (width, s.hidden_size)
+            if has_bias:
+                out[f"{p}{module}.bias"] = (width,)
+        if self.qk_norm:
+            out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
+        if self.parallel:
+            out.update(self.ffn_norm.tensors(p, s) if self.ffn_norm else {})
+            out.update(lay.ffn.tensors(p, s, bool(value(self.cfg, lay.ffn.bias))))
+        return out
+
+    def kept(self) -> tuple[str, ...]:
+        """Layer 0's tensors the attention still reads after the table: declared ones and q/k norms after RoPE."""
+        norm = self.layout.qk_norm
+        after = norm.tensors("", self.spec, "q") | norm.tensors("", self.spec, "k") \
+            if norm and norm.after_rope and value(self.cfg, norm.when) else {}
+        return tuple(self.prefix + n for n in (*self.layout.keep, *after))
+
+    def removed(self) -> dict[str, Shape]:
+        names = super().removed()
+        if self.keeps_input_norm and self.layout.input_norm:
+            for name in self.layout.input_norm.tensors(self.prefix, self.spec):
+                del names[name]
+        return names
+
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
+        lay, s, p, cfg = self.layout, self.spec, self.prefix, self.cfg
+        x = ops.upcast(x)
+        if lay.embedding_norm:
+            x = lay.embedding_norm.apply(w, x, "", cfg, s)
+        a = self.scale_embedding(x) if lay.embedding_scale else x
+        if lay.embedding_multiplier:  # the embedding module's output (the residual) stays unscaled
+            a = a * float(value(cfg, lay.embedding_multiplier))
+        h = lay.input_norm.apply(w, a, p, cfg, s) if lay.input_norm else a
+        out = {"residual": h if value(cfg, lay.norm_is_residual) else x, **self.project(w, h)}
+        if self.qk_norm:
+            for n in "qk":
+                out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
+        if self.parallel:
+            out["residual"] = out["residual"] + self.ffn(w, self.ffn_norm.apply(w, x, p, cfg, s)
+                                                         if self.ffn_norm else h)
+        return out
+
+    def project(self, w: Weights, h: np.ndarray) -> dict[str, np.ndarray]:
+        """q, k, v from h: the projections (a fused output split by its layout), clamped when declared."""
+        qkv, p, s = self.layout.qkv, self.prefix, self.spec
+        has_bias = bool(value(self.cfg, qkv.bias))
+        ys = [ops.linear(h, w(f"{p}{m}.weight"), w(f"{p}{m}.bias") if has_bias else None) for m in qkv.widths(s)]
+        limit = self.layout.clamp.limit(self.cfg) if self.layout.clamp else None
+        if limit is not None:
+            ys = [np.clip(y, -limit, limit) for y in ys]
+        if qkv.layout:
+            ys = list(ops.split_qkv(ys[0], self.fused_groups, s.q_dim, s.kv_dim))
+        return dict(zip("qkv", ys, strict=True))
+
+    @property
+    def fused_groups(self) -> int:
+        return _GROUPS[self.layout.qkv.layout](self.spec)
+
+    def ffn(self, w: Weights, h: np.ndarray) -> np.ndarray:
+        ffn, cfg = self.layout.ffn, self.cfg
+        names = [f"{self.prefix}{ffn.module}.{m}" for m in ffn.matrices]
+        act = str(value(cfg, ffn.act))
+        if len(names) == 3:
+            return ops.glu(h, *(w(n + ".weight") for n in names), act)
+        up, down = names
+        bias = bool(value(cfg, ffn.bias))
+        return ops.mlp(h, w(up + ".weight"), w(up + ".bias") if bias else None,
+                       w(down + ".weight"), w(down + ".bias") if bias else None, act)
+
+    def scale_embedding(self, x: np.ndarray) -> np.ndarray:
+        """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
+        transformers loads by default): the scale rounded to that dtype, the product rounded to it too (bf16:
+        sqrt(3072) is 55.5). The result comes back upcast, so float64 rows (verify) give float64 columns.
+        Row and scale are rounded to the model's dtype as loading does; their product is exact in float32 for
+        bf16/f16 operands, so rounding it once more gives what torch's multiply in that dtype gives."""
+        out, stored = ops.upcast(x).dtype, NAME_TO_ST.get(self.spec.dtype)
+
+        def rounded(a: np.ndarray) -> np.ndarray:
+            return a.astype(out) if stored is None else to_float(from_float(a, stored), stored, out)
+
+        scale = np.float32(self.layout.embedding_scale(self.spec))  # the module's buffer: a float32 tensor
+        return rounded(rounded(x) * rounded(scale))
+
+    def runtime_patch(self) -> RuntimePatch:
+        lay = self.layout
+        norms = [lay.input_norm if lay.input_norm and not self.keeps_input_norm else None, self.ffn_norm]
+        qk = [self.qk_norm.module.format(n) for n in "qk"] if self.qk_norm else []
+        return RuntimePatch(
+            layer=self.prefix.removesuffix("."),
+            projections={"qkv": lay.qkv.module} if lay.qkv.layout else {n: lay.qkv.module.format(n) for n in "qkv"},
+            identities=tuple(dict.fromkeys([*(n.module for n in norms if n), *qk])),
+            zeros=(lay.ffn.module,) if self.parallel else (),
+            embedding_transforms=(lay.embedding_norm.module,) if lay.embedding_norm else (),
+            fused_groups=self.fused_groups if lay.qkv.layout else None,
+            embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
+        )
