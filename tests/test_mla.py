@@ -44,6 +44,21 @@ def test_equivalent_float32(tmp_path, case, table):
     assert_equivalent(src, tmp_path / "out")
 
 
+@pytest.mark.parametrize("table", ["latent", "full"])
+def test_kimi_k2_model_type(tmp_path, table):
+    """Kimi-K2's config says model_type kimi_k2 (unknown to transformers 5.24) and architecture
+    DeepseekV3ForCausalLM: it converts as deepseek_v3, and load_model runs it through that class.
+    Both layers dense: transformers 5.24 keys its weight conversions on model_type, so under kimi_k2 it does not
+    fuse per-expert MoE weights and leaves the experts random, in the original as in the converted model (Moonshot's
+    advice for such engines is to rename model_type to deepseek_v3); layer 0, the table's business, is dense in
+    Kimi-K2 anyway (first_k_dense_replace 1)."""
+    src = _build(tmp_path, "deepseek_v3", first_k_dense_replace=2)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    assert_equivalent(src, tmp_path / "out")
+
+
 def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 

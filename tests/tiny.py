@@ -3,6 +3,7 @@ that every supported architecture must pass: converted logits and greedy text eq
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,12 +32,15 @@ def build(path: Path, model_type: str, dtype: torch.dtype = torch.float32, seed:
     return path
 
 
-def lm_class(model_type: str) -> type:
-    """AutoModelForCausalLM, or the causal-LM class of a type it does not map (mistral4 in transformers 5.24)."""
+def lm_class(model_type: str, architectures: list[str] | None = None) -> type:
+    """AutoModelForCausalLM, or the causal-LM class of a type it does not map: mistral4 in transformers 5.24, or a
+    checkpoint whose model_type transformers does not know but whose architecture it has (Kimi-K2's kimi_k2)."""
     import transformers
 
     if model_type in AutoModelForCausalLM._model_mapping._model_mapping:
         return AutoModelForCausalLM
+    if architectures:
+        return getattr(transformers, architectures[0])
     return getattr(transformers, type(AutoConfig.for_model(model_type)).__name__.replace("Config", "ForCausalLM"))
 
 
@@ -83,7 +87,8 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
 
     float32: logits agree to `tol` relative and greedy generations are identical. Lower precision: the converted
     model is no further from the original's float32 run than the original itself is in that dtype."""
-    auto = lm_class(AutoConfig.from_pretrained(src).model_type)
+    config = json.loads((Path(src) / "config.json").read_text())
+    auto = lm_class(config["model_type"], config.get("architectures"))
     reference = auto.from_pretrained(src, dtype=torch.float32).eval()
     original = auto.from_pretrained(src, dtype=dtype).eval()
     converted = load_model(out, dtype=dtype)

@@ -23,38 +23,47 @@ attention output: serial, it never folds. RoPE (interleaved or not, V2's complex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
-from precompute_cli.spec import ModelSpec
+from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register
+from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
+from precompute_cli.spec import Config, ModelSpec, heads
 
 TABLES = ("latent", "full")
 DEFAULT_TABLE = "latent"
 LATENT_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm and the indexer's k_norm: the class default, never rms_norm_eps
-
-# Each type's configuration defaults for the keys a Hub config may leave out (transformers 5.24 configuration files).
-_DEFAULTS = {
-    "deepseek_v2": dict(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                        rms_norm_eps=1e-6, n_routed_experts=64, moe_intermediate_size=1407),
-    "deepseek_v3": dict(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                        rms_norm_eps=1e-6, n_routed_experts=256, moe_intermediate_size=2048),
-    "deepseek_v32": dict(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                         rms_norm_eps=1e-6, n_routed_experts=256, moe_intermediate_size=2048, index_n_heads=64,
-                         index_head_dim=128),
-    # Moonshot's Kimi-K2 checkpoints say model_type "kimi_k2" (for inference engines to tell them apart) and
-    # name DeepseekV3ForCausalLM as their architecture: DeepSeek-V3's layer 0 with other sizes.
-    "kimi_k2": dict(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                    rms_norm_eps=1e-6, n_routed_experts=256, moe_intermediate_size=2048),
-    "glm4_moe_lite": dict(q_lora_rank=768, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=192,
-                          v_head_dim=256, rms_norm_eps=1e-5, n_routed_experts=64, moe_intermediate_size=1536),
-    "mistral4": dict(q_lora_rank=1024, kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=128,
-                     rms_norm_eps=1e-6, n_routed_experts=128, moe_intermediate_size=2048),
-}
 _ATTN = "self_attn."
+
+
+@dataclass(frozen=True)
+class Latents:
+    """Where a type's config keeps MLA's widths, with its configuration class's defaults (transformers 5.24)."""
+
+    q_lora_rank: int  # the default; an explicit null in the config means a plain q_proj (DeepSeek-V2-Lite)
+    kv_lora_rank: Key = Key("kv_lora_rank", default=512)
+    rope: Key = Key("qk_rope_head_dim", default=64)
+    nope: Key = Key("qk_nope_head_dim", default=128)
+    v_head_dim: Key = Key("v_head_dim", default=128)
+    indexer: bool = False  # deepseek_v32's DSA indexer
+    index_heads: Key = Key("index_n_heads", default=64)
+    index_head_dim: Key = Key("index_head_dim", default=128)
+
+    def read(self, cfg: Config) -> MlaDims:
+        known: dict[str, Any] = {}
+        q_lora = None if "q_lora_rank" in cfg.data and cfg.data["q_lora_rank"] is None else \
+            cfg.int("q_lora_rank", default=self.q_lora_rank)
+        return MlaDims(
+            hidden=cfg.int("hidden_size"), heads=cfg.int("num_attention_heads"), q_lora_rank=q_lora,
+            kv_lora_rank=self.kv_lora_rank.int(cfg, known), rope=self.rope.int(cfg, known),
+            nope=self.nope.int(cfg, known), v_head_dim=self.v_head_dim.int(cfg, known),
+            index_heads=self.index_heads.int(cfg, known) if self.indexer else 0,
+            index_head_dim=self.index_head_dim.int(cfg, known) if self.indexer else 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,10 +100,43 @@ class MlaDims:
         return out
 
 
+def _moe_width(cfg: Config, known: dict[str, Any]) -> int:
+    """Routed experts are moe_intermediate_size wide (the dense layers' intermediate_size is not layer 0's business)."""
+    return cfg.int("moe_intermediate_size" if known["num_experts"] > 1 else "intermediate_size")
+
+
+def _layout(experts: int, eps: float = 1e-6) -> Layout:
+    """An MLA type's Layout: Llama's names; every head gets the latent (num_kv_heads = heads)."""
+    return Layout(sizes=Sizes(num_kv_heads=Key(default=heads), num_experts=Key("n_routed_experts", default=experts),
+                              intermediate_size=_moe_width),
+                  input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=eps)))
+
+
 @register
-class Mla(Recipe):
-    model_types = tuple(_DEFAULTS)
-    table: str = DEFAULT_TABLE  # "latent" | "full": set by the caller (convert's --mla-table, the precompute block)
+class Mla(Declared):
+    """The MLA kind of layer 0: its own fold, columns and runtime patch; each type is a Layout and its Latents."""
+
+    layouts = {
+        "deepseek_v2": _layout(64),
+        "deepseek_v3": _layout(256),
+        "deepseek_v32": _layout(256),
+        # Moonshot's Kimi-K2 checkpoints say model_type "kimi_k2" (for inference engines to tell them apart) and
+        # name DeepseekV3ForCausalLM as their architecture: DeepSeek-V3's layer 0 with other sizes.
+        "kimi_k2": _layout(256),
+        "glm4_moe_lite": _layout(64, eps=1e-5),
+        "mistral4": _layout(128),
+    }
+    latents: ClassVar[dict[str, Latents]] = {
+        "deepseek_v2": Latents(1536),
+        "deepseek_v3": Latents(1536),
+        "deepseek_v32": Latents(1536, indexer=True),
+        "kimi_k2": Latents(1536),
+        "glm4_moe_lite": Latents(768, nope=Key("qk_nope_head_dim", default=192),
+                                 v_head_dim=Key("v_head_dim", default=256)),
+        "mistral4": Latents(1024, kv_lora_rank=Key("kv_lora_rank", default=256),
+                            nope=Key("qk_nope_head_dim", default=64)),
+    }
+    table: str = DEFAULT_TABLE  # "latent" | "full": chosen by convert's --mla-table, read back from the block
 
     def choices(self) -> dict[str, str]:
         return {"mla_table": self.table}
@@ -103,36 +145,16 @@ class Mla(Recipe):
         if mla_table is not None:
             self.table = check_table(mla_table)
 
-    def _value(self, key: str) -> int:
-        return self.cfg.int(key, default=_DEFAULTS[self.cfg.model_type][key])
-
     @property
     def dims(self) -> MlaDims:
-        c, t = self.cfg, self.cfg.model_type
-        q_lora = None if "q_lora_rank" in c.data and c.data["q_lora_rank"] is None else self._value("q_lora_rank")
-        indexed = t == "deepseek_v32"
-        return MlaDims(
-            hidden=c.int("hidden_size"), heads=c.int("num_attention_heads"), q_lora_rank=q_lora,
-            kv_lora_rank=self._value("kv_lora_rank"), rope=self._value("qk_rope_head_dim"),
-            nope=self._value("qk_nope_head_dim"), v_head_dim=self._value("v_head_dim"),
-            index_heads=self._value("index_n_heads") if indexed else 0,
-            index_head_dim=self._value("index_head_dim") if indexed else 0,
-        )
+        return self.latents[self.cfg.model_type].read(self.cfg)
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        experts = self._value("n_routed_experts")
-        heads = c.int("num_attention_heads")
-        # MLA expands the latent to every head: num_kv_heads = heads; head_dim is the q/k head (nope + rope).
-        head = self._value("qk_nope_head_dim") + self._value("qk_rope_head_dim")
-        return self.hf_spec("serial", ffn_matrices=3, tied_default=False, num_experts=max(experts, 1),
-                            num_kv_heads=heads, head_dim=head,
-                            intermediate_size=self._value("moe_intermediate_size") if experts > 1 else None)
-
-    def refusal(self) -> str | None:
         d = self.dims
-        if self.table not in TABLES:
-            return f"--mla-table {self.table!r}: choose one of {', '.join(TABLES)}"
+        return replace(super().describe(), head_dim=d.nope + d.rope)  # q and k heads; v heads are v_head_dim
+
+    def config_refusal(self) -> str | None:
+        d = self.dims
         if d.kv_lora_rank <= 0 or d.rope <= 0 or (d.q_lora_rank is not None and d.q_lora_rank <= 0):
             return "kv_lora_rank, q_lora_rank and qk_rope_head_dim must be positive for MLA"
         if d.index_heads and d.index_head_dim < d.rope:
@@ -144,16 +166,13 @@ class Mla(Recipe):
         """attention_bias adds biases to q_a_proj and kv_a_proj_with_mqa (and o_proj), never to q_proj or *_b_proj."""
         return bool(self.cfg.get("attention_bias", default=False))
 
-    def _eps(self) -> float:
-        return float(self.cfg.get("rms_norm_eps", default=_DEFAULTS[self.cfg.model_type]["rms_norm_eps"]))
-
     # -- what layer 0 reads -------------------------------------------------------------------------------------
     def folded(self) -> dict[str, Shape]:
         return self.folded_for(self.table)
 
     def folded_for(self, table: str) -> dict[str, Shape]:
         d, p = self.dims, self.prefix + _ATTN
-        out: dict[str, Shape] = {self.prefix + "input_layernorm.weight": (d.hidden,)}
+        out: dict[str, Shape] = dict(self.layout.input_norm.tensors(self.prefix, self.spec))
         bias = self.has_bias
         if d.q_lora_rank is None:
             out[p + "q_proj.weight"] = (d.q_full, d.hidden)
@@ -182,7 +201,7 @@ class Mla(Recipe):
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         d, p, full = self.dims, self.prefix + _ATTN, self.table == "full"
         x = ops.upcast(x)
-        h = ops.rms_norm(x, w(self.prefix + "input_layernorm.weight"), self._eps())
+        h = self.layout.input_norm.apply(w, x, self.prefix, self.cfg, self.spec)
 
         def bias(name: str) -> np.ndarray | None:
             return w(p + name + ".bias") if self.has_bias else None
