@@ -145,8 +145,9 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     disk = _names_on_disk(recipe, list(expected), known)
     for name, shape in expected.items():
         if known and disk[name] not in known:
-            raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
-                             f"but the checkpoint has no tensor {name}")
+            raise InputError(f"{source.ref}: " + (quantization.missing(disk[name], known) or
+                                                  f"the config describes a {cfg.model_type} model, "
+                                                  f"but the checkpoint has no tensor {name}"))
         if known and known[disk[name]].shape != shape:
             raise InputError(f"{files.get(disk[name], source.ref)}: tensor {disk[name]} has shape "
                              f"{list(known[disk[name]].shape)}, the config implies {list(shape)}")

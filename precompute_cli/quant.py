@@ -15,6 +15,7 @@ No torch here: converting never imports it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,19 @@ class Quantization:
         if self.method is None:
             return f"tensor {name} is {dtype}; only float checkpoints can be folded"
         return (f"tensor {name}, which the fold reads, is stored as {dtype} under {self.method} quantization; "
+                "precompute reads only float tensors and block-scaled FP8 weights exactly")
+
+    def missing(self, name: str, known: Iterable[str]) -> str | None:
+        """The sentence for a folded tensor absent from a quantized checkpoint because it is stored in another form
+        (MXFP4's `q_proj_blocks`, GPTQ's `q_proj.qweight`), or None when nothing in its place is found."""
+        if self.method is None:
+            return None
+        module = name.removesuffix(".weight")
+        found = sorted(n for n in known if n not in (name, module + ".bias")
+                       and n[:len(module) + 1] in (module + ".", module + "_"))
+        if not found:
+            return None
+        return (f"tensor {name}, which the fold reads, is stored {self.method}-quantized (as {', '.join(found)}); "
                 "precompute reads only float tensors and block-scaled FP8 weights exactly")
 
     def refusal(self, first_folded: str) -> str | None:
