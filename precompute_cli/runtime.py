@@ -160,7 +160,12 @@ def causal_lm_class(cfg: Config, auto: type) -> type:
     architecture, when that is a causal-LM class of transformers itself (never code from the checkpoint)."""
     import transformers
 
-    mapped = cfg.model_type in auto._model_mapping._model_mapping  # type: ignore[attr-defined]
+    from transformers import AutoConfig
+
+    try:
+        mapped = type(AutoConfig.for_model(cfg.model_type)) in auto._model_mapping  # type: ignore[attr-defined]
+    except ValueError:  # a model type transformers does not know (Kimi-K2's kimi_k2)
+        mapped = False
     names = cfg.get("architectures", default=None) or []
     if not mapped and names and str(names[0]).endswith("ForCausalLM") and hasattr(transformers, str(names[0])):
         return getattr(transformers, str(names[0]))

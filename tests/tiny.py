@@ -37,11 +37,15 @@ def lm_class(model_type: str, architectures: list[str] | None = None) -> type:
     checkpoint whose model_type transformers does not know but whose architecture it has (Kimi-K2's kimi_k2)."""
     import transformers
 
-    if model_type in AutoModelForCausalLM._model_mapping._model_mapping:
+    try:
+        config_class = type(AutoConfig.for_model(model_type))
+    except ValueError:  # a model type transformers does not know
+        config_class = None
+    if config_class is not None and config_class in AutoModelForCausalLM._model_mapping:  # registered ones too
         return AutoModelForCausalLM
     if architectures:
         return getattr(transformers, architectures[0])
-    return getattr(transformers, type(AutoConfig.for_model(model_type)).__name__.replace("Config", "ForCausalLM"))
+    return getattr(transformers, config_class.__name__.replace("Config", "ForCausalLM"))
 
 
 def convert(src: Path, out: Path, *args: str) -> int:
