@@ -15,10 +15,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from precompute_cli import __version__, conversion, hub
+from precompute_cli.block import KEY, PrecomputeBlock, is_converted
 from precompute_cli.check import MANIFEST, failures
 from precompute_cli.check import check as check_folder
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.execute import interrupt_on_sigterm, precompute_block
+from precompute_cli.execute import interrupt_on_sigterm
 from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.recipes import supported
@@ -83,8 +84,8 @@ def convert(
     if verified and not verified.passed:
         raise PrecomputeError(verified.failure)
     if push_to_hub:
-        url = hub.publish(out, push_to_hub, report.as_dict(), precompute_block(done.plan), private=private, token=token,
-                          verify=verified.as_dict() if verified else None)
+        url = hub.publish(out, push_to_hub, report.as_dict(), PrecomputeBlock.of(done.plan), private=private,
+                          token=token, verify=verified.as_dict() if verified else None)
         console.print(f"[bold green]pushed[/] {out} to {url}")
 
 
@@ -109,8 +110,9 @@ def inspect(
     with peek(checkpoint, revision=revision, offline=offline, token=token) as found:  # downloads no weights
         src = found.source
         cfg = Config.load(src.config_path)
-        if "precompute" in cfg.data:
-            data = {"converted": True, "precompute": cfg.data["precompute"], **load_recipe(src).spec.as_dict()}
+        if is_converted(cfg.data):
+            block = PrecomputeBlock.read(cfg.data, cfg.path).as_dict()
+            data = {"converted": True, KEY: block, **load_recipe(src).spec.as_dict()}
         else:
             recipe = load_recipe(src, vocab_size)
             reason = recipe.refusal()
@@ -124,7 +126,7 @@ def inspect(
     if as_json:
         print(json.dumps(data, indent=2))
     elif data.get("converted"):
-        console.print_json(json.dumps(data["precompute"]))
+        console.print_json(json.dumps(data[KEY]))
     else:
         render_analysis(console, data, title=f"{checkpoint}")
 
@@ -210,7 +212,7 @@ def _print_outcome(o) -> None:
 
 def _print_plan(plan, out: Path) -> None:
     console.print(f"[bold]dry run[/]: {plan.source.ref} -> {out} (nothing written)")
-    console.print_json(json.dumps(precompute_block(plan)))
+    console.print_json(json.dumps(PrecomputeBlock.of(plan).as_dict()))
     for shard in plan.shards:
         how = "copy whole file" if shard.unchanged else f"{len(shard.kept)} tensors copied" + (
             " + table" if shard.has_table else "")

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-import precompute_cli
-from precompute_cli import native
+from precompute_cli import native, space
+from precompute_cli.block import PrecomputeBlock
 from precompute_cli.check import sha256, write_manifest
+from precompute_cli.commit import commit, exists_error
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.hub import published_sha256
 from precompute_cli.plan import Plan
 from precompute_cli.quant import output_config
 from precompute_cli.recipes import ops
@@ -60,23 +60,6 @@ class Result:
     seconds: float
 
 
-def precompute_block(plan: Plan) -> dict:
-    """The config.json entry that marks a converted checkpoint; the runtime and inspect read only this."""
-    src = plan.source
-    return {
-        "format": 1,
-        "layer": 0,
-        "block": plan.recipe.spec.block,
-        "table": plan.table.name,
-        "dtype": plan.table.dtype,
-        "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
-        **plan.recipe.choices(),
-        "removed": [r.name for r in plan.removed],
-        "source": {"id": src.ref, "revision": src.revision},
-        "tool": {"name": "precompute-cli", "version": precompute_cli.__version__},
-    }
-
-
 def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress | None = None,
             link: bool = False, device: str = "cpu") -> Result:
     """`link` hard-links unchanged shards instead of copying them; `device` runs the GEMM there ("cuda")."""
@@ -87,9 +70,10 @@ def execute(plan: Plan, out: Path, overwrite: bool = False, progress: Progress |
     if out.resolve() == source_root or out.resolve() in source_root.parents:
         raise InputError(f"{out}: holds the source checkpoint; converting into it would replace the source")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"{out}: already exists and is not empty (use --overwrite to replace it)")
+        raise exists_error(out)  # early, to save the work; the commit checks again, atomically
+    space.check(plan, out, link)
     try:
-        with _staging(out) as tmp:
+        with _staging(out, overwrite) as tmp:
             digests = _write_shards(plan, tmp, progress, link, device)
             _write_metadata(plan, tmp)
             _check_written(tmp)
@@ -119,10 +103,11 @@ def _check_written(tmp: Path) -> None:
 
 
 @contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside OUT, renamed into place on success and deleted on any failure or signal.
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside OUT, committed in its place on success (commit.py) and deleted on any failure,
+    signal, or when another run's OUT got there first.
 
-    The swap and the cleanup run with SIGINT/SIGTERM deferred, so a second Ctrl-C cannot strand a half-deleted
+    The commit and the cleanup run with SIGINT/SIGTERM deferred, so a second Ctrl-C cannot strand a half-deleted
     folder; folders made for OUT's parent are removed again when nothing was committed."""
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,23 +120,16 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         with _signals_deferred():
-            old = out.parent / f".{out.name}.precompute-old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            if out.exists():
-                os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                if old.exists():
-                    os.rename(old, out)
-                raise
+            _remove(out.parent / f".{out.name}.precompute-old-{os.getpid()}")
+            replaced = commit(tmp, out, overwrite)
             committed = True
-            shutil.rmtree(old, ignore_errors=True)
+            if replaced is not None:
+                _remove(replaced)
             _fsync_dir(out.parent)
     finally:
         try:
             with _signals_deferred():
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove(tmp)
                 for folder in [] if committed else created:
                     try:
                         folder.rmdir()
@@ -172,6 +150,14 @@ def _reap_abandoned(out: Path) -> None:
         if kind.endswith(".precompute-old") and not out.exists():
             continue  # a swap cut short between its two renames: this is the only copy of the old OUT
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or what an --overwrite replaced (a file or a link where OUT was); missing is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -234,7 +220,7 @@ def _file_jobs(plan: Plan, tmp: Path, link: bool) -> list[FileJob]:
         if shard.unchanged:
             size = shard.source.stat().st_size
             jobs.append(FileJob(tmp / shard.name, b"", ((shard.source, 0, size),), link=shard.source if link else None,
-                                sha256=published_sha256(shard.source)))
+                                sha256=shard.published_sha256))
             continue
         refs = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
         if shard.has_table:
@@ -375,8 +361,8 @@ def _prefetch(path: Path, start: int, nbytes: int) -> None:
 
 
 def _write_metadata(plan: Plan, tmp: Path) -> None:
-    config = output_config(dict(plan.recipe.cfg.data), [plan.inputs[n][1].name for n in plan.dequantized])
-    config["precompute"] = precompute_block(plan)
+    config = PrecomputeBlock.of(plan).added_to(
+        output_config(plan.recipe.cfg.data, [plan.inputs[n][1].name for n in plan.dequantized]))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(plan.shards) > 1:
         weight_map = {i.name: s.name for s in plan.shards for i in s.kept}

@@ -9,16 +9,14 @@ mode (HF_HUB_OFFLINE or --offline) behave as in every other Hub tool. Failures b
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from precompute_cli.block import LAYER, PrecomputeBlock
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.source import AUX_PATTERNS, WEIGHT_PATTERNS, by_name
-from precompute_cli.st_io import TensorRef, check_dtype
-
-PATTERNS = [*WEIGHT_PATTERNS, *AUX_PATTERNS]  # the only files ever downloaded (source.py owns the lists)
+from precompute_cli.st_io import TensorRef, by_name, check_dtype
 
 
 @dataclass(frozen=True)
@@ -65,13 +63,13 @@ def is_offline(offline: bool = False) -> bool:
     return offline or bool(constants.HF_HUB_OFFLINE)
 
 
-def download(repo_id: str, revision: str | None = None, offline: bool = False,
-             token: str | None = None) -> tuple[Path, str]:
-    """Snapshot the config, safetensors and tokenizer files; returns the folder and the resolved commit sha."""
+def download(repo_id: str, revision: str | None = None, offline: bool = False, token: str | None = None, *,
+             allow: Sequence[str]) -> tuple[Path, str]:
+    """Snapshot the files matching `allow` (source.py says which); returns the folder and the resolved commit sha."""
     from huggingface_hub import snapshot_download
 
     with _hub_errors(repo_id, revision, offline):
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS,
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow),
                                         local_files_only=is_offline(offline), token=token))
     # A cache snapshot folder is named by its commit, whatever branch or tag the user asked for.
     return folder, folder.name
@@ -88,9 +86,11 @@ def resolve_revision(repo_id: str, revision: str | None = None, offline: bool = 
     return str(resolved.resolved)
 
 
-def plan_pull(repo_id: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Pull:
-    """List what a pull would fetch without fetching it. Offline, or when the Hub cannot be listed (no network, a
-    refusal), what the cache holds, as a download falls back to it (and fails as a download would without it)."""
+def plan_pull(repo_id: str, revision: str | None = None, offline: bool = False, token: str | None = None, *,
+              allow: Sequence[str]) -> Pull:
+    """List what a download of the files matching `allow` would fetch, without fetching it. Offline, or when the
+    Hub cannot be listed (no network, a refusal), what the cache holds, as a download falls back to it (and fails
+    as a download would without it)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import DryRunError
     from huggingface_hub.utils import filter_repo_objects
@@ -99,14 +99,14 @@ def plan_pull(repo_id: str, revision: str | None = None, offline: bool = False, 
     if not is_offline(offline):
         with _hub_errors(repo_id, revision, offline):
             try:
-                infos = snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS, token=token,
+                infos = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow), token=token,
                                           dry_run=True)
             except DryRunError:
                 pass
     if infos is None:
-        folder, sha = download(repo_id, revision, offline=offline, token=token)
+        folder, sha = download(repo_id, revision, offline=offline, token=token, allow=allow)
         names = filter_repo_objects([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()],
-                                    allow_patterns=PATTERNS)
+                                    allow_patterns=list(allow))
         return Pull(repo_id, sha, tuple(HubFile(n, (folder / n).stat().st_size, True) for n in sorted(names)))
     sha = infos[0].commit_hash if infos else resolve_revision(repo_id, revision, token=token)
     return Pull(repo_id, sha, tuple(HubFile(i.filename, i.file_size, not i.will_download)
@@ -164,29 +164,26 @@ def push(folder: Path, repo_id: str, private: bool = False, token: str | None = 
 
 
 @contextmanager
-def remote_source(repo_id: str, sha: str, token: str | None = None) -> Iterator:
-    """A config-only Source for a commit on the Hub, in a temporary folder (for dry runs and inspect: nothing stays
+def remote_config(repo_id: str, sha: str, token: str | None = None) -> Iterator[Path]:
+    """The config.json of a commit on the Hub, in a temporary folder (for dry runs and inspect: nothing stays
     behind)."""
     from huggingface_hub import hf_hub_download
-
-    from precompute_cli.source import Source
 
     with tempfile.TemporaryDirectory() as tmp:
         with _hub_errors(repo_id, sha, False):
             path = Path(hf_hub_download(repo_id, "config.json", revision=sha, token=token, local_dir=tmp))
-        yield Source(repo_id, path.parent, path, (), sha, ())
+        yield path
 
 
-def publish(folder: Path, repo_id: str, report: dict, block: dict, private: bool = False,
+def publish(folder: Path, repo_id: str, report: dict, block: PrecomputeBlock, private: bool = False,
             token: str | None = None, verify: dict | None = None) -> str:
     """Write the model card into `folder`, then upload the folder to `repo_id` as one commit; returns its URL."""
     from precompute_cli import modelcard
 
     modelcard.write(folder, modelcard.build(report, block, repo_id, verify))
-    src, tool = block["source"], block["tool"]
-    origin = f"{src['id']}@{src['revision']}" if src.get("revision") else Path(src["id"]).name
+    origin = f"{block.source}@{block.revision}" if block.revision else Path(block.source).name
     return push(folder, repo_id, private=private, token=token,
-                message=f"{tool['name']} {tool['version']}: layer 0 of {origin} precomputed")
+                message=f"{block.tool} {block.version}: layer {LAYER} of {origin} precomputed")
 
 
 @contextmanager

@@ -11,16 +11,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from precompute_cli.block import LAYER, PrecomputeBlock
+
 CARD_NAME = "README.md"
 TAGS = ["precompute-cli", "precomputed-first-layer"]
 
 
-def build(report: Mapping[str, Any], block: Mapping[str, Any], repo_id: str | None = None,
+def build(report: Mapping[str, Any], block: PrecomputeBlock, repo_id: str | None = None,
           verify: Mapping[str, Any] | None = None):
     """A huggingface_hub ModelCard for a converted checkpoint; `report` is ConversionReport.as_dict()."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    source, revision = block["source"]["id"], block["source"].get("revision")
+    source, revision = block.source, block.revision
     on_hub = revision is not None
     data = ModelCardData(base_model=source if on_hub else None, pipeline_tag="text-generation", tags=TAGS)
     name = repo_id.split("/")[-1] if repo_id else Path(source).name + "-precomputed"
@@ -42,29 +44,28 @@ def write(folder: Path, card) -> Path:
     return path
 
 
-def _intro(source: str, revision: str | None, block: Mapping[str, Any]) -> str:
-    tool = block["tool"]
-    what = ("query, key, value and FFN output (summed with the embedding)" if block["block"] == "parallel"
+def _intro(source: str, revision: str | None, block: PrecomputeBlock) -> str:
+    what = ("query, key, value and FFN output (summed with the embedding)" if block.block == "parallel"
             else "query, key and value")
     if revision is not None:
         origin = f"[{source}](https://huggingface.co/{source}) at commit `{revision}`"
     else:
         origin = f"the local checkpoint `{Path(source).name}`"
     return (f"This is {origin} with its first transformer layer precomputed by "
-            f"[{tool['name']}](https://pypi.org/project/{tool['name']}/) {tool['version']}, following "
+            f"[{block.tool}](https://pypi.org/project/{block.tool}/) {block.version}, following "
             f"\"Transformer tricks: Precomputing the first layer\" (Nils Graef). Every token's layer-0 {what} "
             "are read from one table row instead of being computed, and the weights that computed them are gone. "
             "The outputs are those of the original model up to floating-point rounding.")
 
 
-def _what(report: Mapping[str, Any], block: Mapping[str, Any]) -> str:
+def _what(report: Mapping[str, Any], block: PrecomputeBlock) -> str:
     table = report["added"][0] if report.get("added") else None
     lines = ["## What was precomputed", "",
-             f"- architecture: `{report['model_type']}`, {block['block']} attention/FFN block, layer {block['layer']}"]
+             f"- architecture: `{report['model_type']}`, {block.block} attention/FFN block, layer {LAYER}"]
     if table:
         lines.append(f"- added: `{table['name']}`, shape {_shape(table['shape'])}, {table['dtype']}")
-    columns = ", ".join(f"{k} [{v[0]}, {v[1]})" for k, v in block["columns"].items() if v)
-    absent = [k for k, v in block["columns"].items() if not v]
+    columns = ", ".join(f"{k} [{v[0]}, {v[1]})" for k, v in block.columns.items() if v)
+    absent = [k for k, v in block.columns.items() if not v]
     lines.append(f"- table columns: {columns}" + (f" ({', '.join(absent)} read from the embedding)" if absent else ""))
     lines += ["", "Removed tensors:", "", "| tensor | shape | dtype |", "|---|---|---|"]
     lines += [f"| `{t['name']}` | {_shape(t['shape'])} | {t['dtype']} |" for t in report["removed"]]

@@ -6,21 +6,26 @@ mismatch is found before a byte is written. `--dry-run`, `inspect`, the report a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from precompute_cli.block import KEY, is_converted
 from precompute_cli.errors import InputError
 from precompute_cli.quant import SCALE_SUFFIX, Quantization, dequantize_fp8
 from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.recipes.base import Weights
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, read_array, read_tensor
+from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array, read_tensor
 
 TABLE_NAME = "precompute.table"
 SINGLE_FILE = "model.safetensors"
+# Bytes allowed for what a plan does not size exactly: the "precompute" block added to config.json, the index's
+# framing, the headers' metadata.
+METADATA_MARGIN = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class ShardPlan:
     source_count: int  # tensors in the source shard (-1: gathered from several source shards)
     has_table: bool
     sources: tuple[Path, ...] = ()  # per kept tensor, when they come from several files (--max-shard-size)
+    # `source`'s sha256 as the Hub published it, where known (copying it whole needs no hashing); none when gathered
+    published_sha256: str | None = None
 
     @property
     def unchanged(self) -> bool:
@@ -98,6 +105,22 @@ class Plan:
         removed, added = sum(r.nbytes for r in self.removed), self.table.ref.nbytes
         return None if self.bytes_before is None else self.bytes_before - removed + added
 
+    def output_bytes(self, link: bool = False) -> int:
+        """What OUT will take on disk: every file's header and tensors, the files copied verbatim, and a margin
+        for config.json and the index; with `link`, less the whole files that are hard-linked (they share the
+        source's blocks)."""
+        total = METADATA_MARGIN + sum(p.stat().st_size for p in (self.source.config_path, *self.source.aux))
+        for shard in self.shards:
+            if shard.unchanged:
+                total += 0 if link else shard.source.stat().st_size
+                continue
+            refs = [TensorRef(i.name, i.dtype, i.shape) for i in shard.kept]
+            refs += [self.table.ref] if shard.has_table else []
+            total += len(encode_header(refs, {})) + sum(r.nbytes for r in refs)
+        if len(self.shards) > 1:  # the index: a line per tensor
+            total += sum(len(i.name) + 64 for s in self.shards for i in s.kept)
+        return total
+
     @property
     def from_config_only(self) -> bool:
         return not self.shards
@@ -126,8 +149,8 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     config-only source): the plan is checked and sized against them as against local files, but has no shards and
     no inputs, since there is nothing here to read or copy (execute refuses it)."""
     cfg = recipe.cfg
-    if "precompute" in cfg.data:
-        raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a 'precompute' block)")
+    if is_converted(cfg.data):
+        raise InputError(f"{cfg.path}: this checkpoint is already precomputed (its config has a '{KEY}' block)")
     reason = recipe.refusal()
     if reason:
         raise InputError(f"{cfg.path}: {reason}")
@@ -180,9 +203,9 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
     elif max_shard_size is None:
-        shards = _shards(tensors, removed_names, disk[recipe.embedding])
+        shards = _shards(tensors, removed_names, disk[recipe.embedding], source.published)
     else:
-        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size)
+        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size, source.published)
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
         inputs=inputs,
@@ -209,7 +232,8 @@ def _table_dtype(requested: str | None, embedding_dtype: str) -> str:
     return NAME_TO_ST[requested]
 
 
-def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str) -> tuple[ShardPlan, ...]:
+def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str,
+            published: Mapping[Path, str]) -> tuple[ShardPlan, ...]:
     """Mirror the source's shards; the table goes where the embedding was."""
     by_file: dict[Path, list[TensorInfo]] = {}
     for path, info in tensors.values():
@@ -220,7 +244,8 @@ def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embe
     for path, infos in sorted(by_file.items()):
         kept = tuple(sorted((i for i in infos if i.name not in removed), key=lambda i: i.start))
         if kept or path == table_home:
-            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home))
+            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home,
+                                   published_sha256=published.get(path)))
     return tuple(plans)
 
 
@@ -244,7 +269,7 @@ def parse_size(text: str) -> int:
 
 
 def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str, table: TablePlan,
-               max_shard_size: int) -> tuple[ShardPlan, ...]:
+               max_shard_size: int, published: Mapping[Path, str]) -> tuple[ShardPlan, ...]:
     """Split the output afresh, in the source's order, the table where the embedding was (after it when kept).
 
     huggingface_hub's size-based split (what save_pretrained uses): a tensor larger than the limit, such as a big
@@ -273,5 +298,5 @@ def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], e
         whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))]
         home = pieces[0][0] if pieces else next(iter(tensors.values()))[0]
         plans.append(ShardPlan(name, home, tuple(i for _, i in pieces), len(pieces) if whole else -1, has_table,
-                               () if whole else tuple(p for p, _ in pieces)))
+                               () if whole else tuple(p for p, _ in pieces), published.get(home) if whole else None))
     return tuple(plans)

@@ -9,26 +9,29 @@ non-zero at the end.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
 import tomllib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import precompute_cli
 from precompute_cli import conversion, hub, modelcard
+from precompute_cli.block import PrecomputeBlock
 from precompute_cli.errors import InputError, PrecomputeError
-from precompute_cli.execute import Progress, precompute_block
+from precompute_cli.execute import Progress
 from precompute_cli.report import ConversionReport
 from precompute_cli.source import INDEX_NAME, Source, is_hub_id, resolve
 from precompute_cli.st_io import NAME_TO_ST
 
 STATE_NAME = ".precompute-release-state.json"
+LOCK_NAME = ".precompute-release.lock"
 SUMMARY_NAME = "release-summary.json"
 _KEYS = {"name", "id", "path", "revision", "dtype", "repo", "private"}
 
@@ -144,23 +147,45 @@ def convert_all(config: Path, out_root: Path, push: bool = False, offline: bool 
                 hub.check_push_target(entry.repo, offline, token)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out_root)
-    verify = verify or default_verify()
-    outcomes = []
-    for entry in entries:
-        outcome = _run(entry, out_root, state, push, offline, token, force, progress, verify)
-        outcomes.append(outcome)
-        _save_state(out_root, state)  # after every model: a crash later keeps what is done
-        if report:
-            report(outcome)
-    summary = {
-        "tool": {"name": "precompute-cli", "version": precompute_cli.__version__},
-        "config": str(config),
-        "counts": {s: sum(o.status == s for o in outcomes) for s in ("converted", "skipped", "failed")},
-        "models": [asdict(o) for o in outcomes],
-    }
-    _write_json(out_root / SUMMARY_NAME, summary)
+    with _only_run(out_root):
+        state = _load_state(out_root)
+        verify = verify or default_verify()
+        outcomes = []
+        for entry in entries:
+            outcome = _run(entry, out_root, state, push, offline, token, force, progress, verify)
+            outcomes.append(outcome)
+            _save_state(out_root, state)  # after every model: a crash later keeps what is done
+            if report:
+                report(outcome)
+        summary = {
+            "tool": {"name": "precompute-cli", "version": precompute_cli.__version__},
+            "config": str(config),
+            "counts": {s: sum(o.status == s for o in outcomes) for s in ("converted", "skipped", "failed")},
+            "models": [asdict(o) for o in outcomes],
+        }
+        _write_json(out_root / SUMMARY_NAME, summary)
     return summary
+
+
+@contextmanager
+def _only_run(out_root: Path) -> Iterator[None]:
+    """Hold OUT_ROOT's lock file for the whole run: a second convert-all there would re-convert the same folders
+    and write the same state file. The lock is the kernel's (flock), so a run killed outright holds it no more;
+    the file keeps the pid of its last holder, for the refusal."""
+    path = out_root / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise InputError(f"{out_root}: another convert-all (pid {holder}) is running on this folder; wait for "
+                             "it to finish, or give this one another OUT_ROOT") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _run(entry: Entry, out_root: Path, state: dict[str, Any], push: bool, offline: bool, token: str | None,
@@ -194,7 +219,7 @@ def _run(entry: Entry, out_root: Path, state: dict[str, Any], push: bool, offlin
             outcome.notes.append("not verified: precompute_cli.verify is not available")
         elif not outcome.verify.get("passed", False):
             raise PrecomputeError(outcome.verify.get("failure") or f"{out}: does not verify against {entry.source}")
-        block = precompute_block(done.plan)
+        block = PrecomputeBlock.of(done.plan)
         if will_push:
             outcome.url = hub.publish(out, entry.repo, outcome.report, block, entry.private, token, outcome.verify)
             outcome.pushed = entry.repo
@@ -256,7 +281,14 @@ def _save_state(out_root: Path, state: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a reader (or a crash) never sees half a file."""
+    """Atomically: a reader, a crash or a power cut finds the old file or the new one, whole, never half of one
+    (the bytes are on disk before the rename makes them the file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

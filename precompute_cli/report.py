@@ -6,6 +6,7 @@ The paper's convention counts only Q, K, V (and for parallel blocks FFN) weight 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from precompute_cli.execute import Result
 from precompute_cli.plan import Plan
+from precompute_cli.recipes import Recipe
 from precompute_cli.spec import ModelSpec
 from precompute_cli.st_io import TensorRef
 
@@ -47,14 +49,14 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     if assume_parallel and recipe.spec.block == "serial":
         ffn = linear_weights(spec, True) - linear_weights(spec, False)
         eliminated += ffn + (spec.hidden_size * spec.num_experts if spec.num_experts > 1 else 0)
-    stores_residual = parallel or not spec.tied_embeddings
     new_columns = spec.q_dim + 2 * spec.kv_dim
     options = recipe.table_options()
     if options:  # the recipe's own widths (MLA's latents are not q_dim + 2 kv_dim), for the table it will write
         chosen = options[next(iter(recipe.choices().values()))]
         new_columns = chosen["new_columns"]
         eliminated_linear += chosen["eliminated_linear_params"] - linear_weights(spec, False)
-    table_width = (spec.hidden_size if stores_residual else 0) + new_columns
+    table = replace(plan.table, columns=_columns_as_parallel(recipe)) if assume_parallel else plan.table
+    table_width = table.width
     table_params = table_width * spec.vocab_size
     total = plan.params_before if plan.params_before is not None else estimated_params(spec)
     delta = table_params - eliminated
@@ -86,6 +88,14 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
         **({"table_choice": recipe.choices(), "table_options": options} if options else {}),
     }
+
+
+def _columns_as_parallel(recipe: Recipe) -> dict[str, tuple[int, int] | None]:
+    """The table columns the recipe would plan were its block parallel (--assume-parallel): its own rule, not ours,
+    says whether they hold the residual."""
+    hypothetical = copy.copy(recipe)
+    hypothetical.spec = replace(recipe.spec, block="parallel")
+    return hypothetical.columns()
 
 
 def refused(spec: ModelSpec, reason: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from precompute_cli.block import PrecomputeBlock, original_config
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import recipe_for
 from precompute_cli.source import resolve
@@ -134,11 +135,9 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
         raise InputError("load_model needs transformers: pip install 'precompute-cli[runtime]'") from None
     src = resolve(str(path_or_hub_id), revision=revision, offline=offline, token=token)
     cfg = Config.load(src.config_path)
-    block = cfg.data.get("precompute")
-    if not isinstance(block, dict) or block.get("format") != 1:
-        raise InputError(f"{src.config_path}: not a precomputed checkpoint (no 'precompute' block of format 1)")
-    recipe = recipe_for(Config({k: v for k, v in cfg.data.items() if k != "precompute"}, cfg.path))
-    recipe.choose(**{k: v for k, v in block.items() if k in recipe.choices()})
+    block = PrecomputeBlock.read(cfg.data, src.config_path)
+    recipe = recipe_for(Config(original_config(cfg.data), cfg.path))
+    recipe.choose(**block.choices)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     level = hf_logging.get_verbosity()
@@ -150,7 +149,7 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     finally:
         hf_logging.set_verbosity(level)
     model_dtype = next(model.parameters()).dtype
-    table = _read_table(src, block["table"]).to(model_dtype)
+    table = _read_table(src, block.table).to(model_dtype)
     patch_model(model, recipe, block, table)
     return model.to(device).eval()
 
@@ -159,7 +158,6 @@ def causal_lm_class(cfg: Config, auto: type) -> type:
     """AutoModelForCausalLM, or for a model type it does not map (mistral4 in transformers 5.24) the config's
     architecture, when that is a causal-LM class of transformers itself (never code from the checkpoint)."""
     import transformers
-
     from transformers import AutoConfig
 
     try:
@@ -172,12 +170,12 @@ def causal_lm_class(cfg: Config, auto: type) -> type:
     return auto
 
 
-def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> None:
+def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.Tensor) -> None:
     """Swap the modules the recipe names; what they held (the eliminated weights) is released."""
     patch = recipe.runtime_patch()
-    spans = {k: tuple(v) if v else None for k, v in block["columns"].items()}
-    keep_embedding = recipe.spec.tied_embeddings or spans["residual"] is None
-    embedding = TableEmbedding(table, spans["residual"], model.get_input_embeddings() if keep_embedding else None,
+    spans = block.columns
+    keep_embedding = recipe.spec.tied_embeddings or not block.stores_residual
+    embedding = TableEmbedding(table, block.residual, model.get_input_embeddings() if keep_embedding else None,
                                patch.embedding_scale)
     model.set_input_embeddings(embedding)
     model.register_forward_pre_hook(embedding.reset)
@@ -193,7 +191,7 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     for path in patch.zeros:
         layer.set_submodule(path, Zero())
     _set_attributes(layer, patch.attributes)
-    if spans["residual"] is not None:
+    if block.stores_residual:
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
 

@@ -9,19 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
+from precompute_cli import hub
 from precompute_cli.errors import InputError
-from precompute_cli.st_io import Header, TensorInfo, TensorRef, read_header
-
-if TYPE_CHECKING:
-    from precompute_cli.hub import Pull
-
-F, T = TypeVar("F"), TypeVar("T")  # a checkpoint file (a path, a name on the Hub) and what its header says of a tensor
+from precompute_cli.st_io import Header, TensorInfo, TensorRef, by_name, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied verbatim to the output (and the only non-weight files downloaded from the Hub).
@@ -31,6 +26,7 @@ AUX_PATTERNS = (
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
 )
 WEIGHT_PATTERNS = ("config.json", "*.safetensors", INDEX_NAME)
+DOWNLOADED = (*WEIGHT_PATTERNS, *AUX_PATTERNS)  # the only files ever downloaded from the Hub
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -43,6 +39,8 @@ class Source:
     shards: tuple[Path, ...] = ()
     revision: str | None = None
     aux: tuple[Path, ...] = field(default=())
+    # A shard's sha256 as the Hub published it, where that is known without reading the file (hub.published_sha256)
+    published: Mapping[Path, str] = field(default_factory=dict)
 
     def headers(self) -> dict[Path, Header]:
         return {path: read_header(path) for path in self.shards}
@@ -59,18 +57,6 @@ class Source:
         return found
 
 
-def by_name(files: Mapping[F, Mapping[str, T]], label: Callable[[F], object] = str) -> dict[str, tuple[F, T]]:
-    """Every tensor of a checkpoint's files by name, with its file; a name in two files is refused (which one
-    would a loader take?)."""
-    found: dict[str, tuple[F, T]] = {}
-    for file, tensors in files.items():
-        for name, tensor in tensors.items():
-            if name in found:
-                raise InputError(f"{file}: tensor {name} also appears in {label(found[name][0])}")
-            found[name] = (file, tensor)
-    return found
-
-
 def resolve(ref: str, revision: str | None = None, offline: bool = False, token: str | None = None) -> Source:
     """A local path if one exists by that name, else a Hub repository id."""
     path = Path(ref).expanduser()
@@ -78,9 +64,7 @@ def resolve(ref: str, revision: str | None = None, offline: bool = False, token:
         return _local(ref, path)
     if not is_hub_id(ref):
         raise InputError(f"{ref}: no such file or folder")
-    from precompute_cli.hub import download
-
-    folder, sha = download(ref, revision=revision, offline=offline, token=token)
+    folder, sha = hub.download(ref, revision=revision, offline=offline, token=token, allow=DOWNLOADED)
     return _local(ref, folder, revision=sha)
 
 
@@ -90,7 +74,7 @@ class Peek:
 
     source: Source  # its local files; for a Hub repo not in the cache, only its config.json (in a temporary folder)
     headers: dict[str, TensorRef] | None  # then: its tensors, from the safetensors headers on the Hub
-    pull: Pull | None  # what resolving a Hub id downloads; None for a local path
+    pull: hub.Pull | None  # what resolving a Hub id downloads; None for a local path
 
 
 @contextmanager
@@ -101,15 +85,13 @@ def peek(ref: str, revision: str | None = None, offline: bool = False, token: st
     if not is_hub_id(ref):
         yield Peek(resolve(ref, revision, offline, token), None, None)
         return
-    from precompute_cli import hub
-
-    pull = hub.plan_pull(ref, revision, offline, token)
+    pull = hub.plan_pull(ref, revision, offline, token, allow=DOWNLOADED)
     if pull.complete_in_cache:
         yield Peek(resolve(ref, pull.revision, offline=True, token=token), None, pull)
         return
     headers = hub.remote_tensors(pull.repo_id, pull.revision, token)
-    with hub.remote_source(pull.repo_id, pull.revision, token) as config_only:
-        yield Peek(config_only, headers, pull)
+    with hub.remote_config(pull.repo_id, pull.revision, token) as config:
+        yield Peek(Source(pull.repo_id, config.parent, config, (), pull.revision, ()), headers, pull)
 
 
 def is_hub_id(ref: str) -> bool:
@@ -124,14 +106,16 @@ def _local(ref: str, path: Path, revision: str | None = None) -> Source:
         if path.suffix in PICKLE_SUFFIXES:
             raise InputError(f"{path}: pickled weights; precompute reads only safetensors and never unpickles")
         if path.suffix == ".safetensors":
-            return Source(ref, path.parent, path.parent / "config.json", (path,), revision, _aux(path.parent))
+            return Source(ref, path.parent, path.parent / "config.json", (path,), revision, _aux(path.parent),
+                          _published((path,)))
         if path.suffix == ".json":
             return Source(ref, path.parent, path, (), revision, ())
         raise InputError(f"{path}: expected a folder, a .safetensors file or a config.json")
     config = path / "config.json"
     if not config.exists():
         raise InputError(f"{path}: no config.json in this folder")
-    return Source(ref, path, config, _shards(path), revision, _aux(path))
+    shards = _shards(path)
+    return Source(ref, path, config, shards, revision, _aux(path), _published(shards))
 
 
 def _shards(folder: Path) -> tuple[Path, ...]:
@@ -166,3 +150,7 @@ def _read_index(index: Path) -> dict[str, str]:
 def _aux(folder: Path) -> tuple[Path, ...]:
     found = {p for pattern in AUX_PATTERNS for p in folder.glob(pattern) if p.is_file()}
     return tuple(sorted(found))
+
+
+def _published(shards: tuple[Path, ...]) -> dict[Path, str]:
+    return {path: digest for path in shards if (digest := hub.published_sha256(path))}

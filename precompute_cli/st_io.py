@@ -13,8 +13,10 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -112,6 +114,21 @@ def check_dtype(where: object, name: str, dtype: object) -> None:
     """A header's dtype must be one we can read (a local file's header, or one on the Hub)."""
     if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object here is unhashable: check the type first
         raise InputError(f"{where}: tensor {name} has unknown dtype {dtype!r}")
+
+
+F, T = TypeVar("F"), TypeVar("T")  # a checkpoint file (a path, a name on the Hub) and what its header says of a tensor
+
+
+def by_name(files: Mapping[F, Mapping[str, T]], label: Callable[[F], object] = str) -> dict[str, tuple[F, T]]:
+    """Every tensor of a checkpoint's files by name, with its file; a name in two files is refused (which one
+    would a loader take?)."""
+    found: dict[str, tuple[F, T]] = {}
+    for file, tensors in files.items():
+        for name, tensor in tensors.items():
+            if name in found:
+                raise InputError(f"{file}: tensor {name} also appears in {label(found[name][0])}")
+            found[name] = (file, tensor)
+    return found
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:

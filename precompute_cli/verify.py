@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from precompute_cli.block import PrecomputeBlock, is_converted
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.plan import Plan, load_recipe, make_plan
 from precompute_cli.source import Source
@@ -180,15 +181,14 @@ def run_model(model: torch.nn.Module, probe: Probe, tokens: int) -> Run:
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
-def locate_table(plan: Plan, converted: Source, block: dict) -> tuple[Path, TensorInfo]:
+def locate_table(plan: Plan, converted: Source, block: PrecomputeBlock) -> tuple[Path, TensorInfo]:
     """Where CONVERTED's table is, after checking it has the layout ORIGINAL's recipe folds to."""
-    found = converted.tensors().get(block["table"])
+    found = converted.tensors().get(block.table)
     if found is None:
-        raise InputError(f"{converted.ref}: the config names table {block['table']}, but no shard holds it")
+        raise InputError(f"{converted.ref}: the config names table {block.table}, but no shard holds it")
     path, info = found
-    columns = {k: tuple(v) if v else None for k, v in block["columns"].items()}
-    if info.shape != plan.table.ref.shape or columns != plan.recipe.columns():
-        raise InputError(f"{path}: table {info.name} has shape {list(info.shape)} and columns {block['columns']}, "
+    if info.shape != plan.table.ref.shape or block.columns != plan.recipe.columns():
+        raise InputError(f"{path}: table {info.name} has shape {list(info.shape)} and columns {block.columns}, "
                          f"but {plan.source.ref} folds to {list(plan.table.ref.shape)} with {plan.recipe.columns()} "
                          "(converted from another model?)")
     return found
@@ -236,16 +236,14 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(RUN_DTYPES)}")
     if tokens < 1:
         raise InputError(f"--tokens {tokens}: generate at least one token")
-    if "precompute" in Config.load(original.config_path).data:
+    if is_converted(Config.load(original.config_path).data):
         raise InputError(f"{original.ref}: this is a converted checkpoint; pass the original first, then the converted")
-    block = Config.load(converted.config_path).data.get("precompute")
-    if not isinstance(block, dict) or block.get("format") != 1:
-        raise InputError(f"{converted.config_path}: not a precomputed checkpoint (no 'precompute' block of format 1)")
-    plan = make_plan(original, load_recipe(original))
+    block = PrecomputeBlock.read(Config.load(converted.config_path).data, converted.config_path)
+    plan = make_plan(original, load_recipe(original, **block.choices))  # the table the conversion chose
     if plan.from_config_only:
         raise InputError(f"{original.ref}: no safetensors weights to verify against")
     table = locate_table(plan, converted, block)
-    criterion = criterion_dtype(dtype, block["dtype"])
+    criterion = criterion_dtype(dtype, block.dtype)
 
     tokenizer = _tokenizer(original, prompt is not None)
     prompt_text = (prompt or DEFAULT_PROMPT) if tokenizer is not None else None
@@ -265,11 +263,11 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
 
     rows = sample_rows(plan.recipe.spec.vocab_size, seed, probe.tokens() | set(ref.greedy) | set(conv.greedy))
     row_error, worst_row = table_row_error(plan, table, rows)
-    row_tol = table_tolerance(block["dtype"])
+    row_tol = table_tolerance(block.dtype)
     numbers, checks = _compare(ref, conv, own, criterion)
     checks.insert(0, Check("table rows", row_error <= row_tol,
                            f"worst row error {row_error:.3g} (token {worst_row}; {len(rows)} rows vs float64)",
-                           f"{row_tol:.3g} for a {block['dtype']} table"))
+                           f"{row_tol:.3g} for a {block.dtype} table"))
     identical = conv.greedy == ref.greedy
     if criterion == "float32":
         how = "identical" if identical else f"differs from step {tie}, a near-tie" if tie is not None else "differs"
@@ -279,7 +277,7 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
         checks.append(Check("greedy generation", None, f"{'identical' if identical else 'differs'} ({tokens} "
                             "tokens, vs float32 original)", f"not judged in {criterion}"))
     return VerifyResult(
-        original=original.ref, converted=converted.ref, dtype=dtype, table_dtype=block["dtype"], criterion=criterion,
+        original=original.ref, converted=converted.ref, dtype=dtype, table_dtype=block.dtype, criterion=criterion,
         **numbers, greedy_identical=identical, greedy_original=ref.greedy, greedy_converted=conv.greedy,
         prompt=prompt_text, table_row_error=row_error, table_row_tolerance=row_tol, table_worst_row=worst_row,
         table_rows_checked=len(rows), checks=tuple(checks),

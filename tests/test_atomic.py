@@ -22,6 +22,7 @@ from synthetic import write_llama
 from tiny import run_cli as run
 
 import precompute_cli
+import precompute_cli.commit as commit_module
 import precompute_cli.execute as execute_module
 from precompute_cli import writer
 from precompute_cli.check import MANIFEST
@@ -196,20 +197,30 @@ def test_full_disk_midway_is_one_sentence_and_leaves_nothing(capsys, tmp_path, s
     assert tree(tmp_path) == before
 
 
-def test_signal_during_the_final_rename_leaves_the_complete_output(capsys, tmp_path, src, monkeypatch):
-    """Ctrl-C arriving between the two renames of the swap is held until the swap is done: OUT is whole."""
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_signal_during_the_commit_leaves_the_complete_output(capsys, tmp_path, src, monkeypatch, exchange):
+    """Ctrl-C arriving during the commit (between the two renames, where RENAME_EXCHANGE is not available) is held
+    until the commit is done: OUT is whole."""
     out = tmp_path / "out"
     assert run(capsys, "convert", src, out)[0] == 0
     expected = tree(out)
-    real_rename = os.rename
+    calls = []
 
-    def rename(a, b):
-        os.kill(os.getpid(), signal.SIGINT)
-        real_rename(a, b)
+    def signalled(real):
+        def call(*args):
+            calls.append(args)
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(*args)
+        return call
 
-    monkeypatch.setattr(os, "rename", rename)
+    if exchange:
+        monkeypatch.setattr(commit_module, "_exchange", signalled(commit_module._exchange))
+    else:
+        monkeypatch.setattr(commit_module, "_renameat2", lambda: None)
+        monkeypatch.setattr(os, "rename", signalled(os.rename))
     code, _, err = run(capsys, "convert", src, out, "--overwrite")
     monkeypatch.undo()
+    assert calls and (len(calls) == 1) == exchange  # the swap: one exchange, or a rename aside and one into place
     assert code == 130 and "interrupted" in err
     assert tree(out) == expected and leftovers(tmp_path) == []
 

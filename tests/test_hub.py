@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from tiny import build, convert, run_cli
 
 from precompute_cli import hub, modelcard
+from precompute_cli.block import PrecomputeBlock
 from precompute_cli.st_io import read_header
 
 COMMIT_A = "a" * 40
@@ -372,10 +374,11 @@ def test_push_needs_a_token_and_a_valid_repo_id(tmp_path, tiny, capsys, fake_hub
     assert not (tmp_path / "out").exists() and not fake_hub
 
 
-def _report_and_block(tmp_path, src: Path) -> tuple[dict, dict]:
+def _report_and_block(tmp_path, src: Path) -> tuple[dict, PrecomputeBlock]:
     assert convert(src, tmp_path / "out", "--json", str(tmp_path / "r.json")) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    return report, json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    config = tmp_path / "out" / "config.json"
+    return report, PrecomputeBlock.read(json.loads(config.read_text()), config)
 
 
 def test_model_card_content_and_determinism(tmp_path, tiny):
@@ -402,7 +405,7 @@ def test_model_card_content_and_determinism(tmp_path, tiny):
     assert 'load_model("path/to/this/folder")' in failed
     written = modelcard.write(tmp_path / "out", modelcard.build(report, block, "me/tiny-pre"))
     assert written.read_text() == first
-    hub_block = {**block, "source": {"id": "org/tiny", "revision": COMMIT_A}}
+    hub_block = replace(block, source="org/tiny", revision=COMMIT_A)
     linked = str(modelcard.build(report, hub_block, "me/tiny-pre"))
     assert ModelCard(linked).data.base_model == "org/tiny"
     assert f"[org/tiny](https://huggingface.co/org/tiny) at commit `{COMMIT_A}`" in linked
@@ -450,3 +453,25 @@ def test_shards_copied_whole_from_the_cache_keep_the_sha256_the_hub_published(tm
     assert code == 0, err
     code, err = run(capsys, "inspect", "--check", str(tmp_path / "out2"))
     assert code == 2 and f"{whole[0]} (changed)" in err
+
+
+def test_the_plan_carries_each_whole_shards_published_sha256(tmp_path, cache):
+    """The executor takes a copied shard's digest from the plan: the Hub's (its blob's name) for a cached snapshot,
+    none for a plain folder (the writer then hashes the bytes it copies)."""
+    from transformers import AutoModelForCausalLM
+
+    from precompute_cli.plan import load_recipe, make_plan
+    from precompute_cli.source import resolve
+
+    model = AutoModelForCausalLM.from_pretrained(build(tmp_path / "single", "llama"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="150KB")
+    files = files_of(tmp_path / "sharded")
+    add_commit(cache, "org/sharded", COMMIT_A, files)
+    for ref, from_hub in (("org/sharded", True), (str(tmp_path / "sharded"), False)):
+        src = resolve(ref)
+        plan = make_plan(src, load_recipe(src))
+        whole = [s for s in plan.shards if s.unchanged]
+        assert whole and len(whole) < len(plan.shards)
+        for shard in plan.shards:
+            expected = hashlib.sha256(files[shard.source.name]).hexdigest() if from_hub else None
+            assert shard.published_sha256 == expected

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from precompute_cli.block import MLA_TABLE
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register
@@ -139,7 +140,7 @@ class Mla(Declared):
     table: str = DEFAULT_TABLE  # "latent" | "full": chosen by convert's --mla-table, read back from the block
 
     def choices(self) -> dict[str, str]:
-        return {"mla_table": self.table}
+        return {MLA_TABLE: self.table}
 
     def choose(self, mla_table: str | None = None, **_: str | None) -> None:
         if mla_table is not None:
