@@ -7,7 +7,11 @@ table can replace them (the paper's figure 2a). The recipe exists so `inspect` c
 from __future__ import annotations
 
 from precompute_cli.recipes.base import Recipe, register
-from precompute_cli.spec import ModelSpec
+from precompute_cli.spec import TIED, Key, ModelSpec, four_d, mha
+
+SIZES = mha(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
+            intermediate_size=Key("n_inner", "ffn_dim", default=four_d), num_layers=Key("n_layer", "num_hidden_layers"),
+            tied_embeddings=TIED)
 
 
 @register
@@ -16,16 +20,8 @@ class AbsolutePositions(Recipe):
     foldable = False
 
     def describe(self) -> ModelSpec:
-        c = self.cfg
-        d = c.int("n_embd", "hidden_size")
-        heads = c.int("n_head", "num_attention_heads")
-        return ModelSpec(
-            model_type=c.model_type, block="serial", positional="absolute",
-            hidden_size=d, num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
-            intermediate_size=c.int("n_inner", "ffn_dim", default=4 * d), ffn_matrices=2, num_experts=1,
-            vocab_size=c.int("vocab_size"), num_layers=c.int("n_layer", "num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=True)), dtype=c.dtype,
-        )
+        return SIZES.read(self.cfg, model_type=self.cfg.model_type, block="serial", positional="absolute",
+                          ffn_matrices=2)
 
     def refusal(self) -> str | None:
         return (f"{self.cfg.model_type} adds absolute position embeddings to the token embedding before layer 0, "

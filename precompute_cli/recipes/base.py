@@ -52,49 +52,10 @@ class Recipe:
     spec: ModelSpec = field(init=False)
     model_types: ClassVar[tuple[str, ...]] = ()
     prefix: ClassVar[str] = "model.layers.0."  # layer 0's tensors on disk
-    qkv_module: ClassVar[str] = "self_attn.{}_proj"  # separate Q, K, V projections under `prefix` ({} = q, k, v)
     base_prefix: ClassVar[str] = ""  # a prefix some checkpoints of the family leave out of every tensor name
 
     def __post_init__(self) -> None:
         self.spec = self.describe()
-
-    # -- shared by the many families that spell things the transformers way ---------------------------------------
-    def hf_spec(self, block: str, ffn_matrices: int, tied_default: bool, **fields) -> ModelSpec:
-        """A spec read from transformers' common key names. `fields` give the family's own values, or its own
-        defaults for keys absent from the config as `<field>_default` (None: the common default)."""
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        defaults = {
-            "num_kv_heads": ("num_key_value_heads", heads), "head_dim": ("head_dim", d // max(heads, 1)),
-            "intermediate_size": ("intermediate_size", None), "vocab_size": ("vocab_size", None),
-            "num_layers": ("num_hidden_layers", None),
-        }
-        values = {k: fields.pop(k) if k in fields else c.int(key, default=fields.pop(f"{k}_default", None) or default)
-                  for k, (key, default) in defaults.items()}
-        return ModelSpec(
-            model_type=c.model_type, block=block, positional=fields.pop("positional", "rope"), hidden_size=d,
-            num_heads=heads, ffn_matrices=ffn_matrices, num_experts=fields.pop("num_experts", 1),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=tied_default)), dtype=c.dtype,
-            **values, **fields,
-        )
-
-    def qkv_tensors(self, bias: bool) -> dict[str, Shape]:
-        """Layer 0's separate Q, K, V projections (and their biases when the model has them)."""
-        s = self.spec
-        out: dict[str, Shape] = {}
-        for n, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{self.prefix}{self.qkv_module.format(n)}.weight"] = (width, s.hidden_size)
-            if bias:
-                out[f"{self.prefix}{self.qkv_module.format(n)}.bias"] = (width,)
-        return out
-
-    def project_qkv(self, w: Weights, h: np.ndarray, bias: bool) -> dict[str, np.ndarray]:
-        names = {n: self.prefix + self.qkv_module.format(n) for n in "qkv"}
-        return {n: ops.linear(h, w(name + ".weight"), w(name + ".bias") if bias else None) for n, name in names.items()}
-
-    def qkv_modules(self) -> dict[str, str]:
-        """RuntimePatch.projections for separate Q, K, V projections."""
-        return {n: self.qkv_module.format(n) for n in "qkv"}
 
     @staticmethod
     def unknown_activation(act: str, key: str = "hidden_act") -> str | None:
@@ -128,6 +89,10 @@ class Recipe:
     def embedding_transforms(self) -> dict[str, Shape]:
         """Tensors applied to the embedding row before layer 0 (BLOOM's word_embeddings_layernorm)."""
         return {}
+
+    def kept(self) -> tuple[str, ...]:
+        """Layer 0's tensors its attention reads after the table (sinks, q/k norms after RoPE): checked, not removed."""
+        return ()
 
     def folded(self) -> dict[str, Shape]:
         """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""

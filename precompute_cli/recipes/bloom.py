@@ -6,90 +6,29 @@ logits only, so nothing position-dependent reaches the table.
 apply_residual_connection_post_layernorm: the attention's residual is h instead of x. When the table holds the
 residual, it then holds h (input_layernorm passes through either way, since h is what the block sees); when it
 does not (tied embeddings), input_layernorm stays in the model so that the residual is recomputed.
+BLOOM checkpoints saved from BloomModel name tensors without "transformer." ("h.0...."): base_prefix.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from precompute_cli.recipes.base import register
+from precompute_cli.recipes.declare import Declared, Key, Layout, fused, layer_norm, mlp
+from precompute_cli.spec import TIED, four_d, mha
 
-from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights, register
-from precompute_cli.spec import ModelSpec
+EPS = Key("layer_norm_epsilon", default=1e-5)
 
 
 @register
-class Bloom(Recipe):
-    model_types = ("bloom",)
-    prefix = "transformer.h.0."
-    base_prefix = "transformer."  # BLOOM checkpoints saved from BloomModel name tensors without it ("h.0....")
-    emb_norm = "transformer.word_embeddings_layernorm"
-
-    def describe(self) -> ModelSpec:
-        c = self.cfg
-        d = c.int("hidden_size", "n_embed")
-        heads = c.int("n_head", "num_attention_heads")
-        return ModelSpec(
-            model_type="bloom", block="serial", positional="alibi",
-            hidden_size=d, num_heads=heads, num_kv_heads=heads, head_dim=d // max(heads, 1),
-            intermediate_size=4 * d, ffn_matrices=2, num_experts=1,
-            vocab_size=c.int("vocab_size"), num_layers=c.int("n_layer", "num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=True)), dtype=c.dtype,
-        )
-
-    def refusal(self) -> str | None:
-        s = self.spec
-        if s.num_heads == 0 or s.hidden_size % s.num_heads:
-            return f"hidden_size {s.hidden_size} is not a multiple of n_head {s.num_heads}"
-        return None
-
-    @property
-    def post_ln_residual(self) -> bool:
-        return bool(self.cfg.get("apply_residual_connection_post_layernorm", default=False))
-
-    @property
-    def keeps_input_norm(self) -> bool:
-        """The model must still compute h itself: it is the residual, and the table does not hold it."""
-        return self.post_ln_residual and not self.stores_residual
-
-    @property
-    def eps(self) -> float:
-        return float(self.cfg.get("layer_norm_epsilon", default=1e-5))
-
-    @property
-    def embedding(self) -> str:
-        return "transformer.word_embeddings.weight"
-
-    def embedding_transforms(self) -> dict[str, Shape]:
-        d = self.spec.hidden_size
-        return {f"{self.emb_norm}.weight": (d,), f"{self.emb_norm}.bias": (d,)}
-
-    def folded(self) -> dict[str, Shape]:
-        d, p = self.spec.hidden_size, self.prefix
-        return {p + "input_layernorm.weight": (d,), p + "input_layernorm.bias": (d,),
-                p + "self_attention.query_key_value.weight": (3 * d, d),
-                p + "self_attention.query_key_value.bias": (3 * d,)}
-
-    def removed(self) -> dict[str, Shape]:
-        names = super().removed()
-        if self.keeps_input_norm:
-            for k in ("weight", "bias"):
-                del names[f"{self.prefix}input_layernorm.{k}"]
-        return names
-
-    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
-        p, s = self.prefix, self.spec
-        x = ops.layer_norm(ops.upcast(x), w(f"{self.emb_norm}.weight"), w(f"{self.emb_norm}.bias"), self.eps)
-        h = ops.layer_norm(x, w(p + "input_layernorm.weight"), w(p + "input_layernorm.bias"), self.eps)
-        fused = ops.linear(h, w(p + "self_attention.query_key_value.weight"),
-                           w(p + "self_attention.query_key_value.bias"))
-        q, k, v = ops.split_qkv(fused, s.num_heads, s.q_dim, s.kv_dim)
-        return {"residual": h if self.post_ln_residual else x, "q": q, "k": k, "v": v}
-
-    def runtime_patch(self) -> RuntimePatch:
-        return RuntimePatch(
-            layer="transformer.h.0",
-            projections={"qkv": "self_attention.query_key_value"},
-            identities=() if self.keeps_input_norm else ("input_layernorm",),
-            embedding_transforms=(self.emb_norm,),
-            fused_groups=self.spec.num_heads,
-        )
+class Bloom(Declared):
+    layouts = {"bloom": Layout(
+        prefix="transformer.h.0.", embedding="transformer.word_embeddings.weight", base_prefix="transformer.",
+        sizes=mha(hidden_size=Key("hidden_size", "n_embed"), num_heads=Key("n_head", "num_attention_heads"),
+                  intermediate_size=Key(default=four_d), num_layers=Key("n_layer", "num_hidden_layers"),
+                  tied_embeddings=TIED),
+        positional="alibi",
+        embedding_norm=layer_norm("transformer.word_embeddings_layernorm", eps=EPS),
+        input_norm=layer_norm("input_layernorm", eps=EPS),
+        norm_is_residual=Key("apply_residual_connection_post_layernorm", default=False),
+        qkv=fused("self_attention.query_key_value", "per_head", bias=True),
+        ffn=mlp("dense_h_to_4h", "dense_4h_to_h", bias=True, act=Key(default="gelu_new")),  # BloomGelu: tanh
+    )}

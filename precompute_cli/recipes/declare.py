@@ -82,6 +82,10 @@ class Norm:
     when: Key | bool = True  # present only when this is true (a q/k norm behind a config flag)
     after_rope: bool = False  # a q/k norm applied after RoPE: outside the table, so it stays in the model
 
+    def __post_init__(self) -> None:
+        if self.scope not in ("hidden", "head", "projection") or self.rows not in ("shared", "per_head", "modules"):
+            raise ValueError(f"norm {self.module}: scope {self.scope!r} / rows {self.rows!r} is not one this knows")
+
     def tensors(self, where: str, spec: ModelSpec, which: str = "") -> dict[str, Shape]:
         """Its tensors on disk; `which` is "q" or "k" for a q/k norm."""
         module = where + self.module.format(which)
@@ -187,6 +191,10 @@ class Ffn:
     bias: Key | bool = False  # plain MLPs only
     act: Key = Key("hidden_act", default="silu")
     norm: Norm | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.matrices) not in (2, 3) or (len(self.matrices) == 3 and self.bias is not False):
+            raise ValueError(f"FFN {self.matrices}: two matrices (with or without biases) or three without")
 
     def tensors(self, where: str, spec: ModelSpec, bias: bool) -> dict[str, Shape]:
         d, inner = spec.hidden_size, spec.intermediate_size
@@ -309,6 +317,7 @@ class Declared(Recipe):
     def folded(self) -> dict[str, Shape]:
         lay, s, p = self.layout, self.spec, self.prefix
         out = lay.input_norm.tensors(p, s) if lay.input_norm else {}
+        out.update(self.ffn_norm.tensors(p, s) if self.ffn_norm else {})
         has_bias = bool(value(self.cfg, lay.qkv.bias))
         for module, width in lay.qkv.widths(s).items():
             out[f"{p}{module}.weight"] = (width, s.hidden_size)
@@ -317,7 +326,6 @@ class Declared(Recipe):
         if self.qk_norm:
             out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
         if self.parallel:
-            out.update(self.ffn_norm.tensors(p, s) if self.ffn_norm else {})
             out.update(lay.ffn.tensors(p, s, bool(value(self.cfg, lay.ffn.bias))))
         return out
 
