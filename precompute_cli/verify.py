@@ -365,7 +365,10 @@ def _load_original(src: Source, dtype: str) -> torch.nn.Module:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(src.root, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
+    from precompute_cli.runtime import causal_lm_class
+
+    cls = causal_lm_class(Config.load(src.config_path), AutoModelForCausalLM)  # mistral4, kimi_k2: not mapped
+    return cls.from_pretrained(src.root, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
 
 
 def _load_converted(src: Source, dtype: str) -> torch.nn.Module:
