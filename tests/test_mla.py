@@ -129,3 +129,25 @@ def test_bfloat16(tmp_path, table):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **{**MLA, **CASES["deepseek_v3"], "first_k_dense_replace": 2})
     assert convert(src, tmp_path / "out", "--mla-table", table) == 0
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
+
+
+# README's two-option figures (inspect on the Hub configs in configs/): new columns, extra entries, eliminated
+# layer-0 weights, linear weights still read per token, table reads per token
+README_FIGURES = {
+    "deepseek-v3": {"latent": (2112, 273_039_360, 15_148_032, 54_525_952, 9280),
+                    "full": (57_408, 7_421_706_240, 69_673_984, 0, 64_576)},
+    "kimi-k2": {"latent": (2112, 346_030_080, 15_148_032, 27_262_976, 9280),
+                "full": (28_736, 4_708_106_240, 42_411_008, 0, 35_904)},
+}
+
+
+@pytest.mark.parametrize("config", sorted(README_FIGURES))
+def test_inspect_shows_both_tables_for_the_hub_configs(capsys, config):
+    code, out, err = run_cli(capsys, "inspect", "--json", f"configs/{config}.json")
+    assert code == 0, err
+    data = json.loads(out)
+    keys = ("new_columns", "extra_entries", "eliminated_params", "kept_linear_params", "reads_per_token")
+    assert {t: tuple(o[k] for k in keys) for t, o in data["table_options"].items()} == README_FIGURES[config]
+    assert data["table_choice"] == {"mla_table": "latent"} and data["table_width"] == 7168 + 2112
+    code, out, err = run_cli(capsys, "inspect", f"configs/{config}.json")
+    assert code == 0 and "--mla-table" in out + err
