@@ -277,7 +277,7 @@ class Mla(Declared):
                 # weights layer 0 still reads per token before attention, beyond its table row: q_b_proj, kv_b_proj
                 # (and the indexer's wq_b) stay with the latent table
                 "kept_linear_params": self._kept_linear(table),
-                "reads_per_token": new + (d.hidden if self.stores_residual else 0),
+                "reads_per_token": d.hidden + new,  # x and the new columns, as the analysis counts them
             }
         return out
 
