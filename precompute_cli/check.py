@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from precompute_cli.errors import InputError
+from precompute_cli.progress import Progress
 
 MANIFEST = "SHA256SUMS"
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
 
-def sha256(path: Path, between_blocks: Callable[[], None] | None = None) -> str:
-    """A file's sha256; `between_blocks` runs before each 16 MB block (the executor stops a hash there)."""
+def sha256(path: Path, between_blocks: Callable[[], None] | None = None,
+           hashed: Callable[[int], None] | None = None) -> str:
+    """A file's sha256; `between_blocks` runs before each 16 MB block (the executor stops a hash there), `hashed`
+    after it, with its size (progress)."""
     digest = hashlib.sha256()
     view = memoryview(bytearray(16 << 20))
     with open(path, "rb", buffering=0) as f:
@@ -32,6 +35,8 @@ def sha256(path: Path, between_blocks: Callable[[], None] | None = None) -> str:
             if not n:
                 return digest.hexdigest()
             digest.update(view[:n])
+            if hashed:
+                hashed(n)
 
 
 def write_manifest(folder: Path, digests: dict[str, str]) -> Path:
@@ -69,16 +74,24 @@ class FileCheck:
     actual: str | None
 
 
-def check(folder: Path) -> list[FileCheck]:
+def check(folder: Path, progress: Progress | None = None) -> list[FileCheck]:
     """Re-hash every file the manifest lists; extra files are reported but, as with `sha256sum -c`, not failed."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; --check takes the output folder of `precompute convert`")
     digests = read_manifest(folder)
+    total = sum((folder / n).stat().st_size for n in digests if (folder / n).is_file())
+    done = 0
+
+    def hashed(n: int) -> None:
+        nonlocal done
+        done += n
+        progress("hashing", done, total)
+
     results = []
     for name, expected in sorted(digests.items()):
         path = folder / name
-        actual = sha256(path) if path.is_file() else None
+        actual = sha256(path, hashed=hashed if progress else None) if path.is_file() else None
         status = "missing" if actual is None else ("ok" if actual == expected else "changed")
         results.append(FileCheck(name, status, expected, actual))
     listed = set(digests) | {MANIFEST}

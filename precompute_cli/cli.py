@@ -7,23 +7,29 @@ import signal
 import sys
 import traceback
 from dataclasses import asdict, replace
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, ProgressColumn, SpinnerColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
 from precompute_cli import __version__, conversion, hub
 from precompute_cli.block import KEY, PrecomputeBlock, is_converted
+from precompute_cli.census import census, counts
 from precompute_cli.check import MANIFEST, failures
 from precompute_cli.check import check as check_folder
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.execute import interrupt_on_sigterm
 from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
+from precompute_cli.progress import STEPS, Progress
 from precompute_cli.recipes import supported
-from precompute_cli.report import analysis, refused, render_analysis, render_conversion
+from precompute_cli.report import analysis, refused, render_analysis, render_conversion, render_converted
 from precompute_cli.source import INDEX_NAME, peek, resolve
 from precompute_cli.spec import Config
 from precompute_cli.verify import DEFAULT_TOKENS, RUN_DTYPES, VerifyResult, render_verify, verify_checkpoint
@@ -35,6 +41,35 @@ console = Console(stderr=True)
 REVISION = typer.Option(None, "--revision", help="Hub branch, tag or commit.")
 OFFLINE = typer.Option(False, "--offline", help="Resolve Hub ids from the local cache only (as HF_HUB_OFFLINE=1).")
 TOKEN = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or the saved login).")
+QUIET = typer.Option(False, "-q", "--quiet", help="No progress display (there is none either when stdout is not "
+                     "a terminal).")
+Dtype = Enum("Dtype", {name: name for name in RUN_DTYPES}, type=str)  # --help lists the choices
+# click's usage errors (typer may carry its own copy of click, so found through typer's BadParameter): exit 2
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_quiet = False  # set by -q/--quiet
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"precompute-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="On an error, print its traceback too (accepted anywhere "
+                               "on the command line)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Precompute the first transformer layer into a per-token table."""
+    _be_quiet(quiet)  # --debug is taken out of the arguments by main(), wherever it stands
+
+
+def _be_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = _quiet or quiet
 
 
 @app.command()
@@ -44,10 +79,11 @@ def convert(
     revision: str | None = REVISION,
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
-    table_dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 (default: the checkpoint's)."),
+    table_dtype: Dtype | None = typer.Option(None, help="The table's dtype (default: the embedding's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT (atomically)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; write nothing."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this path."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the report (with --dry-run: the plan) "
+                                          "as JSON to this path."),
     verify_after: bool = typer.Option(False, "--verify", help="Run `verify` on OUT right after converting "
                                       "(its result joins the --json report; exit 1 if it fails)."),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="ORG/NAME",
@@ -58,24 +94,28 @@ def convert(
                                                    "default: mirror the source's shards."),
     link: bool = typer.Option(False, "--link", help="Hard-link unchanged shards instead of copying them (same "
                               "file system; the output then shares those files with the source)."),
-    device: str = typer.Option("cpu", "--device", help="Where the table's GEMM runs: cpu, or cuda where a GPU is."),
+    device: str = typer.Option("cpu", "--device", metavar="[cpu|cuda|cuda:N]",
+                               help="Where the table's GEMM runs (cuda where a GPU is)."),
+    quiet: bool = QUIET,
     mla_table: str | None = typer.Option(None, "--mla-table", metavar="latent|full",
                                          help="MLA models (DeepSeek, Kimi-K2, GLM-lite, Mistral 4): store the normed "
                                               "latents (latent, the default) or also fold q_b_proj and kv_b_proj "
                                               "(full: a table about 27x wider); `inspect` compares both."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
+    _be_quiet(quiet)
+    table_dtype = table_dtype.value if table_dtype else None
     if dry_run:
         _dry_run(source, out, revision, offline, token, table_dtype, push_to_hub, private,
-                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None, mla_table=mla_table)
+                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None, json_path=json_path,
+                 mla_table=mla_table)
         return
     if push_to_hub:
         hub.check_push_target(push_to_hub, offline, token)  # before converting, not after
     done = conversion.convert(
         source, out, revision=revision, offline=offline, token=token, table_dtype=table_dtype,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None, overwrite=overwrite, link=link,
-        device=device, mla_table=mla_table, progress=_progress("folding layer 0"),
-        reported=lambda r: render_conversion(console, r),
+        device=device, mla_table=mla_table, progress=_progress(), reported=lambda r: render_conversion(console, r),
         verify=(lambda original, folder: _verify(original, resolve(str(folder)))) if verify_after else None)
     report, verified = done.report, done.verified
     if json_path:
@@ -91,7 +131,7 @@ def convert(
 
 @app.command()
 def inspect(
-    checkpoint: str = typer.Argument(..., help="Hub id, folder, .safetensors file or config.json."),
+    checkpoint: str | None = typer.Argument(None, help="Hub id, folder, .safetensors file or config.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     assume_parallel: bool = typer.Option(False, "--assume-parallel",
                                          help="Analyse as if attention and FFN ran in parallel (paper, section 3)."),
@@ -102,8 +142,17 @@ def inspect(
     token: str | None = TOKEN,
     check: bool = typer.Option(False, "--check", help="Re-hash every file of a converted folder against the "
                                "SHA256SUMS that convert wrote into it; exit 2 if any file changed or is missing."),
+    supported_types: bool = typer.Option(False, "--supported", help="Print the census of model types instead: "
+                                         "each folded, or refused with its reason."),
+    quiet: bool = QUIET,
 ) -> None:
     """Explain a checkpoint: its architecture and what converting it gains, or what a converted one holds."""
+    _be_quiet(quiet)
+    if supported_types:
+        _census(as_json)
+        return
+    if checkpoint is None:
+        raise InputError("inspect needs a CHECKPOINT (or --supported for the census of model types)")
     if check:
         _check(Path(checkpoint), as_json)
         return
@@ -126,13 +175,26 @@ def inspect(
     if as_json:
         print(json.dumps(data, indent=2))
     elif data.get("converted"):
-        console.print_json(json.dumps(data[KEY]))
+        render_converted(console, data, title=checkpoint)
     else:
         render_analysis(console, data, title=f"{checkpoint}")
 
 
+def _census(as_json: bool) -> None:
+    rows = census()
+    if as_json:
+        print(json.dumps({"counts": counts(rows), "model_types": [r.as_dict() for r in rows]}, indent=2))
+        return
+    table = Table("model_type", "status", "what folds, or why not", title="precompute: model types")
+    for r in rows:
+        table.add_row(r.model_type, r.status, escape(r.note))
+    console.print(table)
+    console.print(", ".join(f"{n} {status}" for status, n in counts(rows).items()))
+
+
 def _check(folder: Path, as_json: bool) -> None:
-    results = check_folder(folder)
+    with _progress() as update:
+        results = check_folder(folder, update)
     bad = failures(results)
     if as_json:
         print(json.dumps({"folder": str(folder), "ok": not bad, "files": [asdict(r) for r in results]}, indent=2))
@@ -153,13 +215,15 @@ def verify(
     tokens: int = typer.Option(DEFAULT_TOKENS, "--tokens", help="Greedy tokens to generate and compare."),
     prompt: str | None = typer.Option(None, "--prompt", help="Text to generate from (needs ORIGINAL's tokenizer)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
-    dtype: str = typer.Option("float32", "--dtype", help=f"Run the converted model in {', '.join(RUN_DTYPES)}."),
+    dtype: Dtype = typer.Option("float32", "--dtype", help="The dtype to run the converted model in."),
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
+    quiet: bool = QUIET,
 ) -> None:
     """Prove CONVERTED computes what ORIGINAL does: logits, top-1, greedy text, and table rows against float64."""
+    _be_quiet(quiet)
     result = _verify(resolve(original, offline=offline, token=token), resolve(converted, offline=offline, token=token),
-                     dtype=dtype, tokens=tokens, prompt=prompt)
+                     dtype=Dtype(dtype).value, tokens=tokens, prompt=prompt)
     if json_path:
         json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     if not result.passed:
@@ -167,8 +231,11 @@ def verify(
 
 
 def _verify(original, converted, **options) -> VerifyResult:
-    with console.status(f"verifying {converted.ref} against {original.ref}"):
+    if _quiet_here():
         result = verify_checkpoint(original, converted, **options)
+    else:
+        with console.status(f"verifying {converted.ref} against {original.ref}"):
+            result = verify_checkpoint(original, converted, **options)
     render_verify(console, result)
     return result
 
@@ -181,13 +248,15 @@ def convert_all(
     force: bool = typer.Option(False, "--force", help="Convert even the models unchanged since the last run."),
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
+    quiet: bool = QUIET,
 ) -> None:
     """Convert and verify every model of a release file (and publish with --push); exit 1 if any failed."""
+    _be_quiet(quiet)
     from precompute_cli.release import SUMMARY_NAME
     from precompute_cli.release import convert_all as run
 
-    summary = run(config, out_root, push=push, offline=offline, token=token, force=force, progress=_progress,
-                  report=_print_outcome)
+    summary = run(config, out_root, push=push, offline=offline, token=token, force=force, report=_print_outcome,
+                  progress=lambda label: _progress(label.removesuffix(": folding layer 0")))  # the model's name
     counts = summary["counts"]
     console.print(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed; "
                   f"summary in {out_root / SUMMARY_NAME}")
@@ -210,77 +279,135 @@ def _print_outcome(o) -> None:
                   soft_wrap=True)
 
 
-def _print_plan(plan, out: Path) -> None:
-    console.print(f"[bold]dry run[/]: {plan.source.ref} -> {out} (nothing written)")
-    console.print_json(json.dumps(PrecomputeBlock.of(plan).as_dict()))
-    for shard in plan.shards:
-        how = "copy whole file" if shard.unchanged else f"{len(shard.kept)} tensors copied" + (
-            " + table" if shard.has_table else "")
-        console.print(f"  {shard.name}: {how}")
-    for aux in plan.source.aux:
-        console.print(f"  {aux.name}: copied verbatim")
-
-
 def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token: str | None,
              table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None,
-             mla_table: str | None = None) -> None:
+             json_path: Path | None = None, mla_table: str | None = None) -> None:
     """What would be downloaded, written and uploaded; nothing is (a Hub checkpoint not yet in the cache is
-    sized from its safetensors headers on the Hub, and its config read through a temporary folder)."""
+    sized from its safetensors headers on the Hub, and its config read through a temporary folder). `json_path`
+    gets the same plan as JSON."""
     with peek(source, revision=revision, offline=offline, token=token) as found:
         pull = found.pull
-        if pull:
-            console.print(f"[bold]download[/]: {pull.repo_id} at commit {pull.revision}: "
-                          f"{pull.download_bytes:,} bytes to fetch" + (" (all in the local cache)"
-                                                                       if pull.complete_in_cache else ""))
-            for f in pull.files:
-                console.print(f"  {f.name}: " + ("cached" if f.cached else f"{f.size or 0:,} bytes"))
         plan = make_plan(found.source, load_recipe(found.source, mla_table=mla_table), table_dtype, max_shard_size,
                          found.headers)
-        _print_plan(plan, out)
     if found.headers is None:
         files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (
             [INDEX_NAME] if len(plan.shards) > 1 else [])
     else:
         files = [f.name for f in pull.files]
-    if plan.bytes_before is not None:
-        console.print(f"[bold]write[/]: {out}: tensor bytes {plan.bytes_before:,} -> {plan.bytes_after:,} "
-                      f"({plan.bytes_after - plan.bytes_before:+,})")
-    if push_to:
-        console.print(f"[bold]upload[/]: {out} -> {push_to}" + (" (private)" if private else "") +
-                      f": {', '.join(sorted(set(files) | {MANIFEST, CARD_NAME}))}")
+    data: dict[str, Any] = {
+        "dry_run": True, "source": plan.source.ref, "revision": plan.source.revision, "out": str(out),
+        "download": {"repo_id": pull.repo_id, "revision": pull.revision, "bytes": pull.download_bytes,
+                     "complete_in_cache": pull.complete_in_cache,
+                     "files": [{"name": f.name, "bytes": f.size, "cached": f.cached} for f in pull.files]}
+        if pull else None,
+        KEY: PrecomputeBlock.of(plan).as_dict(),
+        "files": [{"name": shard.name, "action": "copy" if shard.unchanged else "rewrite",
+                   "tensors_kept": len(shard.kept), "table": shard.has_table} for shard in plan.shards]
+        + [{"name": aux.name, "action": "copy"} for aux in plan.source.aux],
+        "bytes_before": plan.bytes_before, "bytes_after": plan.bytes_after,
+        "upload": {"repo": push_to, "private": private, "files": sorted(set(files) | {MANIFEST, CARD_NAME})}
+        if push_to else None,
+    }
+    _print_plan(data)
+    if json_path:
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _print_plan(data: dict[str, Any]) -> None:
+    pull = data["download"]
+    if pull:
+        console.print(f"[bold]download[/]: {pull['repo_id']} at commit {pull['revision']}: "
+                      f"{pull['bytes']:,} bytes to fetch" + (" (all in the local cache)"
+                                                             if pull["complete_in_cache"] else ""))
+        for f in pull["files"]:
+            console.print(f"  {f['name']}: " + ("cached" if f["cached"] else f"{f['bytes'] or 0:,} bytes"))
+    console.print(f"[bold]dry run[/]: {data['source']} -> {data['out']} (nothing written)")
+    console.print_json(json.dumps(data["precompute"]))
+    for f in data["files"]:
+        how = "copied verbatim" if "tensors_kept" not in f else "copy whole file" if f["action"] == "copy" else (
+            f"{f['tensors_kept']} tensors copied" + (" + table" if f["table"] else ""))
+        console.print(f"  {f['name']}: {how}")
+    if data["bytes_before"] is not None:
+        console.print(f"[bold]write[/]: {data['out']}: tensor bytes {data['bytes_before']:,} -> "
+                      f"{data['bytes_after']:,} ({data['bytes_after'] - data['bytes_before']:+,})")
+    if data["upload"]:
+        up = data["upload"]
+        console.print(f"[bold]upload[/]: {data['out']} -> {up['repo']}" + (" (private)" if up["private"] else "") +
+                      f": {', '.join(up['files'])}")
+
+
+def _quiet_here() -> bool:
+    """No progress display with -q, or when stdout is not a terminal (a pipe, a file, CI)."""
+    return _quiet or not sys.stdout.isatty()
+
+
+class _Amount(ProgressColumn):
+    """Bytes as 1.2/2.5 GB, table rows as 50,000/128,256 rows."""
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit")
+        if unit == "bytes":
+            return DownloadColumn().render(task)
+        if unit == "rows" and task.total:
+            return Text(f"{task.completed:,.0f}/{task.total:,.0f} rows", style="progress.download")
+        return Text("")
 
 
 class _progress:
-    """A rich progress bar over vocabulary rows (on stderr, so --json output stays clean)."""
+    """Long work's progress on stderr (so --json output stays clean), one line per step; entering it gives the hook
+    the work reports through (precompute_cli.progress), or None when quiet.
 
-    def __init__(self, label: str):
-        from rich.progress import BarColumn, Progress, TimeRemainingColumn
+    A Hub download, while the source is resolved, draws huggingface_hub's own bars (bytes, time left); ours start
+    with the first step after it, and when quiet, theirs are silenced too."""
 
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
-                            TimeRemainingColumn(), console=console, transient=True)
-        self.label = label
+    def __init__(self, label: str = ""):
+        self.label = f"{label}: " if label else ""
+        self.bar = None
+        self.hub_bars: bool | None = None
 
-    def __enter__(self):
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=None)
+    def __enter__(self) -> Progress | None:
+        if _quiet_here():
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
 
-        def update(done: int, total: int) -> None:
-            self.bar.update(task, completed=done, total=total)
+            self.hub_bars = not are_progress_bars_disabled()
+            disable_progress_bars()
+            return None
+        from rich.progress import Progress as Bars
+
+        bar = Bars(SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), _Amount(),
+                   TimeRemainingColumn(), console=console, transient=True)
+        tasks: dict[str, Any] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step == "resolving":  # a download, if any, is drawn by huggingface_hub
+                return
+            if self.bar is None:
+                self.bar = bar
+                bar.__enter__()
+            if step not in tasks:
+                label, unit = STEPS.get(step, (step, ""))
+                tasks[step] = bar.add_task(f"{escape(self.label)}{label}", total=None, unit=unit)
+                bar.refresh()  # drawn as it starts, not at the next tick
+            task = tasks[step]  # several threads report: keep the furthest
+            bar.update(task, completed=max(done, bar.tasks[task].completed), total=total or None)
 
         return update
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        if self.hub_bars:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+        return self.bar.__exit__(*exc) if self.bar else None
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning every failure into a message and an exit code (see README)."""
+    global _quiet
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
-    if args in (["--version"], ["-V"]):
-        print(f"precompute-cli {__version__}")
-        sys.exit(0)
+    _quiet = False
     previous = interrupt_on_sigterm()
     try:
         code = app(args=args, standalone_mode=False)
@@ -289,12 +416,12 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _say("error", str(exc))
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except _CLICK_ERROR as exc:  # a usage error: click's message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         code = INTERRUPTED
     except Exception as exc:  # an internal error: ours to fix
         if debug:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from precompute_cli.execute import Progress, execute
+from precompute_cli.execute import execute
 from precompute_cli.plan import Plan, load_recipe, make_plan
+from precompute_cli.progress import Progress
 from precompute_cli.report import ConversionReport, conversion_report
 from precompute_cli.source import Source, resolve
 
@@ -31,12 +32,15 @@ def convert(ref: str, out: Path, *, revision: str | None = None, offline: bool =
             progress: AbstractContextManager[Progress] | None = None,
             reported: Callable[[ConversionReport], None] | None = None,
             verify: Callable[[Source, Path], V] | None = None) -> Conversion[V]:
-    """Convert the checkpoint `ref` names into `out`. `progress` is entered around the fold and yields its callback;
+    """Convert the checkpoint `ref` names into `out`. `progress` is entered from the start (resolving the source)
+    to the last byte written and yields its callback;
     `reported` sees the report as soon as it exists (before a verify that takes a while, or fails);
     `verify(source, out)` proves the output."""
-    src = resolve(ref, revision=revision, offline=offline, token=token)
-    plan = make_plan(src, load_recipe(src, mla_table=mla_table), table_dtype, max_shard_size)
     with progress or nullcontext() as update:
+        if update:
+            update("resolving", 0, 0)
+        src = resolve(ref, revision=revision, offline=offline, token=token)
+        plan = make_plan(src, load_recipe(src, mla_table=mla_table), table_dtype, max_shard_size)
         result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
     report = conversion_report(plan, result)
     if reported:

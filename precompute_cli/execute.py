@@ -17,7 +17,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from precompute_cli.check import sha256, write_manifest
 from precompute_cli.commit import commit, exists_error
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.plan import Plan
+from precompute_cli.progress import Progress
 from precompute_cli.quant import output_config
 from precompute_cli.recipes import ops
 from precompute_cli.source import INDEX_NAME
@@ -43,7 +44,6 @@ CHUNK_BYTES = 128 << 20
 # Finished table rows may wait this long for their writer, which first writes the rest of the table's shard (all
 # 2.5 GB of Llama-3.2-1B's single file): with only a few chunks of slack the GEMM workers stalled behind it.
 PENDING_BYTES = 512 << 20
-Progress = Callable[[int, int], None]  # (rows done, rows total)
 
 
 @dataclass(frozen=True)
@@ -249,13 +249,13 @@ def _write_shards(plan: Plan, tmp: Path, progress: Progress | None, link: bool =
     chunk_bytes = chunk * plan.table.width * DTYPES[plan.table.dtype].itemsize
     ranges = _row_ranges(plan.table.rows, chunk, workers)
     stream = TableStream(chunks=len(ranges), ahead=max(2 * workers, PENDING_BYTES // chunk_bytes))
-    fold = _Fold(plan, ranges)
-    with _gemms_on(device), native.allocator_keeps_memory(), \
+    fold = _Fold(plan, ranges, progress)
+    with _gemms_on(device), native.allocator_keeps_memory(), _watching(jobs, plan, progress), \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="write") as writers, \
             ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="fold") as folders:
         try:
             written = {job.path.name: writers.submit(write_file, job, stream) for job in jobs}
-            helpers = [folders.submit(fold.run, stream) for _ in range(workers - 1)]
+            helpers = [folders.submit(fold.run, stream, progress) for _ in range(workers - 1)]
             try:
                 fold.run(stream, progress)
             except Stopped:
@@ -306,16 +306,60 @@ def _row_ranges(rows: int, chunk: int, workers: int) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], rows], strict=True))
 
 
+@contextmanager
+def _watching(jobs: list[FileJob], plan: Plan, progress: Progress | None) -> Iterator[None]:
+    """Report the bytes copied and the table's bytes written, from the output files' sizes (a thread polls them
+    while the writers run, so the writers report nothing themselves)."""
+    if progress is None:
+        yield
+        return
+    table_bytes = plan.table.ref.nbytes
+    copy_total = sum(n for job in jobs for _, _, n in job.runs)
+    done = threading.Event()
+
+    def report() -> None:
+        copied = written = 0
+        for job in jobs:
+            try:
+                size = max(job.path.stat().st_size - len(job.header), 0)
+            except FileNotFoundError:
+                continue
+            runs = sum(n for _, _, n in job.runs)
+            copied += min(size, runs)
+            written += max(size - runs, 0) if job.table else 0
+        progress("copying", copied, copy_total)
+        progress("writing", min(written, table_bytes), table_bytes)
+
+    def poll() -> None:
+        while not done.wait(0.25):
+            report()
+
+    watcher = threading.Thread(target=poll, name="progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+    report()
+
+
 class _Fold:
     """Computes table rows chunk by chunk: read embedding rows, fold in float32, round to the table's dtype."""
 
-    def __init__(self, plan: Plan, ranges: list[tuple[int, int]]):
+    def __init__(self, plan: Plan, ranges: list[tuple[int, int]], progress: Progress | None = None):
         self.plan, self.ranges = plan, ranges
         recipe = plan.recipe
         self.weights = plan.weights(np.float32)
-        for name in plan.inputs:  # read before the workers start: every worker uses them
-            if name != recipe.embedding:
-                self.weights(name)
+        layer0 = [(name, info.nbytes) for name, (_, info) in plan.inputs.items() if name != recipe.embedding]
+        total, done = sum(n for _, n in layer0), 0
+        for name, nbytes in layer0:  # read before the workers start: every worker uses them
+            if progress:
+                progress("reading", done, total)
+            self.weights(name)
+            done += nbytes
+        if progress:
+            progress("reading", done, total)
         self.embedding = plan.inputs[recipe.embedding]
         _prefetch(self.embedding[0], self.embedding[1].start, self.embedding[1].nbytes)
         self.spans = [(name, span) for name, span in plan.table.columns.items() if span]
@@ -345,7 +389,7 @@ class _Fold:
             del columns, x
             stream.put(index, rows)
             if progress:
-                progress(stream.rows_done, table.rows)
+                progress("folding", stream.rows_done, table.rows)
 
 
 def _prefetch(path: Path, start: int, nbytes: int) -> None:

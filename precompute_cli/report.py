@@ -226,3 +226,30 @@ def render_conversion(console: Console, report: ConversionReport) -> None:
 def _factor(x: float) -> str:
     """2,458x as the paper prints it; below 10 one decimal, so that a small model's 0.4x does not read as 0x."""
     return f"{x:,.0f}x" if x >= 10 else f"{x:.1f}x"
+
+
+def render_converted(console: Console, data: dict[str, Any], title: str) -> None:
+    """inspect on a converted checkpoint: what was folded, the table's columns, what was removed, the source."""
+    block, spec = data["precompute"], data
+    parallel = block.get("block") == "parallel"
+    columns = {k: v for k, v in (block.get("columns") or {}).items() if v}
+    width = max((v[1] for v in columns.values()), default=0)
+    summary = Table(title=f"{title}: a precomputed {spec.get('model_type')} checkpoint", show_header=False)
+    summary.add_row("folded", f"layer {block.get('layer', 0)}'s " + ("Q, K, V and the whole FFN (parallel block)"
+                                                                    if parallel else "Q, K, V (serial block)"))
+    summary.add_row("table", f"{block.get('table')}: {spec.get('vocab_size', 0):,} tokens x {width:,} columns, "
+                             f"{block.get('dtype')}")
+    for name, (first, last) in columns.items():
+        what = "x, the residual stream entering layer 0" if name == "residual" else f"layer 0's {name.upper()}"
+        if name == "residual" and parallel:
+            what = "x + layer 0's FFN output"
+        summary.add_row(f"  columns {first}:{last}", f"{name}: {what}")
+    removed = block.get("removed") or []
+    summary.add_row("removed", f"{len(removed)} tensors")
+    for name in removed:
+        summary.add_row("", name)
+    source = block.get("source") or {}
+    summary.add_row("source", f"{source.get('id')}" + (f" at {source['revision']}" if source.get("revision") else ""))
+    tool = block.get("tool") or {}
+    summary.add_row("converted by", f"{tool.get('name')} {tool.get('version')}")
+    console.print(summary)

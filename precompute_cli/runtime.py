@@ -5,12 +5,18 @@ experts, apply), then the recipe's RuntimePatch says which modules to swap: the 
 table lookup, layer 0's projections return their table columns, folded norms pass through, and a folded
 parallel FFN returns zeros (its output is already inside the residual columns). The eliminated weights are
 dropped with the modules that held them.
+
+Which rows the table lookup produced is state of one forward call of the base model (the module that looks up the
+embedding and runs the layers), not of the model: a pre-hook on that module starts each call afresh, and the rows
+are kept per thread, so the base model can be called directly, repeatedly, and from several threads.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +38,7 @@ class TableEmbedding(nn.Module):
         self.table = nn.Parameter(table, requires_grad=False)
         self.residual = residual
         self.embedding = embedding  # kept only when the output head is tied to it, or x is not in the table
-        self.rows: torch.Tensor | None = None
+        self._call = threading.local()  # the rows of the current forward call, per thread
         self.num_embeddings, self.embedding_dim = table.shape[0], (
             residual[1] - residual[0] if residual else embedding.embedding_dim)
 
@@ -42,27 +48,41 @@ class TableEmbedding(nn.Module):
             return self.embedding.weight
         return self.table[:, self.residual[0]:self.residual[1]]
 
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return getattr(self._call, "rows", None)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:  # a second lookup in one forward pass would replace layer 0's q, k, v
-            self.rows = None
+            self._call.rows = None
             raise RuntimeError("the input embedding was used twice before layer 0 (token_type_ids?); a precomputed "
                                "model takes input_ids only")
-        self.rows = self.table[input_ids]
+        rows = self._call.rows = self.table[input_ids.to(self.table.device)]
         if self.residual is None:
             return self.embedding(input_ids)
-        x = self.rows[..., self.residual[0]:self.residual[1]]
+        x = rows[..., self.residual[0]:self.residual[1]]
         return x if self.scale == 1.0 else x * torch.tensor(self.scale).to(x.dtype)
 
-    def reset(self, *args) -> None:
-        """Called before each forward pass of the whole model."""
-        self.rows = None
+    def reset(self, *args: Any) -> None:
+        """A forward pre-hook of the module that calls this one: each of its calls starts with no rows."""
+        self._call.rows = None
 
     def columns(self, span: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         rows = self.rows
         if rows is None or rows.shape[:-1] != like.shape[:-1]:
             raise RuntimeError("layer 0 ran on inputs that did not come through the table (inputs_embeds "
                                "are not supported by a precomputed model; pass input_ids)")
-        return rows[..., span[0]:span[1]]
+        return rows[..., span[0]:span[1]].to(like.device)  # layer 0 may sit on another device (device_map)
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy and pickle: a thread-local cannot be copied
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        state.pop("_call", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._call = threading.local()
 
 
 class TableColumns(nn.Module):
@@ -125,9 +145,16 @@ class Zero(nn.Module):
         return torch.zeros_like(x)
 
 
-def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
-               revision: str | None = None, offline: bool = False, token: str | None = None) -> nn.Module:
-    """A transformers causal LM for a converted checkpoint (needs the `runtime` extra: transformers)."""
+def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
+               revision: str | None = None, offline: bool = False, token: str | None = None,
+               **from_pretrained: Any) -> nn.Module:
+    """A transformers causal LM for a converted checkpoint (needs the `runtime` extra: transformers).
+
+    Keyword arguments go to `from_pretrained` (device_map, attn_implementation, ...). `device` is a device_map
+    for one device (as with transformers, any but the CPU needs accelerate), so the weights load there directly;
+    the table is read onto the input embedding's device. Refuses a checkpoint that lacks a tensor the conversion
+    did not remove, or holds one the model does not have: transformers would fill the first with random values
+    and ignore the second."""
     try:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -140,18 +167,56 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     recipe.choose(**block.choices)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    if device is not None and torch.device(device).type != "cpu":  # transformers loads onto the CPU by itself
+        from_pretrained.setdefault("device_map", device)  # (a device_map needs accelerate installed)
+    wants_info = from_pretrained.pop("output_loading_info", False)
+    from_pretrained.setdefault("ignore_mismatched_sizes", True)  # reported, then refused by name (not a bare raise)
     level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design
+    hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design; checked below instead
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model = causal_lm_class(cfg, AutoModelForCausalLM).from_pretrained(src.root, dtype=dtype or "auto",
-                                                                           trust_remote_code=False)
+        model, info = causal_lm_class(cfg, AutoModelForCausalLM).from_pretrained(
+            src.root, dtype=dtype or from_pretrained.pop("torch_dtype", None) or "auto", trust_remote_code=False,
+            output_loading_info=True, **from_pretrained)
     finally:
         hf_logging.set_verbosity(level)
-    model_dtype = next(model.parameters()).dtype
-    table = _read_table(src, block.table).to(model_dtype)
-    patch_model(model, recipe, block, table)
-    return model.to(device).eval()
+    unloaded = {name: _tensor(model, name) for name in info["missing_keys"]}
+    embedding = model.get_input_embeddings().weight
+    table = _read_table(src, block.table, "cpu" if embedding.device.type == "meta" else embedding.device)
+    patch_model(model, recipe, block, table.to(embedding.dtype))
+    _check_loaded(src, model, unloaded, info, block.table)
+    model.eval()
+    return (model, info) if wants_info else model
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        try:
+            return model.get_buffer(name)
+        except AttributeError:
+            return None
+
+
+def _check_loaded(src, model: nn.Module, unloaded: dict[str, torch.Tensor | None], info: dict,
+                  table: str) -> None:
+    """No tensor of the patched model may be one transformers filled at random (missing, or of the wrong shape),
+    and the checkpoint may hold nothing but the model's tensors and the table: the error names the rest."""
+    live = {id(t) for t in (*model.parameters(), *model.buffers())}
+    random = sorted(name for name, t in unloaded.items() if t is None or id(t) in live)
+    unexpected = sorted(set(info["unexpected_keys"]) - {table})
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", ()))
+    problems = []
+    if random:
+        problems.append(f"lacks {', '.join(random)} (the conversion did not remove them; they would be random)")
+    if unexpected:
+        problems.append(f"holds {', '.join(unexpected)}, which the model does not have")
+    if mismatched:
+        problems.append(f"has the wrong shape for {', '.join(mismatched)}")
+    if problems:
+        raise InputError(f"{src.root}: the converted checkpoint does not match its config: it "
+                         + "; it ".join(problems))
 
 
 def causal_lm_class(cfg: Config, auto: type) -> type:
@@ -178,7 +243,8 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
     embedding = TableEmbedding(table, block.residual, model.get_input_embeddings() if keep_embedding else None,
                                patch.embedding_scale)
     model.set_input_embeddings(embedding)
-    model.register_forward_pre_hook(embedding.reset)
+    owner = next((m for m in model.modules() if any(c is embedding for c in m.children())), model)
+    owner.register_forward_pre_hook(embedding.reset)  # the base model: it looks up the rows and runs layer 0
     layer = model.get_submodule(patch.layer)
     if "qkv" in patch.projections:
         layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups))
@@ -206,11 +272,11 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
         setattr(module, name, value)
 
 
-def _read_table(src, name: str) -> torch.Tensor:
+def _read_table(src, name: str, device: torch.device | str) -> torch.Tensor:
     from safetensors import safe_open
 
     for shard in src.shards:
-        with safe_open(shard, framework="pt") as f:
+        with safe_open(shard, framework="pt", device=str(device)) as f:
             if name in f.keys():
                 return f.get_tensor(name)
     raise InputError(f"{src.root}: the config names table {name}, but no shard holds it")
