@@ -17,9 +17,10 @@ How to add a model type
    keys and their defaults. Anything that acts after RoPE or on the attention output is not the table's business.
 2. If it is the Llama skeleton with other names, flags or norms, add a `Layout` to the family's `layouts` (or a
    new module in recipes/ with a `@register`ed `Declared` subclass: modules are discovered, nothing to import).
-   Every field defaults to Llama's; write only what differs. A Qwen3-like type with biases from a config key,
-   a per-head q/k RMSNorm before RoPE, an eps default of 1e-5, three KV heads by default and a GPT-NeoX-style
-   parallel FFN reading its own LayerNorm would be:
+   Every field defaults to Llama's; write only what differs: Mistral is
+   `Layout(sizes=Sizes(num_kv_heads=Key("num_key_value_heads", default=8)))`, Qwen2 `Layout(qkv=separate(bias=True))`
+   (recipes/llama.py). A Qwen3-like type with biases from a config key, a per-head q/k RMSNorm before RoPE, an eps
+   default of 1e-5, three KV heads by default and a GPT-NeoX-style parallel FFN reading its own LayerNorm would be:
 
         from precompute_cli.recipes.base import register
         from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, layer_norm, mlp, rms, separate
@@ -43,6 +44,10 @@ How to add a model type
    mean-centred norm, weight=False for a weightless one; each with eps=Key(config key, default=...) or a fixed
    float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group"). Tensors the attention reads
    after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
+   A parallel block's FFN is mlp(up, down), glu(gate, up, down) or Moe(router, experts, shared expert...).
+   Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
+   config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
+   embedding_scale=sqrt_hidden, embedding_norm=..., norm_is_residual=Key(...), base_prefix="transformer.".
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
@@ -62,8 +67,8 @@ from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
-__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm", "mlp",
-           "rms", "separate", "sqrt_hidden"]
+__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm",
+           "mlp", "rms", "separate", "sqrt_hidden"]
 
 
 @dataclass(frozen=True)
@@ -196,8 +201,8 @@ class Ffn:
         if len(self.matrices) not in (2, 3) or (len(self.matrices) == 3 and self.bias is not False):
             raise ValueError(f"FFN {self.matrices}: two matrices (with or without biases) or three without")
 
-    def tensors(self, where: str, spec: ModelSpec, bias: bool) -> dict[str, Shape]:
-        d, inner = spec.hidden_size, spec.intermediate_size
+    def tensors(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
+        d, inner, bias = spec.hidden_size, spec.intermediate_size, bool(value(cfg, self.bias))
         out: dict[str, Shape] = {}
         for name in self.matrices:
             shape = (d, inner) if name == self.matrices[-1] else (inner, d)  # the last is down: inner -> d
@@ -205,6 +210,63 @@ class Ffn:
             if bias:
                 out[f"{where}{self.module}.{name}.bias"] = shape[:1]
         return out
+
+    def apply(self, w: Weights, h: np.ndarray, where: str, cfg: Config, spec: ModelSpec) -> np.ndarray:
+        names = [f"{where}{self.module}.{m}" for m in self.matrices]
+        act = str(value(cfg, self.act))
+        if len(names) == 3:
+            return ops.glu(h, *(w(n + ".weight") for n in names), act)
+        up, down = names
+        bias = bool(value(cfg, self.bias))
+        return ops.mlp(h, w(up + ".weight"), w(up + ".bias") if bias else None,
+                       w(down + ".weight"), w(down + ".bias") if bias else None, act)
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A routed GLU FFN under `module` (ops.moe): softmax router, top-k experts ("{}" = the expert's index), an
+    optional shared expert scaled by sigmoid(shared_gate x). Experts are intermediate_size wide (Sizes), the
+    shared expert `shared_width`. In a parallel block the whole of it folds, as an Ffn does."""
+
+    router: str = "gate"
+    experts: str = "experts.{}"
+    matrices: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    module: str = "mlp"
+    top_k: Key = Key("num_experts_per_tok", default=2)
+    renormalize: Key | bool = Key("norm_topk_prob", default=False)
+    shared: str | None = None
+    shared_width: Key | None = None
+    shared_gate: str | None = None
+    act: Key = Key("hidden_act", default="silu")
+    norm: Norm | None = None
+
+    def _experts(self, spec: ModelSpec, cfg: Config) -> dict[str, int]:
+        """Each expert's module (and the shared one's) under `module`, with its width."""
+        widths = {self.experts.format(e): spec.intermediate_size for e in range(spec.num_experts)}
+        if self.shared:
+            widths[self.shared] = self.shared_width.int(cfg, {}) if self.shared_width else spec.intermediate_size
+        return widths
+
+    def tensors(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
+        m, d = where + self.module, spec.hidden_size
+        out: dict[str, Shape] = {f"{m}.{self.router}.weight": (spec.num_experts, d)}
+        for expert, inner in self._experts(spec, cfg).items():
+            out.update({f"{m}.{expert}.{name}.weight": (d, inner) if name == self.matrices[-1] else (inner, d)
+                        for name in self.matrices})
+        if self.shared_gate:
+            out[f"{m}.{self.shared_gate}.weight"] = (1, d)
+        return out
+
+    def apply(self, w: Weights, h: np.ndarray, where: str, cfg: Config, spec: ModelSpec) -> np.ndarray:
+        m = where + self.module
+
+        def glu(expert: str) -> tuple[np.ndarray, ...]:
+            return tuple(w(f"{m}.{expert}.{name}.weight") for name in self.matrices)
+
+        return ops.moe(h, w(f"{m}.{self.router}.weight"), lambda e: glu(self.experts.format(e)), spec.num_experts,
+                       int(value(cfg, self.top_k)), bool(value(cfg, self.renormalize)), str(value(cfg, self.act)),
+                       shared=glu(self.shared) if self.shared else None,
+                       shared_gate=w(f"{m}.{self.shared_gate}.weight") if self.shared_gate else None)
 
 
 def glu(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj", **rest: Any) -> Ffn:
@@ -238,7 +300,7 @@ class Layout:
     qkv: Qkv = field(default_factory=Qkv)
     qk_norm: Norm | None = None
     clamp: Clamp | None = None
-    ffn: Ffn = field(default_factory=Ffn)
+    ffn: Ffn | Moe = field(default_factory=Ffn)
     keep: tuple[str, ...] = ()  # layer 0's tensors read after the table (sinks): they stay
 
 
@@ -308,7 +370,7 @@ class Declared(Recipe):
         reason = reason or (lay.clamp.refusal(cfg) if lay.clamp else None)
         if reason or not self.parallel:
             return reason
-        return self.unknown_activation(value(cfg, lay.ffn.act), lay.ffn.act.names[0])
+        return self.unknown_activation(value(cfg, lay.ffn.act), (*lay.ffn.act.names, "activation")[0])
 
     def embedding_transforms(self) -> dict[str, Shape]:
         norm = self.layout.embedding_norm
@@ -326,7 +388,7 @@ class Declared(Recipe):
         if self.qk_norm:
             out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
         if self.parallel:
-            out.update(lay.ffn.tensors(p, s, bool(value(self.cfg, lay.ffn.bias))))
+            out.update(lay.ffn.tensors(p, s, self.cfg))
         return out
 
     def kept(self) -> tuple[str, ...]:
@@ -357,8 +419,8 @@ class Declared(Recipe):
             for n in "qk":
                 out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
         if self.parallel:
-            out["residual"] = out["residual"] + self.ffn(w, self.ffn_norm.apply(w, x, p, cfg, s)
-                                                         if self.ffn_norm else h)
+            h_ffn = self.ffn_norm.apply(w, x, p, cfg, s) if self.ffn_norm else h
+            out["residual"] = out["residual"] + lay.ffn.apply(w, h_ffn, p, cfg, s)
         return out
 
     def project(self, w: Weights, h: np.ndarray) -> dict[str, np.ndarray]:
@@ -376,17 +438,6 @@ class Declared(Recipe):
     @property
     def fused_groups(self) -> int:
         return _GROUPS[self.layout.qkv.layout](self.spec)
-
-    def ffn(self, w: Weights, h: np.ndarray) -> np.ndarray:
-        ffn, cfg = self.layout.ffn, self.cfg
-        names = [f"{self.prefix}{ffn.module}.{m}" for m in ffn.matrices]
-        act = str(value(cfg, ffn.act))
-        if len(names) == 3:
-            return ops.glu(h, *(w(n + ".weight") for n in names), act)
-        up, down = names
-        bias = bool(value(cfg, ffn.bias))
-        return ops.mlp(h, w(up + ".weight"), w(up + ".bias") if bias else None,
-                       w(down + ".weight"), w(down + ".bias") if bias else None, act)
 
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
