@@ -237,6 +237,8 @@ def render_converted(console: Console, data: dict[str, Any], title: str) -> None
     summary = Table(title=f"{title}: a precomputed {spec.get('model_type')} checkpoint", show_header=False)
     summary.add_row("folded", f"layer {block.get('layer', 0)}'s " + ("Q, K, V and the whole FFN (parallel block)"
                                                                     if parallel else "Q, K, V (serial block)"))
+    if block.get("mla_table"):  # MLA: q is the q latent (latent) or q_b_proj's output (full), kv [latent | k_rot]
+        summary.add_row("MLA table", f"{block['mla_table']} (convert --mla-table)")
     summary.add_row("table", f"{block.get('table')}: {spec.get('vocab_size', 0):,} tokens x {width:,} columns, "
                              f"{block.get('dtype')}")
     for name, (first, last) in columns.items():

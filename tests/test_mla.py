@@ -60,13 +60,15 @@ def test_kimi_k2_model_type(tmp_path, table):
 
 
 @pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent")])
-def test_convert_verify_reads_the_choice(tmp_path, case, table):
+def test_convert_verify_reads_the_choice(tmp_path, capsys, case, table):
     """verify recomputes rows with the table the conversion chose (from the block), and loads mistral4, which
-    AutoModelForCausalLM does not map, through its architecture."""
+    AutoModelForCausalLM does not map, through its architecture; inspect on the output names the choice."""
     src = _build(tmp_path, case)
     assert convert(src, tmp_path / "out", "--mla-table", table, "--verify", "--json", str(tmp_path / "r.json")) == 0
     verified = json.loads((tmp_path / "r.json").read_text())["verify"]
     assert verified["passed"] and verified["greedy_identical"]
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "out")
+    assert code == 0 and f"MLA table {table}" in " ".join((out + err).replace("│", " ").split())
 
 
 def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
