@@ -406,7 +406,8 @@ def _prefetch(path: Path, start: int, nbytes: int) -> None:
 
 def _write_metadata(plan: Plan, tmp: Path) -> None:
     config = PrecomputeBlock.of(plan).added_to(
-        output_config(plan.recipe.cfg.data, [plan.inputs[n][1].name for n in plan.dequantized]))
+        output_config(plan.recipe.cfg.data, [plan.inputs[n][1].name for n in plan.dequantized
+                                             if n in plan.recipe.removed()]))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(plan.shards) > 1:
         weight_map = {i.name: s.name for s in plan.shards for i in s.kept}

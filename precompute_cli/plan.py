@@ -155,7 +155,7 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     if reason:
         raise InputError(f"{cfg.path}: {reason}")
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
-                **recipe.embedding_transforms(), **recipe.folded()}
+                **recipe.embedding_transforms(), **recipe.folded(), **recipe.kept_inputs()}
     quantization = Quantization.of(cfg)
     reason = quantization.refusal(next((n for n, s in recipe.folded().items() if len(s) == 2), recipe.embedding))
     if reason:
@@ -199,7 +199,9 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         columns=recipe.columns(),
     )
     removed = tuple(TensorRef(disk[n], dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
-    removed += tuple(TensorRef(ref.name, ref.dtype, tuple(ref.shape)) for ref in scales.values())
+    # a removed FP8 weight goes with its scale; one the model still reads (a kept input) keeps it
+    removed += tuple(TensorRef(ref.name, ref.dtype, tuple(ref.shape)) for n, ref in scales.items()
+                     if n in recipe.removed())
     removed_names = {r.name for r in removed}
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()

@@ -16,6 +16,7 @@ from rich.table import Table
 from precompute_cli.execute import Result
 from precompute_cli.plan import Plan
 from precompute_cli.recipes import Recipe
+from precompute_cli.recipes.projection import Mixed
 from precompute_cli.spec import ModelSpec
 from precompute_cli.st_io import TensorRef
 
@@ -57,12 +58,17 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         eliminated_linear += chosen["eliminated_linear_params"] - linear_weights(spec, False)
     table = replace(plan.table, columns=_columns_as_parallel(recipe)) if assume_parallel else plan.table
     table_width = table.width
+    new_columns = spec.q_dim + 2 * spec.kv_dim
+    if isinstance(recipe, Mixed):  # a mixer layer 0: its own projections, not Q, K, V
+        eliminated_linear, new_columns, table_width = recipe.linear_weights(), recipe.new_columns(), plan.table.width
     table_params = table_width * spec.vocab_size
     total = plan.params_before if plan.params_before is not None else estimated_params(spec)
     delta = table_params - eliminated
     reads = spec.hidden_size + new_columns
     paper_increase = new_columns * spec.vocab_size - eliminated_linear
     return {
+        "layer0": recipe.kind() if isinstance(recipe, Mixed) else "attention",
+        "folds": {k: v[1] - v[0] for k, v in plan.table.columns.items() if v and k != "residual"},
         **{k: v for k, v in spec.as_dict().items() if k not in ("num_heads", "num_kv_heads", "head_dim")},
         "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
         "num_layers": spec.num_layers,
@@ -164,8 +170,11 @@ def render_analysis(console: Console, data: dict[str, Any], title: str) -> None:
         return
     gain = Table(title="Converting it" + (" (assuming a parallel attention/FFN block)" if data["assumed_parallel"]
                                           else ""), show_header=False)
-    gain.add_row("eliminated weights (paper: Q, K, V" + (", FFN" if data["block"] == "parallel" else "") + ")",
-                 f"{data['eliminated_linear_params']:,}")
+    mixer = data.get("layer0", "attention") != "attention"
+    gain.add_row("layer 0", f"{data.get('layer0', 'attention')}: folds "
+                 + ", ".join(f"{k} ({w:,})" for k, w in data.get("folds", {}).items()))
+    gain.add_row("eliminated weights (paper: " + ("layer 0's input projections" if mixer else "Q, K, V")
+                 + (", FFN" if data["block"] == "parallel" else "") + ")", f"{data['eliminated_linear_params']:,}")
     gain.add_row("eliminated parameters (every tensor removed)", f"{data['eliminated_params']:,}")
     gain.add_row("table", f"{data['vocab_size']:,} x {data['table_width']:,} = {data['table_params']:,}")
     gain.add_row("reads per token with precompute", f"{data['reads_per_token']:,}")

@@ -145,6 +145,43 @@ class Zero(nn.Module):
         return torch.zeros_like(x)
 
 
+class TableProjection(nn.Module):
+    """Stands in for a mixer's input projection (Mamba in_proj, Gated DeltaNet in_proj_*, LFM2's in_proj): the
+    token's table columns, laid out as the module's output, fed to the model's own conv and recurrence.
+
+    The mixer multiplies its input by the attention mask before projecting, so a padded position reaches the module
+    as a zero row, and the original module gives its bias (or zeros) there: so does this one. A real token's row is
+    zero only if its normed input is, and then its table row is that same bias. `ones` trailing columns of 1 stand
+    for a factor the table has already multiplied in (LFM2 stores B*x and returns x = 1)."""
+
+    def __init__(self, table: TableEmbedding, spans: list[tuple[int, int]], bias: torch.Tensor | None, ones: int):
+        super().__init__()
+        self.spans, self.ones = spans, ones
+        self._table = [table]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        t = self._table[0]
+        parts = [t.columns(span, hidden_states) for span in self.spans]
+        if self.ones:
+            parts.append(parts[0].new_ones(*parts[0].shape[:-1], self.ones))
+        out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        padded = (hidden_states == 0).all(dim=-1, keepdim=True)
+        if padded.any():
+            zero = self.bias.to(out.dtype) if self.bias is not None else out.new_zeros(())
+            out = torch.where(padded, zero, out)
+        return out
+
+
+class PassThroughNorm(PassThrough):
+    """A folded norm that its layer reads for `norm.weight.dtype` before calling it (Mamba blocks): an empty,
+    non-persistent weight in the model's dtype answers that, and holds no parameter."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+
+
 def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
                revision: str | None = None, offline: bool = False, token: str | None = None,
                **from_pretrained: Any) -> nn.Module:
@@ -260,6 +297,16 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
     if block.stores_residual:
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
+    _patch_mixer(layer, patch, embedding, spans, table.dtype)
+
+
+def _patch_mixer(layer: nn.Module, patch, embedding: TableEmbedding, spans: dict, dtype: torch.dtype) -> None:
+    """The mixer projections of a state-space, linear-attention or short-conv layer 0 (recipes/projection.py)."""
+    for proj in patch.masked:
+        bias = getattr(layer.get_submodule(proj.module), "bias", None)
+        layer.set_submodule(proj.module, TableProjection(embedding, [spans[c] for c in proj.columns], bias, proj.ones))
+    for path in patch.dtype_identities:
+        layer.set_submodule(path, PassThroughNorm(dtype))
 
 
 def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:

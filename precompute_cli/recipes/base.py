@@ -22,6 +22,18 @@ Weights = Callable[[str], np.ndarray]  # tensor name -> its values in float32 (f
 
 
 @dataclass(frozen=True)
+class MaskedProjection:
+    """A layer-0 projection whose input the model multiplies by the attention mask (the mixers of state-space,
+    linear-attention and short-conv layers): the runtime returns its table columns joined in order, then `ones`
+    columns of 1 (a kind that stores a product in place of a factor), and for an all-zero input row the module's
+    own output for zero: its bias, kept in the checkpoint, or zeros."""
+
+    module: str  # under RuntimePatch.layer
+    columns: tuple[str, ...]
+    ones: int = 0
+
+
+@dataclass(frozen=True)
 class RuntimePatch:
     """What the runtime replaces in a transformers model (module paths in memory, relative to the model)."""
 
@@ -42,6 +54,9 @@ class RuntimePatch:
     # The projections return contiguous columns, with a weight-like dtype (modules that view_as_complex their
     # output, or read `.weight.dtype` of a projection, as deepseek_v2 and deepseek_v32's indexer do).
     contiguous: bool = False
+    masked: tuple[MaskedProjection, ...] = ()  # mixer projections (recipes/projection.py)
+    # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
+    dtype_identities: tuple[str, ...] = ()
 
 
 @dataclass
@@ -93,6 +108,10 @@ class Recipe:
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors its attention reads after the table (sinks, q/k norms after RoPE): checked, not removed."""
         return ()
+
+    def kept_inputs(self) -> dict[str, Shape]:
+        """Tensors the fold reads that the converted checkpoint keeps (a mixer projection's bias)."""
+        return {}
 
     def folded(self) -> dict[str, Shape]:
         """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""

@@ -60,12 +60,9 @@ NOT_WRITTEN: dict[str, str] = {
         "exaone4", "dots1", "olmo3", "olmoe", "flex_olmo", "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe",
         "llama4_text", "persimmon", "dbrx", "jetmoe")},
     **{t: _NOT_WRITTEN.format("a parallel attention/FFN block") for t in ("cohere2", "codegen", "cohere2_moe")},
-    **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
-        "gemma3", "llama4", "gemma3n", "gemma4", "qwen3_5", "qwen3_5_moe")},
-    **{t: _NOT_WRITTEN.format("linear attention, Mamba or a short convolution behind per-token projections")
-       for t in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "kimi_linear", "minimax", "mamba", "jamba",
-                 "falcon_mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "lfm2", "lfm2_moe",
-                 "gemma3n_text", "gemma4_text")},
+    **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in ("gemma3", "llama4")},
+    **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
+                              "the per-layer embedding") for t in ("gemma3n", "gemma4", "gemma3n_text", "gemma4_text")},
     **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in (
         "deepseek_v4", "glm_moe_dsa", "longcat_flash", "sarvam_mla", "axk1", "axk2", "minicpm3")},
 }

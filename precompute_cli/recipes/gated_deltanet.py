@@ -1,0 +1,73 @@
+"""Gated DeltaNet at layer 0: qwen3_next (Qwen3-Next), qwen3_5 and qwen3_5_moe (Qwen3.5's image-text checkpoints,
+whose text decoder is folded) and their text-only types qwen3_5_text, qwen3_5_moe_text.
+
+h = (1 + w) RMSNorm(x; input_layernorm, rms_norm_eps); then per token:
+  qwen3_next: in_proj_qkvz(h), grouped per key head as [q_g | k_g | v_g (r heads) | z_g (r heads)], and
+              in_proj_ba(h) as [b_g (r) | a_g (r)], r = value heads / key heads;
+  qwen3_5:    in_proj_qkv(h) = [q | k | v], in_proj_z(h), in_proj_b(h), in_proj_a(h).
+q, k, v go to the causal depthwise conv1d (context), then the delta-rule recurrence; z gates the output norm;
+beta = sigmoid(b) and g = -exp(A_log) * softplus(a + dt_bias) are per token too, but they are elementwise maps of b
+and a that the model computes from the projections, so the table stores the projections (in their fused layouts,
+no bias) and A_log, dt_bias, the conv and the rest stay in the model, which runs them on the looked-up rows.
+
+Layer types: layer_types, else a full-attention layer every full_attention_interval (default 4) layers, the last
+of each interval, so layer 0 is linear attention unless the interval is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from precompute_cli.recipes.base import register
+from precompute_cli.recipes.declare import rms
+from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Pattern, Projection
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes
+
+KEY_HEADS, VALUE_HEADS = Key("linear_num_key_heads", default=16), Key("linear_num_value_heads", default=32)
+KEY_DIM, VALUE_DIM = Key("linear_key_head_dim", default=128), Key("linear_value_head_dim", default=128)
+
+
+@dataclass(frozen=True)
+class GatedDeltaNet(Mixer):
+    """Fused (qwen3_next: in_proj_qkvz, in_proj_ba, grouped per key head) or separate (qwen3_5) projections."""
+
+    kind: ClassVar[str] = "Gated DeltaNet"
+    fused: bool
+
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        nk, dk, nv, dv = (k.int(cfg, {}) for k in (KEY_HEADS, KEY_DIM, VALUE_HEADS, VALUE_DIM))
+        p = "linear_attn."
+        if self.fused:
+            return (Projection(p + "in_proj_qkvz", (("qkvz", 2 * nk * dk + 2 * nv * dv),)),
+                    Projection(p + "in_proj_ba", (("ba", 2 * nv),)))
+        return (Projection(p + "in_proj_qkv", (("q", nk * dk), ("k", nk * dk), ("v", nv * dv))),
+                Projection(p + "in_proj_z", (("z", nv * dv),)),
+                Projection(p + "in_proj_b", (("b", nv),)),
+                Projection(p + "in_proj_a", (("a", nv),)))
+
+
+def layout(fused: bool, moe: bool) -> MixerLayout:
+    """The spec's heads are the layer-0 mixer's: value heads (key heads as KV) of value_head_dim."""
+    return MixerLayout(
+        GatedDeltaNet(fused),
+        pattern=Pattern(lists=("layer_types",), interval=Key("full_attention_interval", default=4)),
+        input_norm=rms("input_layernorm", offset=1.0), positional="rope",
+        sizes=Sizes(num_heads=VALUE_HEADS, num_kv_heads=KEY_HEADS, head_dim=VALUE_DIM,
+                    **({"num_experts": Key("num_experts", default=512),
+                        "intermediate_size": Key("moe_intermediate_size", default=512)} if moe else {})),
+    )
+
+
+def multimodal(text: MixerLayout) -> MixerLayout:
+    """Qwen3.5's image-text checkpoints: the decoder under model.language_model on disk (transformers' causal LM
+    loads it as model.*), its keys under text_config."""
+    return replace(text, prefix="model.language_model.layers.0.", layer="model.layers.0", text_config=True,
+                   embedding="model.language_model.embed_tokens.weight")
+
+
+@register
+class Qwen3Next(Mixed):
+    layouts = {"qwen3_next": layout(True, True), "qwen3_5_text": layout(False, False),
+               "qwen3_5_moe_text": layout(False, True), "qwen3_5": multimodal(layout(False, False)),
+               "qwen3_5_moe": multimodal(layout(False, True))}
