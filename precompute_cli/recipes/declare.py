@@ -40,10 +40,12 @@ How to add a model type
             )}
 
    Names under the layer are relative to `prefix` ("model.layers.0."); "{}" in a q/k/v or q/k-norm name stands for
-   q, k, v. Norms are values: rms(...) with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's
-   mean-centred norm, weight=False for a weightless one; each with eps=Key(config key, default=...) or a fixed
-   float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group"). Tensors the attention reads
-   after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
+   q, k, v (a q/k norm named with other words sets fill=("query", "key"), Hunyuan). Norms are values: rms(...)
+   with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's mean-centred norm, weight=False for a
+   weightless one; each with eps=Key(config key, default=...) or a fixed float. Fused projections:
+   fused(module, "blocked" | "per_head" | "per_kv_group"). Clamp(key) clamps q, k, v to [-c, c] on the
+   projections' outputs, or after the q/k norms with after_qk_norm=True (OLMoE). Tensors the attention reads after
+   the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
    A parallel block's FFN is mlp(up, down), glu(gate, up, down) or Moe(router, experts, shared expert...).
    Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
    config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
@@ -86,6 +88,11 @@ class Norm:
     rows: str = "shared"  # per-head weights: "shared" [hd], "per_head" [H, hd], "modules" ({}.norms.i, one per head)
     when: Key | bool = True  # present only when this is true (a q/k norm behind a config flag)
     after_rope: bool = False  # a q/k norm applied after RoPE: outside the table, so it stays in the model
+    fill: tuple[str, str] = ("q", "k")  # what "{}" in a q/k norm's name stands for (Hunyuan: "query", "key")
+
+    def path(self, which: str = "") -> str:
+        """The module's path under layer 0; `which` is "q" or "k" for a q/k norm."""
+        return self.module.format(self.fill["qk".index(which)]) if which else self.module
 
     def __post_init__(self) -> None:
         if self.scope not in ("hidden", "head", "projection") or self.rows not in ("shared", "per_head", "modules"):
@@ -93,7 +100,7 @@ class Norm:
 
     def tensors(self, where: str, spec: ModelSpec, which: str = "") -> dict[str, Shape]:
         """Its tensors on disk; `which` is "q" or "k" for a q/k norm."""
-        module = where + self.module.format(which)
+        module = where + self.path(which)
         if not self.weight:
             return {}
         kinds = ("weight", "bias") if self.bias else ("weight",)
@@ -170,10 +177,12 @@ def fused(module: str, layout: str, bias: Key | bool = False) -> Qkv:
 
 @dataclass(frozen=True)
 class Clamp:
-    """q, k, v clamped to [-c, c] before RoPE, c read from `key` (None: no clamp; 0: none too when zero_is_off)."""
+    """q, k, v clamped to [-c, c] before RoPE, c read from `key` (None: no clamp; 0: none too when zero_is_off),
+    on the projections' outputs, or on q and k after their norms when after_qk_norm (OLMoE)."""
 
     key: str
     zero_is_off: bool = False
+    after_qk_norm: bool = False
 
     def limit(self, cfg: Config) -> float | None:
         c = cfg.get(self.key)
@@ -418,6 +427,8 @@ class Declared(Recipe):
         if self.qk_norm:
             for n in "qk":
                 out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
+        if lay.clamp and lay.clamp.after_qk_norm:
+            out.update(self.clamped({n: out[n] for n in "qkv"}))
         if self.parallel:
             h_ffn = self.ffn_norm.apply(w, x, p, cfg, s) if self.ffn_norm else h
             out["residual"] = out["residual"] + lay.ffn.apply(w, h_ffn, p, cfg, s)
@@ -428,12 +439,17 @@ class Declared(Recipe):
         qkv, p, s = self.layout.qkv, self.prefix, self.spec
         has_bias = bool(value(self.cfg, qkv.bias))
         ys = [ops.linear(h, w(f"{p}{m}.weight"), w(f"{p}{m}.bias") if has_bias else None) for m in qkv.widths(s)]
-        limit = self.layout.clamp.limit(self.cfg) if self.layout.clamp else None
-        if limit is not None:
-            ys = [np.clip(y, -limit, limit) for y in ys]
+        clamp = self.layout.clamp
+        if clamp and not clamp.after_qk_norm:
+            ys = list(self.clamped(dict(enumerate(ys))).values())
         if qkv.layout:
             ys = list(ops.split_qkv(ys[0], self.fused_groups, s.q_dim, s.kv_dim))
         return dict(zip("qkv", ys, strict=True))
+
+    def clamped(self, ys: dict) -> dict:
+        """Each value clamped to [-c, c] (unchanged when this config sets no clamp)."""
+        limit = self.layout.clamp.limit(self.cfg) if self.layout.clamp else None
+        return ys if limit is None else {n: np.clip(y, -limit, limit) for n, y in ys.items()}
 
     @property
     def fused_groups(self) -> int:
@@ -456,7 +472,7 @@ class Declared(Recipe):
     def runtime_patch(self) -> RuntimePatch:
         lay = self.layout
         norms = [lay.input_norm if lay.input_norm and not self.keeps_input_norm else None, self.ffn_norm]
-        qk = [self.qk_norm.module.format(n) for n in "qk"] if self.qk_norm else []
+        qk = [self.qk_norm.path(n) for n in "qk"] if self.qk_norm else []
         return RuntimePatch(
             layer=self.prefix.removesuffix("."),
             projections={"qkv": lay.qkv.module} if lay.qkv.layout else {n: lay.qkv.module.format(n) for n in "qkv"},
