@@ -9,7 +9,7 @@ only place its keys are spelled.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,8 @@ LAYER = 0  # the layer the table replaces
 BLOCKS = ("serial", "parallel")
 RESIDUAL = "residual"  # the column group holding x (or x + FFN); absent when the embedding supplies x
 TOOL = "precompute-cli"
+MLA_TABLE = "mla_table"  # the user's choice of MLA table (recipes/mla.py): "latent" or "full"
+CHOICES = (MLA_TABLE,)  # choices a recipe honours, recorded after the columns when the recipe has them
 
 Span = tuple[int, int]
 
@@ -52,6 +54,7 @@ class PrecomputeBlock:
     revision: str | None  # the Hub commit it was converted from; None for a local source
     tool: str = TOOL
     version: str = precompute_cli.__version__
+    choices: Mapping[str, str] = field(default_factory=dict)  # the recipe's choices (CHOICES), e.g. the MLA table
 
     @classmethod
     def of(cls, plan: Plan) -> PrecomputeBlock:
@@ -60,7 +63,7 @@ class PrecomputeBlock:
         return cls(
             block=plan.recipe.spec.block, table=plan.table.name, dtype=plan.table.dtype,
             columns=dict(plan.table.columns), removed=tuple(r.name for r in plan.removed),
-            source=plan.source.ref, revision=plan.source.revision,
+            source=plan.source.ref, revision=plan.source.revision, choices=dict(plan.recipe.choices()),
         )
 
     @property
@@ -81,6 +84,7 @@ class PrecomputeBlock:
             "table": self.table,
             "dtype": self.dtype,
             "columns": {k: list(v) if v else None for k, v in self.columns.items()},
+            **self.choices,
             "removed": list(self.removed),
             "source": {"id": self.source, "revision": self.revision},
             "tool": {"name": self.tool, "version": self.version},
@@ -128,8 +132,12 @@ class PrecomputeBlock:
         check(revision is None or _is_name(revision), "source.revision", "a commit or null", revision)
         check(isinstance(tool, Mapping) and _is_name(tool.get("name")) and _is_name(tool.get("version")), "tool",
               'an object {"name": ..., "version": ...}', tool)
+        choices = {k: data[k] for k in CHOICES if k in data}
+        for key, choice in choices.items():
+            check(isinstance(choice, str), key, "a string", choice)
         return cls(block=kind, table=table, dtype=dtype, columns=columns, removed=tuple(removed),
-                   source=source["id"], revision=revision, tool=tool["name"], version=tool["version"])
+                   source=source["id"], revision=revision, tool=tool["name"], version=tool["version"],
+                   choices=choices)
 
 
 def _columns(value: Any) -> dict[str, Span | None] | None:

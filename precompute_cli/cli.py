@@ -97,20 +97,25 @@ def convert(
     device: str = typer.Option("cpu", "--device", metavar="[cpu|cuda|cuda:N]",
                                help="Where the table's GEMM runs (cuda where a GPU is)."),
     quiet: bool = QUIET,
+    mla_table: str | None = typer.Option(None, "--mla-table", metavar="latent|full",
+                                         help="MLA models (DeepSeek, Kimi-K2, GLM-lite, Mistral 4): store the normed "
+                                              "latents (latent, the default) or also fold q_b_proj and kv_b_proj "
+                                              "(full: a table about 27x wider); `inspect` compares both."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
     _be_quiet(quiet)
     table_dtype = table_dtype.value if table_dtype else None
     if dry_run:
         _dry_run(source, out, revision, offline, token, table_dtype, push_to_hub, private,
-                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None, json_path=json_path)
+                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None, json_path=json_path,
+                 mla_table=mla_table)
         return
     if push_to_hub:
         hub.check_push_target(push_to_hub, offline, token)  # before converting, not after
     done = conversion.convert(
         source, out, revision=revision, offline=offline, token=token, table_dtype=table_dtype,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None, overwrite=overwrite, link=link,
-        device=device, progress=_progress(), reported=lambda r: render_conversion(console, r),
+        device=device, mla_table=mla_table, progress=_progress(), reported=lambda r: render_conversion(console, r),
         verify=(lambda original, folder: _verify(original, resolve(str(folder)))) if verify_after else None)
     report, verified = done.report, done.verified
     if json_path:
@@ -279,13 +284,14 @@ def _print_outcome(o) -> None:
 
 def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token: str | None,
              table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None,
-             json_path: Path | None = None) -> None:
+             json_path: Path | None = None, mla_table: str | None = None) -> None:
     """What would be downloaded, written and uploaded; nothing is (a Hub checkpoint not yet in the cache is
     sized from its safetensors headers on the Hub, and its config read through a temporary folder). `json_path`
     gets the same plan as JSON."""
     with peek(source, revision=revision, offline=offline, token=token) as found:
         pull = found.pull
-        plan = make_plan(found.source, load_recipe(found.source), table_dtype, max_shard_size, found.headers)
+        plan = make_plan(found.source, load_recipe(found.source, mla_table=mla_table), table_dtype, max_shard_size,
+                         found.headers)
     if found.headers is None:
         files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (
             [INDEX_NAME] if len(plan.shards) > 1 else [])

@@ -28,7 +28,8 @@ class Conversion(Generic[V]):
 
 def convert(ref: str, out: Path, *, revision: str | None = None, offline: bool = False, token: str | None = None,
             table_dtype: str | None = None, max_shard_size: int | None = None, overwrite: bool = False,
-            link: bool = False, device: str = "cpu", progress: AbstractContextManager[Progress] | None = None,
+            link: bool = False, device: str = "cpu", mla_table: str | None = None,
+            progress: AbstractContextManager[Progress] | None = None,
             reported: Callable[[ConversionReport], None] | None = None,
             verify: Callable[[Source, Path], V] | None = None) -> Conversion[V]:
     """Convert the checkpoint `ref` names into `out`. `progress` is entered from the start (resolving the source)
@@ -39,7 +40,7 @@ def convert(ref: str, out: Path, *, revision: str | None = None, offline: bool =
         if update:
             update("resolving", 0, 0)
         src = resolve(ref, revision=revision, offline=offline, token=token)
-        plan = make_plan(src, load_recipe(src), table_dtype, max_shard_size)
+        plan = make_plan(src, load_recipe(src, mla_table=mla_table), table_dtype, max_shard_size)
         result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
     report = conversion_report(plan, result)
     if reported:

@@ -32,6 +32,7 @@ from precompute_cli.commit import commit, exists_error
 from precompute_cli.errors import InputError, PrecomputeError
 from precompute_cli.plan import Plan
 from precompute_cli.progress import Progress
+from precompute_cli.quant import output_config
 from precompute_cli.recipes import ops
 from precompute_cli.source import INDEX_NAME
 from precompute_cli.st_io import DTYPES, TensorRef, encode_header, from_float, read_header, read_tensor, to_float
@@ -398,7 +399,9 @@ def _prefetch(path: Path, start: int, nbytes: int) -> None:
 
 
 def _write_metadata(plan: Plan, tmp: Path) -> None:
-    config = PrecomputeBlock.of(plan).added_to(plan.recipe.cfg.data)
+    config = PrecomputeBlock.of(plan).added_to(
+        output_config(plan.recipe.cfg.data, [plan.inputs[n][1].name for n in plan.dequantized
+                                             if n in plan.recipe.removed()]))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if len(plan.shards) > 1:
         weight_map = {i.name: s.name for s in plan.shards for i in s.kept}

@@ -14,11 +14,12 @@ import numpy as np
 
 from precompute_cli.block import KEY, is_converted
 from precompute_cli.errors import InputError
+from precompute_cli.quant import SCALE_SUFFIX, Quantization, dequantize_fp8
 from precompute_cli.recipes import Recipe, recipe_for
 from precompute_cli.recipes.base import Weights
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
-from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array
+from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array, read_tensor
 
 TABLE_NAME = "precompute.table"
 SINGLE_FILE = "model.safetensors"
@@ -72,17 +73,24 @@ class Plan:
     removed: tuple[TensorRef, ...]
     shards: tuple[ShardPlan, ...]  # empty when planned from a config (and the Hub's headers) alone
     inputs: dict[str, tuple[Path, TensorInfo]]  # tensors the fold reads
-    params_before: int | None  # exact when tensors are known
-    bytes_before: int | None
+    params_before: int | None  # exact when tensors are known (elements as stored: a uint8 of two FP4 values is one)
+    bytes_before: int | None  # bytes as stored
+    quantization: Quantization = Quantization(None)
+    dequantized: tuple[str, ...] = ()  # folded tensors stored as FP8, read through their scales (recipe names)
 
     def weights(self, dtype: type = np.float32) -> Weights:
         """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (float32 for the table, float64
-        for verify; for a parallel MoE block, every expert)."""
+        for verify; for a parallel MoE block, every expert). FP8 weights come dequantized."""
         cache: dict[str, np.ndarray] = {}
 
         def weight(name: str) -> np.ndarray:
             if name not in cache:
-                cache[name] = read_array(*self.inputs[name], dtype=dtype)
+                if name in self.dequantized:
+                    scale = read_array(*self.inputs[name + SCALE_SUFFIX], dtype=dtype)
+                    raw = read_tensor(*self.inputs[name])
+                    cache[name] = dequantize_fp8(raw, scale, self.quantization.block, dtype)
+                else:
+                    cache[name] = read_array(*self.inputs[name], dtype=dtype)
             return cache[name]
 
         return weight
@@ -118,11 +126,18 @@ class Plan:
         return not self.shards
 
 
-def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:
+def load_recipe(source: Source, vocab_size: int | None = None, **choices: str | None) -> Recipe:
+    """`choices`: the user's (convert's --mla-table as mla_table); a recipe ignores those it has no use for."""
     cfg = Config.load(source.config_path)
     if vocab_size is not None:
         cfg.data["vocab_size"] = vocab_size
-    return recipe_for(cfg)
+    recipe = recipe_for(cfg)
+    for name, value in choices.items():
+        if value is not None and name not in recipe.choices():
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{cfg.path}: {flag} applies to MLA models only; this is {cfg.model_type}")
+    recipe.choose(**choices)
+    return recipe
 
 
 def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
@@ -141,6 +156,10 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         raise InputError(f"{cfg.path}: {reason}")
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
                 **recipe.embedding_transforms(), **recipe.folded(), **recipe.kept_inputs()}
+    quantization = Quantization.of(cfg)
+    reason = quantization.refusal(next((n for n, s in recipe.folded().items() if len(s) == 2), recipe.embedding))
+    if reason:
+        raise InputError(f"{cfg.path}: {reason}")
     tensors = source.tensors() if source.shards else {}
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
@@ -150,23 +169,39 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     disk = _names_on_disk(recipe, [*expected, *kept], known)
     for name, shape in {**kept, **expected}.items():
         if known and disk[name] not in known:
-            raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
-                             f"but the checkpoint has no tensor {name}")
+            raise InputError(f"{source.ref}: " + (quantization.missing(disk[name], known) or
+                                                  f"the config describes a {cfg.model_type} model, "
+                                                  f"but the checkpoint has no tensor {name}"))
         if known and shape is not None and known[disk[name]].shape != shape:
             raise InputError(f"{files.get(disk[name], source.ref)}: tensor {disk[name]} has shape "
                              f"{list(known[disk[name]].shape)}, the config implies {list(shape)}")
-    inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}
     dtype_of = {n: (known[disk[n]].dtype if known else NAME_TO_ST.get(recipe.spec.dtype, "F32")) for n in expected}
+    scales: dict[str, TensorRef | TensorInfo] = {}  # recipe name of a dequantized weight -> its scale tensor
     for name in expected:
-        if dtype_of[name] not in ("F32", "F16", "BF16", "F64"):
-            at = files.get(disk[name], source.ref) if known else source.config_path
-            raise InputError(f"{at}: tensor {disk[name]} is {dtype_of[name]}; only float checkpoints can be folded")
+        at = files.get(disk[name], source.ref) if known else source.config_path
+        scale = quantization.scale_of(disk[name], dtype_of[name]) if name != recipe.embedding else None
+        if scale is None:
+            if dtype_of[name] not in FLOATS:
+                raise InputError(f"{at}: {quantization.unreadable(disk[name], dtype_of[name])}")
+            continue
+        want = quantization.scale_shape(expected[name])
+        if scale not in known or known[scale].shape != want or known[scale].dtype not in FLOATS:
+            found = f"{known[scale].dtype} {list(known[scale].shape)}" if scale in known else "no such tensor"
+            raise InputError(f"{at}: FP8 tensor {disk[name]} needs its block scales {scale} as float {list(want)} "
+                             f"(weight_block_size {list(quantization.block)}); found {found}")
+        scales[name] = known[scale]
+    inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}
+    if tensors:
+        inputs.update({n + SCALE_SUFFIX: tensors[ref.name] for n, ref in scales.items()})
     table = TablePlan(
         rows=recipe.spec.vocab_size,
         dtype=_table_dtype(table_dtype, dtype_of[recipe.embedding]),
         columns=recipe.columns(),
     )
     removed = tuple(TensorRef(disk[n], dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
+    # a removed FP8 weight goes with its scale; one the model still reads (a kept input) keeps it
+    removed += tuple(TensorRef(ref.name, ref.dtype, tuple(ref.shape)) for n, ref in scales.items()
+                     if n in recipe.removed())
     removed_names = {r.name for r in removed}
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
@@ -179,6 +214,7 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         inputs=inputs,
         params_before=sum(t.numel for t in known.values()) if known else None,
         bytes_before=sum(t.nbytes for t in known.values()) if known else None,
+        quantization=quantization, dequantized=tuple(scales),
     )
 
 

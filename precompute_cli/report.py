@@ -50,6 +50,12 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     if assume_parallel and recipe.spec.block == "serial":
         ffn = linear_weights(spec, True) - linear_weights(spec, False)
         eliminated += ffn + (spec.hidden_size * spec.num_experts if spec.num_experts > 1 else 0)
+    new_columns = spec.q_dim + 2 * spec.kv_dim
+    options = recipe.table_options()
+    if options:  # the recipe's own widths (MLA's latents are not q_dim + 2 kv_dim), for the table it will write
+        chosen = options[next(iter(recipe.choices().values()))]
+        new_columns = chosen["new_columns"]
+        eliminated_linear += chosen["eliminated_linear_params"] - linear_weights(spec, False)
     table = replace(plan.table, columns=_columns_as_parallel(recipe)) if assume_parallel else plan.table
     table_width = table.width
     new_columns = spec.q_dim + 2 * spec.kv_dim
@@ -86,6 +92,7 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         "removed": [_tensor(r) for r in plan.removed],
         "table": _tensor(plan.table.ref),
         "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
+        **({"table_choice": recipe.choices(), "table_options": options} if options else {}),
     }
 
 
@@ -180,6 +187,25 @@ def render_analysis(console: Console, data: dict[str, Any], title: str) -> None:
                  f"{data['memory_increase_paper']:+,} ({data['memory_increase_paper_pct']:+.1f}%){exact}")
     gain.add_row("parameter delta, exact", f"{data['param_delta']:+,} ({data['param_delta_pct']:+.2f}%){exact}")
     console.print(gain)
+    if data.get("table_options"):
+        render_table_options(console, data["table_options"], data["table_choice"])
+
+
+def render_table_options(console: Console, options: dict[str, dict[str, int]], chosen: dict[str, str]) -> None:
+    """The table choices side by side (MLA: --mla-table latent | full)."""
+    (flag, current), = chosen.items()
+    table = Table(title=f"--{flag.replace('_', '-')}: the choices (this analysis: {current})")
+    table.add_column("")
+    for name in options:
+        table.add_column(name, justify="right")
+    rows = (("new table columns", "new_columns"), ("extra table entries (vocab x columns)", "extra_entries"),
+            ("eliminated weights (every tensor removed)", "eliminated_params"),
+            ("eliminated linear weights", "eliminated_linear_params"),
+            ("linear weights layer 0 still reads per token", "kept_linear_params"),
+            ("table reads per token", "reads_per_token"))
+    for label, key in rows:
+        table.add_row(label, *(f"{o[key]:,}" for o in options.values()))
+    console.print(table)
 
 
 def render_conversion(console: Console, report: ConversionReport) -> None:
@@ -220,6 +246,8 @@ def render_converted(console: Console, data: dict[str, Any], title: str) -> None
     summary = Table(title=f"{title}: a precomputed {spec.get('model_type')} checkpoint", show_header=False)
     summary.add_row("folded", f"layer {block.get('layer', 0)}'s " + ("Q, K, V and the whole FFN (parallel block)"
                                                                     if parallel else "Q, K, V (serial block)"))
+    if block.get("mla_table"):  # MLA: q is the q latent (latent) or q_b_proj's output (full), kv [latent | k_rot]
+        summary.add_row("MLA table", f"{block['mla_table']} (convert --mla-table)")
     summary.add_row("table", f"{block.get('table')}: {spec.get('vocab_size', 0):,} tokens x {width:,} columns, "
                              f"{block.get('dtype')}")
     for name, (first, last) in columns.items():

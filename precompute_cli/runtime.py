@@ -97,6 +97,19 @@ class TableColumns(nn.Module):
         return self._table[0].columns(self.span, hidden_states)
 
 
+class ContiguousTableColumns(TableColumns):
+    """TableColumns for modules whose callers need more than a view of the row (MLA): a contiguous tensor
+    (deepseek_v2's RoPE views pairs as complex numbers, which needs even strides), and a `weight` that tells the
+    dtype (deepseek_v32's indexer casts its input to `weights_proj.weight.dtype`). The weight is empty: no parameter."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states).contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._table[0].table[:0, self.span[0]:self.span[1]]
+
+
 class TableFusedQKV(nn.Module):
     """Stands in for a fused QKV projection: q, k, v from the table, laid out as the model's fused output.
 
@@ -188,6 +201,7 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     cfg = Config.load(src.config_path)
     block = PrecomputeBlock.read(cfg.data, src.config_path)
     recipe = recipe_for(Config(original_config(cfg.data), cfg.path))
+    recipe.choose(**block.choices)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if device is not None and torch.device(device).type != "cpu":  # transformers loads onto the CPU by itself
@@ -198,7 +212,7 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design; checked below instead
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = causal_lm_class(cfg, AutoModelForCausalLM).from_pretrained(
             src.root, dtype=dtype or from_pretrained.pop("torch_dtype", None) or "auto", trust_remote_code=False,
             output_loading_info=True, **from_pretrained)
     finally:
@@ -242,6 +256,22 @@ def _check_loaded(src, model: nn.Module, unloaded: dict[str, torch.Tensor | None
                          + "; it ".join(problems))
 
 
+def causal_lm_class(cfg: Config, auto: type) -> type:
+    """AutoModelForCausalLM, or for a model type it does not map (mistral4 in transformers 5.24) the config's
+    architecture, when that is a causal-LM class of transformers itself (never code from the checkpoint)."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        mapped = type(AutoConfig.for_model(cfg.model_type)) in auto._model_mapping  # type: ignore[attr-defined]
+    except ValueError:  # a model type transformers does not know (Kimi-K2's kimi_k2)
+        mapped = False
+    names = cfg.get("architectures", default=None) or []
+    if not mapped and names and str(names[0]).endswith("ForCausalLM") and hasattr(transformers, str(names[0])):
+        return getattr(transformers, str(names[0]))
+    return auto
+
+
 def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.Tensor) -> None:
     """Swap the modules the recipe names; what they held (the eliminated weights) is released."""
     patch = recipe.runtime_patch()
@@ -256,12 +286,14 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
     if "qkv" in patch.projections:
         layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups))
     else:
+        columns = ContiguousTableColumns if patch.contiguous else TableColumns
         for name, path in patch.projections.items():
-            layer.set_submodule(path, TableColumns(embedding, spans[name]))
+            layer.set_submodule(path, columns(embedding, spans[name]))
     for path in patch.identities:
         layer.set_submodule(path, PassThrough())
     for path in patch.zeros:
         layer.set_submodule(path, Zero())
+    _set_attributes(layer, patch.attributes)
     if block.stores_residual:
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
@@ -275,6 +307,16 @@ def _patch_mixer(layer: nn.Module, patch, embedding: TableEmbedding, spans: dict
         layer.set_submodule(proj.module, TableProjection(embedding, [spans[c] for c in proj.columns], bias, proj.ones))
     for path in patch.dtype_identities:
         layer.set_submodule(path, PassThroughNorm(dtype))
+
+
+def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
+    """RuntimePatch.attributes: "path.to.module.name" -> value, set on the module under `layer`."""
+    for dotted, value in attributes.items():
+        path, _, name = dotted.rpartition(".")
+        module = layer.get_submodule(path) if path else layer
+        if not hasattr(module, name):
+            raise RuntimeError(f"{type(module).__name__} has no attribute {name!r} for the runtime patch to set")
+        setattr(module, name, value)
 
 
 def _read_table(src, name: str, device: torch.device | str) -> torch.Tensor:

@@ -29,6 +29,8 @@ DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    # copied byte for byte in quantized checkpoints (packed GPTQ/AWQ ints, DeepSeek-V4's E8M0 scales)
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "F8_E8M0": np.uint8,
 }.items()}
 FLOATS = ("F64", "F32", "F16", "BF16")  # what the fold can read and the table can be stored in
 NAME_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}

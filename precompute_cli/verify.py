@@ -239,7 +239,7 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
     if is_converted(Config.load(original.config_path).data):
         raise InputError(f"{original.ref}: this is a converted checkpoint; pass the original first, then the converted")
     block = PrecomputeBlock.read(Config.load(converted.config_path).data, converted.config_path)
-    plan = make_plan(original, load_recipe(original))
+    plan = make_plan(original, load_recipe(original, **block.choices))  # the table the conversion chose
     if plan.from_config_only:
         raise InputError(f"{original.ref}: no safetensors weights to verify against")
     table = locate_table(plan, converted, block)
@@ -365,7 +365,10 @@ def _load_original(src: Source, dtype: str) -> torch.nn.Module:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(src.root, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
+    from precompute_cli.runtime import causal_lm_class
+
+    cls = causal_lm_class(Config.load(src.config_path), AutoModelForCausalLM)  # mistral4, kimi_k2: not mapped
+    return cls.from_pretrained(src.root, dtype=getattr(torch, dtype), trust_remote_code=False).eval()
 
 
 def _load_converted(src: Source, dtype: str) -> torch.nn.Module:

@@ -3,6 +3,7 @@ that every supported architecture must pass: converted logits and greedy text eq
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,12 +23,29 @@ def build(path: Path, model_type: str, dtype: torch.dtype = torch.float32, seed:
     """Save a tiny random `model_type` model whose every weight (norms and biases too) is perturbed."""
     config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    cls = lm_class(model_type)
+    model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def lm_class(model_type: str, architectures: list[str] | None = None) -> type:
+    """AutoModelForCausalLM, or the causal-LM class of a type it does not map: mistral4 in transformers 5.24, or a
+    checkpoint whose model_type transformers does not know but whose architecture it has (Kimi-K2's kimi_k2)."""
+    import transformers
+
+    try:
+        config_class = type(AutoConfig.for_model(model_type))
+    except ValueError:  # a model type transformers does not know
+        config_class = None
+    if config_class is not None and config_class in AutoModelForCausalLM._model_mapping:  # registered ones too
+        return AutoModelForCausalLM
+    if architectures:
+        return getattr(transformers, architectures[0])
+    return getattr(transformers, config_class.__name__.replace("Config", "ForCausalLM"))
 
 
 def convert(src: Path, out: Path, *args: str) -> int:
@@ -73,8 +91,10 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
 
     float32: logits agree to `tol` relative and greedy generations are identical. Lower precision: the converted
     model is no further from the original's float32 run than the original itself is in that dtype."""
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    original = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    config = json.loads((Path(src) / "config.json").read_text())
+    auto = lm_class(config["model_type"], config.get("architectures"))
+    reference = auto.from_pretrained(src, dtype=torch.float32).eval()
+    original = auto.from_pretrained(src, dtype=dtype).eval()
     converted = load_model(out, dtype=dtype)
     ids = probe_ids(original.config.get_text_config().vocab_size)
     mask = torch.ones_like(ids)
@@ -100,10 +120,23 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
             g1 = original.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)
             g2 = converted.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)
         assert g1.tolist() == g2.tolist()
-    if (out / "model.safetensors").exists():
-        header = read_header(out / "model.safetensors").tensors
-        # persistent buffers are saved like parameters (Apertus' xIELU beta and eps, MiniMax-M2's router bias)
-        persistent = set(converted.state_dict())
-        saved_buffers = sum(b.numel() for n, b in converted.named_buffers() if n in persistent)
-        in_memory = sum(p.numel() for p in converted.parameters()) + saved_buffers
-        assert in_memory == sum(math.prod(t.shape) for t in header.values())
+    on_disk = sum(math.prod(t.shape) for t in read_header(out / "model.safetensors").tensors.values()) \
+        if (out / "model.safetensors").exists() else None
+    if on_disk is None:
+        return
+    if "quantization_config" in config:
+        # transformers dequantizes a quantized checkpoint as it loads it (on a CPU), so elements on disk are not
+        # parameters in memory: the converted model must hold the original's, less what was removed, plus the table
+        block = json.loads((Path(out) / "config.json").read_text())["precompute"]
+        header = read_header(Path(src) / "model.safetensors").tensors
+        removed = sum(header[n].numel for n in block["removed"] if not n.endswith("_scale_inv"))
+        table = math.prod(read_header(out / "model.safetensors").tensors[block["table"]].shape)
+        assert _held(converted) == _held(original) - removed + table
+    else:
+        assert _held(converted) == on_disk
+
+
+def _held(model) -> int:
+    """Parameters and persistent buffers (deepseek's e_score_correction_bias is on disk too)."""
+    saved = model.state_dict().keys()
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n in saved)

@@ -48,6 +48,12 @@ class RuntimePatch:
     # What the model's embedding module multiplies the looked-up row by (Gemma's sqrt(d)). The residual columns hold
     # the raw row and the runtime repeats the product in the dtype it runs in, as the module does.
     embedding_scale: float = 1.0
+    # Attributes of modules under `layer` to set (MLA's full table: the attention's kv_lora_rank, the width it
+    # splits off the kv projection's output and caches).
+    attributes: dict[str, int] = field(default_factory=dict)
+    # The projections return contiguous columns, with a weight-like dtype (modules that view_as_complex their
+    # output, or read `.weight.dtype` of a projection, as deepseek_v2 and deepseek_v32's indexer do).
+    contiguous: bool = False
     masked: tuple[MaskedProjection, ...] = ()  # mixer projections (recipes/projection.py)
     # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
     dtype_identities: tuple[str, ...] = ()
@@ -79,6 +85,18 @@ class Recipe:
     def refusal(self) -> str | None:
         """Why this particular config cannot be folded (a flag we do not understand), or None."""
         return None
+
+    def choices(self) -> dict[str, str]:
+        """The user's choices this conversion honours (MLA's table), recorded in the precompute block."""
+        return {}
+
+    def choose(self, **choices: str | None) -> None:
+        """Apply choices (from convert's flags or a precompute block); a recipe ignores those it has none of."""
+
+    def table_options(self) -> dict[str, dict[str, int]]:
+        """Where the user can choose the table (MLA), each choice's figures for inspect: new_columns,
+        extra_entries, eliminated_params, eliminated_linear_params, kept_linear_params, reads_per_token."""
+        return {}
 
     # -- what layer 0 reads --------------------------------------------------------------------------------------
     embedding: ClassVar[str] = "model.embed_tokens.weight"  # the input embedding on disk (a property where it varies)
@@ -146,11 +164,8 @@ def register(cls: type[Recipe]) -> type[Recipe]:
 
 
 def recipe_for(cfg: Config) -> Recipe:
-    """The recipe bound to this config; refuses unknown architectures and checkpoints we cannot read."""
-    model_type = cfg.model_type
-    if cfg.get("quantization_config") is not None:
-        method = cfg.get("quantization_config.quant_method", default="unknown")
-        raise InputError(f"{cfg.path}: quantized checkpoint ({method}); precompute needs the unquantized weights")
+    """The recipe bound to this config; refuses unknown architectures."""
+    model_type = cfg.model_type  # a quantized checkpoint is judged by the plan, tensor by tensor (quant.py)
     cls = REGISTRY.get(model_type)
     if cls is None:
         raise InputError(f"{cfg.path}: {unfolded_reason(model_type)}")

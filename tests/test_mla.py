@@ -1,0 +1,155 @@
+"""MLA (deepseek_v2, deepseek_v3, deepseek_v32, glm4_moe_lite, mistral4): both table choices convert and compute
+what transformers computes; the table holds exactly the latents (or their expansion) recomputed here by hand; the
+choice is recorded and honoured; inspect compares the two choices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import assert_equivalent, build, convert, run_cli, tensors
+
+MLA = dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=12,
+           v_head_dim=10, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+           topk_group=1, n_shared_experts=1)
+# name -> build overrides. Layer 0 is dense where the type's config says so (first_k_dense_replace, mlp_layer_types)
+# and MoE in the others, as in the published models.
+CASES = {
+    "deepseek_v2": dict(model_type="deepseek_v2", first_k_dense_replace=0, attention_bias=True),
+    "deepseek_v2-lite": dict(model_type="deepseek_v2", q_lora_rank=None, first_k_dense_replace=1),
+    "deepseek_v3": dict(model_type="deepseek_v3", first_k_dense_replace=1),
+    "deepseek_v3-tied-rotate-half": dict(model_type="deepseek_v3", first_k_dense_replace=0, rope_interleave=False,
+                                         tie_word_embeddings=True),
+    # index_topk 3 < sequence length: the indexer really selects keys, so a wrong wk/k_norm/weights_proj shows
+    "deepseek_v32": dict(model_type="deepseek_v32", first_k_dense_replace=1, index_n_heads=2, index_head_dim=16,
+                         index_topk=3),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite"),
+    "mistral4": dict(model_type="mistral4", first_k_dense_replace=0, pad_token_id=0),
+}
+
+
+def _build(tmp_path, case: str, **extra):
+    return build(tmp_path / "src", **{**MLA, **CASES[case], **extra})
+
+
+@pytest.mark.parametrize("table", ["latent", "full"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equivalent_float32(tmp_path, case, table):
+    src = _build(tmp_path, case)
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    assert block["mla_table"] == table
+    assert_equivalent(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("table", ["latent", "full"])
+def test_kimi_k2_model_type(tmp_path, table):
+    """Kimi-K2's config says model_type kimi_k2 (unknown to transformers 5.24) and architecture
+    DeepseekV3ForCausalLM: it converts as deepseek_v3, and load_model runs it through that class.
+    Both layers dense: transformers 5.24 keys its weight conversions on model_type, so under kimi_k2 it does not
+    fuse per-expert MoE weights and leaves the experts random, in the original as in the converted model (Moonshot's
+    advice for such engines is to rename model_type to deepseek_v3); layer 0, the table's business, is dense in
+    Kimi-K2 anyway (first_k_dense_replace 1)."""
+    src = _build(tmp_path, "deepseek_v3", first_k_dense_replace=2)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "kimi_k2"}))
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    assert_equivalent(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent")])
+def test_convert_verify_reads_the_choice(tmp_path, capsys, case, table):
+    """verify recomputes rows with the table the conversion chose (from the block), and loads mistral4, which
+    AutoModelForCausalLM does not map, through its architecture; inspect on the output names the choice."""
+    src = _build(tmp_path, case)
+    assert convert(src, tmp_path / "out", "--mla-table", table, "--verify", "--json", str(tmp_path / "r.json")) == 0
+    verified = json.loads((tmp_path / "r.json").read_text())["verify"]
+    assert verified["passed"] and verified["greedy_identical"]
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "out")
+    assert code == 0 and f"MLA table {table}" in " ".join((out + err).replace("│", " ").split())
+
+
+def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("table", ["latent", "full"])
+def test_table_is_the_latents_by_hand(tmp_path, table):
+    """The columns recomputed in float64 from the saved weights, straight from transformers' forward (not through
+    the recipe): q latent | [kv latent | k_rot] (latent), or q_b_proj's and kv_b_proj's outputs (full); and for
+    deepseek_v32 the indexer's k (LayerNorm with bias) and head weights, and wq_b's output with the full table."""
+    src = _build(tmp_path, "deepseek_v32", rms_norm_eps=1e-2, attention_bias=True)
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    w = {k: v.double().numpy() for k, v in tensors(src / "model.safetensors").items()}
+    out = tensors(tmp_path / "out" / "model.safetensors")
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    p = "model.layers.0.self_attn."
+    x = w["model.embed_tokens.weight"]
+    h = _rms(x, w["model.layers.0.input_layernorm.weight"], 1e-2)
+    ql = _rms(h @ w[p + "q_a_proj.weight"].T + w[p + "q_a_proj.bias"], w[p + "q_a_layernorm.weight"], 1e-6)
+    c = h @ w[p + "kv_a_proj_with_mqa.weight"].T + w[p + "kv_a_proj_with_mqa.bias"]
+    lat = _rms(c[:, :16], w[p + "kv_a_layernorm.weight"], 1e-6)
+    k = h @ w[p + "indexer.wk.weight"].T
+    k = (k - k.mean(-1, keepdims=True)) / np.sqrt(k.var(-1, keepdims=True) + 1e-6)
+    expected = {
+        "residual": x,
+        "q": ql @ w[p + "q_b_proj.weight"].T if table == "full" else ql,
+        "kv": np.concatenate([lat @ w[p + "kv_b_proj.weight"].T if table == "full" else lat, c[:, 16:]], axis=1),
+        "index_k": k * w[p + "indexer.k_norm.weight"] + w[p + "indexer.k_norm.bias"],
+        "index_w": h @ w[p + "indexer.weights_proj.weight"].T,
+    }
+    if table == "full":
+        expected["index_q"] = ql @ w[p + "indexer.wq_b.weight"].T
+    assert set(expected) == {k for k, v in block["columns"].items() if v}
+    got = out["precompute.table"].double().numpy()
+    for name, value in expected.items():
+        a, b = block["columns"][name]
+        np.testing.assert_allclose(got[:, a:b], value, rtol=2e-5, atol=2e-5 * np.abs(value).max(), err_msg=name)
+    removed = set(block["removed"])
+    kept_in_full = {p + "q_b_proj.weight", p + "kv_b_proj.weight", p + "indexer.wq_b.weight"}
+    assert kept_in_full <= removed if table == "full" else not kept_in_full & removed
+    assert {p + "q_a_proj.weight", p + "kv_a_proj_with_mqa.weight", p + "indexer.wk.weight",
+            p + "indexer.weights_proj.weight", "model.embed_tokens.weight"} <= removed
+    assert not removed & set(out)
+
+
+def test_unknown_table_choice_and_flag_on_other_models_are_refused(tmp_path, capsys):
+    src = _build(tmp_path, "deepseek_v3")
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out", "--mla-table", "wide")
+    assert code == 2 and "--mla-table 'wide'" in err and not (tmp_path / "out").exists()
+    llama = build(tmp_path / "llama", "llama")
+    code, _, err = run_cli(capsys, "convert", llama, tmp_path / "out2", "--mla-table", "full")
+    assert code == 2 and "MLA models only" in err and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("table", ["latent", "full"])
+def test_bfloat16(tmp_path, table):
+    """Both layers dense: with 4 experts, bf16 rounding flips the grouped top-k routing of a few tokens either way,
+    and a flip moves the mean logit error more than the table's precision does (verify trims such outliers)."""
+    src = build(tmp_path / "src", dtype=torch.bfloat16, **{**MLA, **CASES["deepseek_v3"], "first_k_dense_replace": 2})
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
+
+
+# README's two-option figures (inspect on the Hub configs in configs/): new columns, extra entries, eliminated
+# layer-0 weights, linear weights still read per token, table reads per token
+README_FIGURES = {
+    "deepseek-v3": {"latent": (2112, 273_039_360, 15_148_032, 54_525_952, 9280),
+                    "full": (57_408, 7_421_706_240, 69_673_984, 0, 64_576)},
+    "kimi-k2": {"latent": (2112, 346_030_080, 15_148_032, 27_262_976, 9280),
+                "full": (28_736, 4_708_106_240, 42_411_008, 0, 35_904)},
+}
+
+
+@pytest.mark.parametrize("config", sorted(README_FIGURES))
+def test_inspect_shows_both_tables_for_the_hub_configs(capsys, config):
+    code, out, err = run_cli(capsys, "inspect", "--json", f"configs/{config}.json")
+    assert code == 0, err
+    data = json.loads(out)
+    keys = ("new_columns", "extra_entries", "eliminated_params", "kept_linear_params", "reads_per_token")
+    assert {t: tuple(o[k] for k in keys) for t, o in data["table_options"].items()} == README_FIGURES[config]
+    assert data["table_choice"] == {"mla_table": "latent"} and data["table_width"] == 7168 + 2112
+    code, out, err = run_cli(capsys, "inspect", f"configs/{config}.json")
+    assert code == 0 and "--mla-table" in out + err
