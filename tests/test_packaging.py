@@ -29,8 +29,7 @@ def _names(requirements: list[str]) -> set[str]:
 
 def _third_party_imports(paths: list[Path], top_level: bool = False) -> set[str]:
     """Modules imported anywhere in `paths` (or only at module level: what importing the module needs)."""
-    local = {"precompute_cli", "tiny", "synthetic", "conftest", "bench_convert", "bench_decode", "lowest_requirements",
-             "release_jobs", "make_venv"} | {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    local = {"precompute_cli"} | {p.stem for folder in ("tests", "scripts") for p in (ROOT / folder).glob("*.py")}
     found = set()
     for path in paths:
         tree = ast.parse(path.read_text())
