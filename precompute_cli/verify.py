@@ -28,14 +28,17 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from precompute_cli.errors import InputError, PrecomputeError
+from precompute_cli.errors import InputError
 from precompute_cli.plan import Plan, load_recipe, make_plan
+from precompute_cli.recipes import ops
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
 from precompute_cli.st_io import NAME_TO_ST, TensorInfo, read_array
 
 if TYPE_CHECKING:  # torch is imported where models run: `convert` imports this module and must not load torch
     import torch
+
+    from precompute_cli.recipes import Recipe
 
 # -- tolerances (the README quotes these) -------------------------------------------------------------------------
 FLOAT32_LOGIT_TOL = 1e-4  # float32: max |converted - original| / max |original logit|; granted in every mode
@@ -194,21 +197,15 @@ def locate_table(plan: Plan, converted: Source, block: dict) -> tuple[Path, Tens
     return found
 
 
-def table_row_error(plan: Plan, table: tuple[Path, TensorInfo], rows: list[int]) -> tuple[float, int]:
-    """Worst |stored - float64 recomputation| / row scale over `rows` (each column group scaled on its own),
-    and the row where it is."""
-    recipe = plan.recipe
-    emb_path, emb_info = plan.inputs[recipe.embedding]
-    x = np.concatenate([read_array(emb_path, emb_info, (r, r + 1), np.float64) for r in rows])
-    exact = recipe.fold(plan.weights(np.float64), x)
+def table_row_error(table: tuple[Path, TensorInfo], columns: dict[str, tuple[int, int] | None],
+                    exact: dict[str, np.ndarray], rows: list[int]) -> tuple[float, int]:
+    """Worst |stored - reference| / row scale over `rows` (each column group scaled on its own), and the row where
+    it is. `exact` holds the reference columns for `rows` (oracle_rows: transformers' own modules, in float64)."""
     stored = np.concatenate([read_array(*table, (r, r + 1), np.float64) for r in rows])
     worst, worst_row = 0.0, rows[0]
-    for name, span in recipe.columns().items():
+    for name, span in columns.items():
         if span is None:
             continue
-        if exact[name].dtype != np.float64:
-            raise PrecomputeError(f"the {recipe.spec.model_type} recipe's fold returns {exact[name].dtype} for "
-                                  "float64 input, so its table cannot be checked in float64 (upcast with ops.upcast)")
         ref, got = exact[name], stored[:, span[0]:span[1]]
         scale = np.abs(ref).max(-1)
         scale = np.maximum(scale, 1e-6 * np.median(scale) + 1e-300)  # an all-zero row (a zeroed pad token)
@@ -218,6 +215,99 @@ def table_row_error(plan: Plan, table: tuple[Path, TensorInfo], rows: list[int])
         if err[i] > worst:
             worst, worst_row = float(err[i]), rows[i]
     return worst, worst_row
+
+
+class _Stop(Exception):
+    """Raised once layer 0 has run: the oracle needs nothing after it."""
+
+
+def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict[str, np.ndarray]:
+    """The table's columns for `rows`, computed by the original model's own modules in float64: a reference that
+    shares nothing with the recipe's fold, so a recipe bug (a wrong norm, eps, split or bias) shows as a wrong row.
+
+    Each token runs alone at position 0 through the embedding and layer 0 (cast to float64; the model is not used
+    afterwards), with hooks on the modules the runtime replaces (RuntimePatch): q/k/v are the projections' outputs
+    after the norms the runtime passes through (found by data flow: a norm whose input is a view of a projection's
+    output) and any clamp applied to them; the residual is the embedding's output (after its transforms, divided
+    by the scale the runtime repeats) plus, for a parallel block, the outputs of the branches the runtime zeroes."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    patch = recipe.runtime_patch()
+    spec = recipe.spec
+    layer = model.get_submodule(patch.layer)
+    source = model.get_submodule(patch.embedding_transforms[-1]) if patch.embedding_transforms else \
+        model.get_input_embeddings()
+    for module in (model.get_input_embeddings(), layer, *(model.get_submodule(p) for p in patch.embedding_transforms)):
+        module.double()
+    got: dict[str, torch.Tensor] = {}
+    norms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every pass-through module
+
+    def keep(name: str):
+        def hook(module, args, output):
+            got[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def keep_norm(module, args, output):
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            norms.append((args[0], output))
+
+    def stop(module, args, output):
+        raise _Stop
+
+    class FollowClamps(TorchFunctionMode):
+        """A clamp of a projection's output (MPT's and OLMo's clip_qkv) is part of what the table must hold."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") in ("clamp", "clamp_", "clip", "clip_") and args:
+                for name, value in list(got.items()):
+                    if args[0] is value and name in patch.projections:
+                        got[name] = out
+            return out
+
+    handles = [source.register_forward_hook(keep("embedded")), layer.register_forward_hook(stop)]
+    handles += [layer.get_submodule(path).register_forward_hook(keep(n)) for n, path in patch.projections.items()]
+    handles += [layer.get_submodule(path).register_forward_hook(keep_norm) for path in patch.identities]
+    handles += [layer.get_submodule(path).register_forward_hook(keep(f"zero:{path}")) for path in patch.zeros]
+    ids = torch.tensor(rows).reshape(-1, 1)
+    try:
+        with torch.no_grad(), FollowClamps():
+            model(ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, np.ndarray] = {}
+    for name in patch.projections:
+        value = got[name]
+        for inp, normed in norms:  # q_norm(q_proj(h).view(...)): map the norm's output back to the projection's layout
+            if inp.untyped_storage().data_ptr() == value.untyped_storage().data_ptr() and inp.numel() == value.numel():
+                back = torch.empty_like(value)
+                back.as_strided(inp.shape, inp.stride(), inp.storage_offset() - value.storage_offset()).copy_(normed)
+                value = back
+        out[name] = value.reshape(len(rows), -1).double().numpy()
+    if "qkv" in out:
+        out.update(zip("qkv", ops.split_qkv(out.pop("qkv"), patch.fused_groups, spec.q_dim, spec.kv_dim),
+                       strict=True))
+    residual = got["embedded"].double() / patch.embedding_scale
+    for path in patch.zeros:
+        residual = residual + got[f"zero:{path}"].double() / patch.embedding_scale
+    out["residual"] = residual.reshape(len(rows), -1).numpy()
+    return out
+
+
+def special_tokens(src: Source, tokenizer) -> set[int]:
+    """The ids every prompt is likely to hold (BOS, EOS, padding), from the config and the tokenizer."""
+    data = Config.load(src.config_path).data
+    found: set[int] = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = data.get(key)
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                found.add(i)
+    return found
 
 
 def sample_rows(vocab: int, seed: int, used: set[int]) -> list[int]:
@@ -259,12 +349,14 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
         model = _load_original(original, "float32")
         ref = run_model(model, probe, tokens)
         tie = _near_tie(model, probe, ref.greedy, conv.greedy) if criterion == "float32" else None
+        used = probe.tokens() | set(ref.greedy) | set(conv.greedy) | special_tokens(original, tokenizer)
+        rows = sample_rows(plan.recipe.spec.vocab_size, seed, used)
+        exact = oracle_rows(model, plan.recipe, rows)  # last: it casts layer 0 to float64
         del model
         gc.collect()
         own = run_model(_load_original(original, criterion), probe, tokens) if criterion != "float32" else None
 
-    rows = sample_rows(plan.recipe.spec.vocab_size, seed, probe.tokens() | set(ref.greedy) | set(conv.greedy))
-    row_error, worst_row = table_row_error(plan, table, rows)
+    row_error, worst_row = table_row_error(table, plan.recipe.columns(), exact, rows)
     row_tol = table_tolerance(block["dtype"])
     numbers, checks = _compare(ref, conv, own, criterion)
     checks.insert(0, Check("table rows", row_error <= row_tol,
