@@ -75,6 +75,8 @@ class Check:
     passed: bool | None  # None: reported, not judged
     value: str  # what was measured
     limit: str  # what was allowed
+    measured: float | None = None  # the number judged, and the largest that passes (margins: scripts/faults.py)
+    allowed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -222,67 +224,110 @@ class _Stop(Exception):
 
 
 def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict[str, np.ndarray]:
-    """The table's columns for `rows`, computed by the original model's own modules in float64: a reference that
-    shares nothing with the recipe's fold, so a recipe bug (a wrong norm, eps, split or bias) shows as a wrong row.
+    """The table's columns for `rows`, computed by the original model's own modules: a reference that shares nothing
+    with the recipe's fold, so a recipe bug (a wrong norm, eps, split, bias or branch) shows as a wrong row.
 
-    Each token runs alone at position 0 through the embedding and layer 0 (cast to float64; the model is not used
-    afterwards), with hooks on the modules the runtime replaces (RuntimePatch): q/k/v are the projections' outputs
-    after the norms the runtime passes through (found by data flow: a norm whose input is a view of a projection's
-    output) and any clamp applied to them; the residual is the embedding's output (after its transforms, divided
-    by the scale the runtime repeats) plus, for a parallel block, the outputs of the branches the runtime zeroes."""
+    Each token runs alone through the embedding and layer 0 (cast to float64; the model is not used afterwards)
+    with hooks on the modules the runtime replaces (RuntimePatch), and the columns are read off as the runtime will
+    stand in for them. q/k/v: the projections' outputs, after the norms the runtime passes through (a pass-through
+    module whose input is a view of a projection's output) and any clamp of them. The residual: what layer 0 adds as
+    its residual, which is its input (the embedding's output after its transforms, without the scale the runtime
+    repeats) unless only a pass-through norm reads that input (BLOOM's post-LayerNorm residual: then that norm's
+    output), plus for a parallel block the outputs of the branches the runtime zeroes."""
     import torch
     from torch.overrides import TorchFunctionMode
 
     patch = recipe.runtime_patch()
     spec = recipe.spec
     layer = model.get_submodule(patch.layer)
-    source = model.get_submodule(patch.embedding_transforms[-1]) if patch.embedding_transforms else \
-        model.get_input_embeddings()
-    for module in (model.get_input_embeddings(), layer, *(model.get_submodule(p) for p in patch.embedding_transforms)):
+    embedding = model.get_input_embeddings()
+    transforms = [model.get_submodule(p) for p in patch.embedding_transforms]
+    ids = torch.tensor(rows).reshape(-1, 1)
+    stored = getattr(torch, spec.dtype, None)
+    scaled = None
+    if patch.embedding_scale != 1.0 and stored in (torch.bfloat16, torch.float16):
+        # A scaled embedding rounds its product in the dtype the model runs in, by default the checkpoint's, which
+        # the table is for (Gemma's x * sqrt(d)): layer 0 reads that. The weights came from that dtype, so the round
+        # trip is lossless for them; buffers (the scale itself) are put back as they were.
+        buffers = {name: b.clone() for name, b in embedding.named_buffers()}
+        with torch.no_grad():
+            scaled = embedding.to(stored)(ids).double()
+            embedding.to(torch.float32)
+            for name, b in buffers.items():
+                embedding.get_buffer(name).copy_(b)
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")  # the fused kernels take no float64
+    for module in (layer, *transforms):
         module.double()
+
     got: dict[str, torch.Tensor] = {}
     norms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every pass-through module
+    state = {"inside": 0, "input": None, "input_read": False}
 
-    def keep(name: str):
+    def embedded(module, args, output):  # the float32 lookup; layer 0 runs in float64
+        got["embedded"] = output.double()
+        return got["embedded"] if scaled is None else scaled
+
+    def keep(name: str, clone: bool = False):
         def hook(module, args, output):
-            got[name] = output[0] if isinstance(output, tuple) else output
+            value = output[0] if isinstance(output, tuple) else output
+            got[name] = value.clone() if clone else value  # a branch's output may be added to in place (Falcon)
         return hook
 
-    def keep_norm(module, args, output):
+    def enter(module, args):
+        state["inside"] += 1
+
+    def leave(module, args, output):
+        state["inside"] -= 1
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
             norms.append((args[0], output))
+
+    def layer_input(module, args, kwargs):
+        state["input"] = args[0] if args else kwargs.get("hidden_states")
 
     def stop(module, args, output):
         raise _Stop
 
-    class FollowClamps(TorchFunctionMode):
-        """A clamp of a projection's output (MPT's and OLMo's clip_qkv) is part of what the table must hold."""
+    class Watch(TorchFunctionMode):
+        """Clamps of a projection's output (MPT's and OLMo's clip_qkv) belong to the table; and whether anything
+        but a pass-through module reads layer 0's input."""
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            if state["inside"] == 0 and state["input"] is not None and any(
+                    a is state["input"] for a in (*args, *kwargs.values())):
+                state["input_read"] = True
+            out = func(*args, **kwargs)
             if getattr(func, "__name__", "") in ("clamp", "clamp_", "clip", "clip_") and args:
-                for name, value in list(got.items()):
-                    if args[0] is value and name in patch.projections:
+                for name in patch.projections:
+                    if args[0] is got.get(name):
                         got[name] = out
             return out
 
-    handles = [source.register_forward_hook(keep("embedded")), layer.register_forward_hook(stop)]
-    handles += [layer.get_submodule(path).register_forward_hook(keep(n)) for n, path in patch.projections.items()]
-    handles += [layer.get_submodule(path).register_forward_hook(keep_norm) for path in patch.identities]
-    handles += [layer.get_submodule(path).register_forward_hook(keep(f"zero:{path}")) for path in patch.zeros]
-    ids = torch.tensor(rows).reshape(-1, 1)
+    handles = [embedding.register_forward_hook(embedded), layer.register_forward_hook(stop),
+               layer.register_forward_pre_hook(layer_input, with_kwargs=True)]
+    if transforms:
+        handles.append(transforms[-1].register_forward_hook(keep("embedded")))
+    for name, path in patch.projections.items():
+        handles.append(layer.get_submodule(path).register_forward_hook(keep(name)))
+    for path in patch.identities:
+        handles += [layer.get_submodule(path).register_forward_pre_hook(enter),
+                    layer.get_submodule(path).register_forward_hook(leave)]
+    for path in patch.zeros:
+        handles.append(layer.get_submodule(path).register_forward_hook(keep(f"zero:{path}", clone=True)))
     try:
-        with torch.no_grad(), FollowClamps():
+        with torch.no_grad(), Watch():
             model(ids, use_cache=False)
     except _Stop:
         pass
     finally:
         for h in handles:
             h.remove()
+
     out: dict[str, np.ndarray] = {}
     for name in patch.projections:
         value = got[name]
-        for inp, normed in norms:  # q_norm(q_proj(h).view(...)): map the norm's output back to the projection's layout
+        for inp, normed in norms:  # q_norm(q_proj(h).view(...)): the norm's output, in the projection's layout
             if inp.untyped_storage().data_ptr() == value.untyped_storage().data_ptr() and inp.numel() == value.numel():
                 back = torch.empty_like(value)
                 back.as_strided(inp.shape, inp.stride(), inp.storage_offset() - value.storage_offset()).copy_(normed)
@@ -291,10 +336,11 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
     if "qkv" in out:
         out.update(zip("qkv", ops.split_qkv(out.pop("qkv"), patch.fused_groups, spec.q_dim, spec.kv_dim),
                        strict=True))
-    residual = got["embedded"].double() / patch.embedding_scale
+    residual = got["embedded"] if state["input_read"] else next(o for i, o in norms if i is state["input"])
+    residual = residual / patch.embedding_scale  # if not read, the residual is a pass-through norm's output
     for path in patch.zeros:
         residual = residual + got[f"zero:{path}"].double() / patch.embedding_scale
-    out["residual"] = residual.reshape(len(rows), -1).numpy()
+    out["residual"] = residual.reshape(len(rows), -1).double().numpy()
     return out
 
 
@@ -361,12 +407,12 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
     numbers, checks = _compare(ref, conv, own, criterion)
     checks.insert(0, Check("table rows", row_error <= row_tol,
                            f"worst row error {row_error:.3g} (token {worst_row}; {len(rows)} rows vs float64)",
-                           f"{row_tol:.3g} for a {block['dtype']} table"))
+                           f"{row_tol:.3g} for a {block['dtype']} table", row_error, row_tol))
     identical = conv.greedy == ref.greedy
     if criterion == "float32":
         how = "identical" if identical else f"differs from step {tie}, a near-tie" if tie is not None else "differs"
         checks.append(Check("greedy generation", identical or tie is not None, f"{how} ({tokens} tokens)",
-                            "identical"))
+                            "identical", float(not identical and tie is None), 0.0))
     else:
         checks.append(Check("greedy generation", None, f"{'identical' if identical else 'differs'} ({tokens} "
                             "tokens, vs float32 original)", f"not judged in {criterion}"))
@@ -408,19 +454,19 @@ def _compare(ref: Run, conv: Run, own: Run | None, criterion: str) -> tuple[dict
         top1_decisive_flips=decisive,
     )
     top1 = Check("top-1", decisive <= outliers, f"{numbers['top1_agreement']:.1%} agree, {decisive} decisive flips",
-                 f"{outliers} flips beyond a near-tie (margin {flip_room:.2g})")
+                 f"{outliers} flips beyond a near-tie (margin {flip_room:.2g})", decisive, outliers)
     if own is None:
         rel, diff = numbers["max_rel_diff"], numbers["max_abs_diff"]
         return numbers, [Check("logits", rel <= FLOAT32_LOGIT_TOL, f"max rel diff {rel:.3g} (abs {diff:.3g})",
-                               f"{FLOAT32_LOGIT_TOL:g} of the largest logit"), top1]
+                               f"{FLOAT32_LOGIT_TOL:g} of the largest logit", rel, FLOAT32_LOGIT_TOL), top1]
     aside = f"worst {outliers} of {positions} positions aside"
     return numbers, [
         Check("logits, mean error", t_mean <= LOSSY_MEAN_RATIO * o_mean + slack,
               f"{t_mean:.3g} vs the original's own {o_mean:.3g} in {criterion} ({aside})",
-              f"{LOSSY_MEAN_RATIO:g}x own + {slack:.2g}"),
+              f"{LOSSY_MEAN_RATIO:g}x own + {slack:.2g}", t_mean, LOSSY_MEAN_RATIO * o_mean + slack),
         Check("logits, max error", t_max <= LOSSY_MAX_RATIO * o_max + slack,
               f"{t_max:.3g} vs the original's own {o_max:.3g} in {criterion} ({aside})",
-              f"{LOSSY_MAX_RATIO:g}x own + {slack:.2g}"),
+              f"{LOSSY_MAX_RATIO:g}x own + {slack:.2g}", t_max, LOSSY_MAX_RATIO * o_max + slack),
         top1,
     ]
 
