@@ -2,6 +2,7 @@
 
     python scripts/faults.py catalogue [--json PATH] [--models qwen2,gpt_neox] [--dtypes float32,...]
     python scripts/faults.py false-alarms [--seeds 5] [--json PATH]
+    python scripts/faults.py table RESULTS.json                    # the markdown table of a catalogue's --json
 
 `catalogue` converts a tiny random model of each kind (serial GQA with biases, parallel with a fused QKV and two
 LayerNorms, q/k norms with (1 + w) norms and a scaled embedding) in float32, bfloat16 and float16, injects every
@@ -362,47 +363,88 @@ def cell_text(o: Outcome) -> str:
 
 
 def markdown(outcomes: list[Outcome]) -> str:
-    """One row per fault, one column per model and dtype: the effect in noise units, verify's verdict and margin."""
-    keys = sorted({(o.model, o.dtype) for o in outcomes}, key=lambda k: (list(MODELS).index(k[0]), DTYPES.index(k[1])))
+    """One row per fault and model (where it applies), one column per dtype: the fault's effect in noise units, then
+    verify's verdict with the table-row check's and the runs' worst measured / allowed (above 1 fails)."""
+    dtypes = [d for d in DTYPES if any(o.dtype == d for o in outcomes)]
     by = {(o.fault, o.model, o.dtype): o for o in outcomes}
-    lines = ["| fault | " + " | ".join(f"{m} {d}" for m, d in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| fault | model | " + " | ".join(dtypes) + " |", "|---|---|" + "---|" * len(dtypes)]
+    for fault in dict.fromkeys(o.fault for o in outcomes):
+        for model in dict.fromkeys(o.model for o in outcomes):
+            cells = [by.get((fault, model, d)) for d in dtypes]
+            if any(c is not None and c.applies for c in cells):
+                lines.append(f"| {fault} | {model} | " + " | ".join(short_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """One row per fault, one column per dtype, over the models it applies to: how many fail verify, the smallest
+    effect among those above the noise, and the smallest margins of the failures (the README's table)."""
+    dtypes = [d for d in DTYPES if any(o.dtype == d for o in outcomes)]
+    lines = ["| fault | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
     for fault in dict.fromkeys(o.fault for o in outcomes):
         cells = []
-        for m, d in keys:
-            o = by.get((fault, m, d))
-            cells.append("" if o is None else short_cell(o))
+        for d in dtypes:
+            group = [o for o in outcomes if o.fault == fault and o.dtype == d and o.applies]
+            failed = [o for o in group if not o.passed]
+            text = f"{len(failed)}/{len(group)} fail"
+            if failed:
+                text += (f", effect ≥ {number(min(o.change / o.noise for o in failed))}, "
+                         f"rows ≥ ×{number(min(o.rows_margin for o in failed))}")
+            passed = [o for o in group if o.passed]
+            if passed:
+                worst = max(o.change / o.noise for o in passed)
+                text += f"; {len(passed)} pass{' **above the noise**' if worst > 1 else ''} (effect ≤ {number(worst)})"
+            cells.append(text)
         lines.append(f"| {fault} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def short_cell(o: Outcome) -> str:
-    if not o.applies:
+def short_cell(o: Outcome | None) -> str:
+    if o is None or not o.applies:
         return "n/a"
     units = o.change / o.noise
-    size = f"{units:.2g}" if units < 100 else f"{units:.1e}".replace("e+0", "e").replace("e+", "e")
-    ratios = f"rows {ratio(o.rows_margin)}, runs {ratio(o.runs_margin)}"
-    if o.passed:
-        return f"{size}: pass ({ratios})" + (" **missed**" if o.above_noise else "")
-    return f"{size}: **FAIL** ({ratios})"
+    verdict = "pass" + (" **MISSED**" if o.above_noise else "") if o.passed else "**FAIL**"
+    return f"{number(units)}: {verdict} (rows {number(o.rows_margin)}, runs {number(o.runs_margin)})"
 
 
-def ratio(x: float) -> str:
-    return "∞" if math.isinf(x) else f"{x:.2g}" if x < 100 else f"{x:.0f}"
+def number(x: float) -> str:
+    if math.isinf(x):
+        return "∞"
+    if x >= 1000:
+        return f"{x:.1e}".replace("e+0", "e").replace("e+", "e")
+    return f"{x:.2g}" if x < 10 else f"{x:.0f}"
+
+
+def load_outcomes(path: Path) -> list[Outcome]:
+    return [Outcome(**{**d, "failed_checks": tuple(d["failed_checks"])}) for d in json.loads(path.read_text())]
 
 
 # -- false alarms -------------------------------------------------------------------------------------------------
 def equivalence_cases() -> dict[str, tuple[dict, tuple[str, ...]]]:
-    """The equivalence tests' models (overrides of tiny.build), each with the dtypes its tests run it in."""
+    """The equivalence tests' models (overrides of tiny.build), each in every dtype; with the parallel MoE model
+    the tests define (registered here as its test module's fixture does)."""
     import test_falcon_bloom_mpt as fbm
     import test_llama_family as llama
     import test_parallel_families as par
+    import test_parallel_moe as moe
     import test_serial_families as ser
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
-    cases: dict[str, tuple[dict, tuple[str, ...]]] = {}
-    for module, unpack in ((llama, lambda v: v), (par, lambda v: v), (fbm, lambda v: v), (ser, lambda v: v[0])):
-        for name, value in module.CASES.items():
-            cases[name] = (unpack(value), DTYPES)
-    return cases
+    from precompute_cli.recipes.base import register
+
+    AutoConfig.register(moe.MODEL_TYPE, moe.ParallelMoeConfig, exist_ok=True)
+    AutoModelForCausalLM.register(moe.ParallelMoeConfig, moe.ParallelMoeForCausalLM, exist_ok=True)
+    register_checkpoint_conversion_mapping(moe.MODEL_TYPE, get_checkpoint_conversion_mapping("qwen2_moe"),
+                                           overwrite=True)
+    register(moe.ParallelMoeRecipe)
+    cases = {name: value for module in (llama, par, fbm) for name, value in module.CASES.items()}
+    cases.update({name: value[0] for name, value in ser.CASES.items()})
+    cases["parallel-moe"] = dict(model_type=moe.MODEL_TYPE, norm_topk_prob=True, **moe.SIZES)
+    return {name: (overrides, DTYPES) for name, overrides in cases.items()}
 
 
 def false_alarms(seeds: int, cases: dict[str, tuple[dict, tuple[str, ...]]], log=print) -> list[dict]:
@@ -436,8 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     fa.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     fa.add_argument("--dtypes", default=",".join(DTYPES))
     fa.add_argument("--json", type=Path)
+    tab = sub.add_parser("table", help="the markdown table of a catalogue's --json")
+    tab.add_argument("results", type=Path)
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.command == "table":
+        outcomes = load_outcomes(args.results)
+        print(summary(outcomes), markdown(outcomes), sep="\n\n")
+        return 0
     if args.command == "catalogue":
         outcomes = catalogue(args.models.split(","), args.dtypes.split(","), list(FAULTS))
         print(markdown(outcomes))
