@@ -89,8 +89,12 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
     """Converted vs original (transformers' own model): logits, a left-padded batch, greedy text, and
     the converted model holds exactly the converted checkpoint's parameters (no eliminated weight in memory).
 
-    float32: logits agree to `tol` relative and greedy generations are identical. Lower precision: the converted
-    model is no further from the original's float32 run than the original itself is in that dtype."""
+    float32: logits agree to `tol` relative and greedy generations are identical. Lower precision, verify's standard
+    or stricter: against the original's float32 run, the converted model's mean and largest logit errors are at most
+    1.25x and 2x the original's own in that dtype (plus `tol` of the largest logit; each model's worst 5% of
+    positions set aside, where verify sets aside 10%, as low precision flips MoE routing by chance), and no position
+    where the float32 original is decisive (its choice ahead of the converted model's by more than twice the
+    allowed error) picks another token."""
     config = json.loads((Path(src) / "config.json").read_text())
     auto = lm_class(config["model_type"], config.get("architectures"))
     reference = auto.from_pretrained(src, dtype=torch.float32).eval()
@@ -102,35 +106,37 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
     for m in (None, mask):
         ref, a, b = (_logits(model, ids, m)[1 if m is not None else slice(None)][..., 3:, :] if m is not None
                      else _logits(model, ids, m) for model in (reference, original, converted))
+        ref, a, b = (t.reshape(-1, t.shape[-1]) for t in (ref, a, b))
         scale = max(ref.abs().max().item(), 1.0)
         if dtype == torch.float32:
             assert (a - b).abs().max().item() <= tol * scale, (a - b).abs().max().item()
             assert torch.equal(a.argmax(-1), b.argmax(-1))
-        else:
-            own, ours = (a - ref).abs().mean().item(), (b - ref).abs().mean().item()
-            assert ours <= 1.25 * own + 1e-6, (ours, own)
-            # greedy choices must agree where the float32 reference is decisive; a near tie (top-2 gap within
-            # twice the original's own error in this dtype) may flip either way in a correct conversion
-            top2 = ref.topk(2, dim=-1).values
-            decisive = (top2[..., 0] - top2[..., 1]) > 2 * (a - ref).abs().max()
-            if decisive.any():
-                assert (a.argmax(-1) == b.argmax(-1))[decisive].float().mean().item() >= 0.9
+            continue
+        keep = len(ref) - max(1, math.ceil(0.05 * len(ref)))
+        own_err, our_err = (a - ref).abs(), (b - ref).abs()
+        own = own_err.mean(-1).sort().values[:keep].mean().item(), own_err.amax(-1).sort().values[keep - 1].item()
+        ours = our_err.mean(-1).sort().values[:keep].mean().item(), our_err.amax(-1).sort().values[keep - 1].item()
+        assert ours[0] <= 1.25 * own[0] + tol * scale, ("mean error", ours[0], own[0])
+        assert ours[1] <= 2 * own[1] + tol * scale, ("max error", ours[1], own[1])
+        top_ref, top_ours = ref.argmax(-1), b.argmax(-1)
+        behind = ref.gather(-1, top_ref[:, None])[:, 0] - ref.gather(-1, top_ours[:, None])[:, 0]
+        flips = (top_ref != top_ours) & (behind > 2 * (2 * own[1] + tol * scale))
+        assert not flips.any(), ("decisive positions flipped", flips.nonzero().flatten().tolist())
     if dtype == torch.float32:
         with torch.no_grad():
             g1 = original.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)
             g2 = converted.generate(ids[:1, :4], max_new_tokens=12, do_sample=False)
         assert g1.tolist() == g2.tolist()
-    on_disk = sum(math.prod(t.shape) for t in read_header(out / "model.safetensors").tensors.values()) \
-        if (out / "model.safetensors").exists() else None
-    if on_disk is None:
-        return
+    shards = sorted(Path(out).glob("*.safetensors"))
+    assert shards, f"{out}: no safetensors file"
+    on_disk = sum(math.prod(t.shape) for shard in shards for t in read_header(shard).tensors.values())
     if "quantization_config" in config:
         # transformers dequantizes a quantized checkpoint as it loads it (on a CPU), so elements on disk are not
         # parameters in memory: the converted model must hold the original's, less what was removed, plus the table
         block = json.loads((Path(out) / "config.json").read_text())["precompute"]
         header = read_header(Path(src) / "model.safetensors").tensors
         removed = sum(header[n].numel for n in block["removed"] if not n.endswith("_scale_inv"))
-        table = math.prod(read_header(out / "model.safetensors").tensors[block["table"]].shape)
+        table = math.prod(read_header(Path(out) / "model.safetensors").tensors[block["table"]].shape)
         assert _held(converted) == _held(original) - removed + table
     else:
         assert _held(converted) == on_disk
