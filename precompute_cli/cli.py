@@ -13,8 +13,10 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from precompute_cli import __version__, conversion, hub
+from precompute_cli.census import census, counts
 from precompute_cli.check import MANIFEST, failures
 from precompute_cli.check import check as check_folder
 from precompute_cli.errors import InputError, PrecomputeError
@@ -85,7 +87,7 @@ def convert(
 
 @app.command()
 def inspect(
-    checkpoint: str = typer.Argument(..., help="Hub id, folder, .safetensors file or config.json."),
+    checkpoint: str | None = typer.Argument(None, help="Hub id, folder, .safetensors file or config.json."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
     assume_parallel: bool = typer.Option(False, "--assume-parallel",
                                          help="Analyse as if attention and FFN ran in parallel (paper, section 3)."),
@@ -96,8 +98,15 @@ def inspect(
     token: str | None = TOKEN,
     check: bool = typer.Option(False, "--check", help="Re-hash every file of a converted folder against the "
                                "SHA256SUMS that convert wrote into it; exit 2 if any file changed or is missing."),
+    supported_types: bool = typer.Option(False, "--supported", help="Print the census of model types instead: "
+                                         "each folded, or refused with its reason."),
 ) -> None:
     """Explain a checkpoint: its architecture and what converting it gains, or what a converted one holds."""
+    if supported_types:
+        _census(as_json)
+        return
+    if checkpoint is None:
+        raise InputError("inspect needs a CHECKPOINT (or --supported for the census of model types)")
     if check:
         _check(Path(checkpoint), as_json)
         return
@@ -122,6 +131,18 @@ def inspect(
         console.print_json(json.dumps(data["precompute"]))
     else:
         render_analysis(console, data, title=f"{checkpoint}")
+
+
+def _census(as_json: bool) -> None:
+    rows = census()
+    if as_json:
+        print(json.dumps({"counts": counts(rows), "model_types": [r.as_dict() for r in rows]}, indent=2))
+        return
+    table = Table("model_type", "status", "what folds, or why not", title="precompute: model types")
+    for r in rows:
+        table.add_row(r.model_type, r.status, escape(r.note))
+    console.print(table)
+    console.print(", ".join(f"{n} {status}" for status, n in counts(rows).items()))
 
 
 def _check(folder: Path, as_json: bool) -> None:

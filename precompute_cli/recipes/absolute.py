@@ -7,6 +7,7 @@ table can replace them (the paper's figure 2a). The recipe exists so `inspect` c
 from __future__ import annotations
 
 from precompute_cli.recipes.base import Recipe, register
+from precompute_cli.recipes.unfolded import REFUSED
 from precompute_cli.spec import Key, ModelSpec, Sizes, four_d, heads, per_head
 
 SIZES = Sizes(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
@@ -26,5 +27,4 @@ class AbsolutePositions(Recipe):
                           ffn_matrices=2)
 
     def refusal(self) -> str | None:
-        return (f"{self.cfg.model_type} adds absolute position embeddings to the token embedding before layer 0, "
-                "so layer 0's inputs depend on the position and cannot be precomputed per token")
+        return f"{self.cfg.model_type} {REFUSED[self.cfg.model_type]}"

@@ -130,7 +130,7 @@ def recipe_for(cfg: Config) -> Recipe:
         raise InputError(f"{cfg.path}: quantized checkpoint ({method}); precompute needs the unquantized weights")
     cls = REGISTRY.get(model_type)
     if cls is None:
-        raise InputError(f"{cfg.path}: model_type {model_type!r} has no recipe; supported: {', '.join(supported())}")
+        raise InputError(f"{cfg.path}: {unfolded_reason(model_type)}")
     try:
         recipe = cls(cfg)
     except ZeroDivisionError:  # a hostile or broken config: heads = 0 and the like
@@ -141,6 +141,17 @@ def recipe_for(cfg: Config) -> Recipe:
             raise InputError(f"{cfg.path}: {model_type} {name} comes out as {getattr(recipe.spec, name)}; "
                              "it must be positive")
     return recipe
+
+
+def unfolded_reason(model_type: str) -> str:
+    """Why a model type without a recipe does not convert (recipes/unfolded.py), in one sentence."""
+    from precompute_cli.recipes.unfolded import NOT_WRITTEN, REFUSED
+
+    if model_type in REFUSED:
+        return f"model_type {model_type!r} cannot be precomputed: it {REFUSED[model_type]}"
+    if model_type in NOT_WRITTEN:
+        return f"model_type {model_type!r} is not supported yet: {NOT_WRITTEN[model_type]}"
+    return f"model_type {model_type!r} has no recipe; supported: {', '.join(supported())}"
 
 
 def supported() -> list[str]:
