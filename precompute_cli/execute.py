@@ -325,8 +325,9 @@ class _Fold:
         self.plan, self.ranges = plan, ranges
         recipe = plan.recipe
         self.weights = plan.weights(np.float32)
+        streamed = set(recipe.streamed())
         for name in plan.inputs:  # read before the workers start: every worker uses them
-            if name != recipe.embedding:
+            if name != recipe.embedding and name not in streamed:
                 self.weights(name)
         self.embedding = plan.inputs[recipe.embedding]
         _prefetch(self.embedding[0], self.embedding[1].start, self.embedding[1].nbytes)

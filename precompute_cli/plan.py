@@ -13,7 +13,6 @@ import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import Recipe, recipe_for
-from precompute_cli.recipes.base import Weights
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
 from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, read_array
@@ -68,17 +67,10 @@ class Plan:
     params_before: int | None  # exact when tensors are known
     bytes_before: int | None
 
-    def weights(self, dtype: type = np.float32) -> Weights:
+    def weights(self, dtype: type = np.float32) -> Reader:
         """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (float32 for the table, float64
-        for verify; for a parallel MoE block, every expert)."""
-        cache: dict[str, np.ndarray] = {}
-
-        def weight(name: str) -> np.ndarray:
-            if name not in cache:
-                cache[name] = read_array(*self.inputs[name], dtype=dtype)
-            return cache[name]
-
-        return weight
+        for verify); the recipe's streamed tensors (a parallel MoE's experts) are read a block at a time instead."""
+        return Reader(self.inputs, dtype)
 
     @property
     def params_after(self) -> int | None:
@@ -93,6 +85,44 @@ class Plan:
     @property
     def from_config_only(self) -> bool:
         return not self.shards
+
+
+class Reader:
+    """Layer 0's tensors by name, in float: `reader(name)` reads a tensor once and keeps it; `reader.streamed(name)`
+    keeps nothing and converts a block of rows from the stored dtype each time one is asked for."""
+
+    def __init__(self, inputs: dict[str, tuple[Path, TensorInfo]], dtype: type):
+        self.inputs, self.dtype = inputs, dtype
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.cache:
+            self.cache[name] = read_array(*self.inputs[name], dtype=self.dtype)
+        return self.cache[name]
+
+    def streamed(self, name: str) -> Streamed:
+        return Streamed(*self.inputs[name], self.dtype)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A [out, in] weight read from its file a block of rows at a time (ops.Rows), each block converted from the
+    stored dtype as it is read. A parallel MoE's experts are used once per chunk of vocabulary rows: held whole in
+    float they would cost twice their stored size (bfloat16) for the whole conversion; read so, one block."""
+
+    path: Path
+    info: TensorInfo
+    dtype: type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.info.shape[0])
+        if step != 1:
+            raise IndexError("a streamed weight is read in contiguous blocks of rows")
+        return read_array(self.path, self.info, (start, stop), self.dtype)
 
 
 def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:

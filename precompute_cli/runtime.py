@@ -82,14 +82,14 @@ class TableFusedQKV(nn.Module):
     The recipe says how that output is laid out (`groups` blocks of [q part, k part, v part]); joining is the
     inverse of ops.split_qkv, which cut the fold's fused output into the table's columns."""
 
-    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], groups: int):
+    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], groups: int, order: str = "qkv"):
         super().__init__()
-        self.spans, self.groups = spans, groups
+        self.spans, self.groups, self.order = spans, groups, order
         self._table = [table]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        t = self._table[0]
-        return join_qkv(*(t.columns(self.spans[n], hidden_states) for n in "qkv"), self.groups)
+        t = self._table[0]  # join_qkv concatenates its parts in argument order: pass them in the layout's
+        return join_qkv(*(t.columns(self.spans[n], hidden_states) for n in self.order), self.groups)
 
 
 def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -151,7 +151,8 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     model.register_forward_pre_hook(embedding.reset)
     layer = model.get_submodule(patch.layer)
     if "qkv" in patch.projections:
-        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups))
+        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups,
+                                                                         patch.fused_order))
     else:
         for name, path in patch.projections.items():
             layer.set_submodule(path, TableColumns(embedding, spans[name]))

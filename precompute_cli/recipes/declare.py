@@ -41,8 +41,11 @@ How to add a model type
    Names under the layer are relative to `prefix` ("model.layers.0."); "{}" in a q/k/v or q/k-norm name stands for
    q, k, v. Norms are values: rms(...) with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's
    mean-centred norm, weight=False for a weightless one; each with eps=Key(config key, default=...) or a fixed
-   float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group"). Tensors the attention reads
-   after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
+   float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group" | a fixed number of blocks,
+   order="qkv" | "qvk"). A routed FFN is ffn=Moe(...): router, experts "{}" by index, top-k scoring, shared experts;
+   in a parallel block it folds whole, its experts streamed (read a block of rows at a time, never held in float).
+   Tensors the attention reads after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with
+   after_rope=True (it stays).
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
@@ -62,8 +65,8 @@ from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
-__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm", "mlp",
-           "rms", "separate", "sqrt_hidden"]
+__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm",
+           "mlp", "rms", "separate", "sqrt_hidden"]
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,10 @@ class Qkv:
 
     module: str = "self_attn.{}_proj"
     bias: Key | bool = False
-    layout: str | None = None  # fused: "blocked" [q; k; v], "per_head" [q_h, k_h, v_h], "per_kv_group" [q.., k, v]
+    # fused: "blocked" [q; k; v], "per_head" [q_h, k_h, v_h], "per_kv_group" [q.., k, v], or a fixed number of
+    # blocks (CodeGen's 4 model-parallel shards)
+    layout: str | int | None = None
+    order: str = "qkv"  # the parts' order inside each block of a fused output (CodeGen: "qvk")
 
     def widths(self, spec: ModelSpec) -> dict[str, int]:
         """The output width of each projection module."""
@@ -148,15 +154,21 @@ class Qkv:
         return {self.module.format(n): width for n, width in zip("qkv", (spec.q_dim, spec.kv_dim, spec.kv_dim),
                                                                    strict=True)}
 
+    def groups(self, spec: ModelSpec) -> int:
+        """The number of [q part, k part, v part] blocks of a fused output."""
+        return self.layout if isinstance(self.layout, int) else _GROUPS[self.layout](spec)
+
 
 def separate(module: str = "self_attn.{}_proj", bias: Key | bool = False) -> Qkv:
     return Qkv(module, bias)
 
 
-def fused(module: str, layout: str, bias: Key | bool = False) -> Qkv:
-    if layout not in _GROUPS:
-        raise ValueError(f"fused QKV layout {layout!r}: one of {', '.join(_GROUPS)}")
-    return Qkv(module, bias, layout)
+def fused(module: str, layout: str | int, bias: Key | bool = False, order: str = "qkv") -> Qkv:
+    if not (layout in _GROUPS or (isinstance(layout, int) and layout > 0)):
+        raise ValueError(f"fused QKV layout {layout!r}: one of {', '.join(_GROUPS)}, or a number of blocks")
+    if order not in ("qkv", "qvk"):  # q first: split_qkv cuts a q-wide part, then two kv-wide ones
+        raise ValueError(f"fused QKV order {order!r}: qkv or qvk")
+    return Qkv(module, bias, layout, order)
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,45 @@ class Ffn:
         return out
 
 
+@dataclass(frozen=True)
+class Moe:
+    """Layer 0's routed FFN under `module`: a router, experts (each a GLU, "{}" = its index) of which each token
+    takes the top k (ops.moe), and optional shared experts. Like Ffn it folds only in a parallel block, where the
+    whole output lands in the residual columns; the experts are streamed (read a block at a time, never held
+    whole in float), the router and nothing else is loaded once."""
+
+    module: str = "mlp"
+    router: str = "gate"
+    experts: str = "experts.{}"
+    matrices: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    top_k: Key = Key("num_experts_per_tok", default=2)
+    scoring: Key | str = "softmax"  # ops.top_k_route: "softmax" or "sigmoid"
+    renormalize: Key | bool = True
+    shared: str | None = None  # the shared experts' GLU module under `module`, when shared_width is not 0
+    shared_width: Callable[[Config, ModelSpec], int] | None = None
+    average_shared: Key | bool = False  # (routed + shared) / 2 rather than their sum
+    act: Key = Key("hidden_act", default="silu")
+    norm: Norm | None = None
+    bias: bool = False
+
+    def glus(self, where: str, cfg: Config, spec: ModelSpec) -> dict[str, int]:
+        """Module -> inner width of each GLU: the experts, then the shared experts if any."""
+        out = {f"{where}{self.module}.{self.experts.format(e)}": spec.intermediate_size
+               for e in range(spec.num_experts)}
+        width = self.shared_width(cfg, spec) if self.shared and self.shared_width else 0
+        if width:
+            out[f"{where}{self.module}.{self.shared}"] = width
+        return out
+
+    def tensors(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
+        d = spec.hidden_size
+        out: dict[str, Shape] = {f"{where}{self.module}.{self.router}.weight": (spec.num_experts, d)}
+        for module, inner in self.glus(where, cfg, spec).items():
+            for name in self.matrices:
+                out[f"{module}.{name}.weight"] = (d, inner) if name == self.matrices[-1] else (inner, d)
+        return out
+
+
 def glu(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj", **rest: Any) -> Ffn:
     return Ffn((gate, up, down), **rest)
 
@@ -230,8 +281,13 @@ class Layout:
     qkv: Qkv = field(default_factory=Qkv)
     qk_norm: Norm | None = None
     clamp: Clamp | None = None
-    ffn: Ffn = field(default_factory=Ffn)
+    ffn: Ffn | Moe = field(default_factory=Ffn)
     keep: tuple[str, ...] = ()  # layer 0's tensors read after the table (sinks): they stay
+
+
+def streamed(w: Weights, name: str) -> ops.Rows:
+    """A weight the fold reads a block of rows at a time (plan.Reader.streamed); from any other accessor, whole."""
+    return w.streamed(name) if hasattr(w, "streamed") else w(name)
 
 
 class Declared(Recipe):
@@ -318,8 +374,18 @@ class Declared(Recipe):
             out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
         if self.parallel:
             out.update(self.ffn_norm.tensors(p, s) if self.ffn_norm else {})
-            out.update(lay.ffn.tensors(p, s, bool(value(self.cfg, lay.ffn.bias))))
+            if isinstance(lay.ffn, Moe):
+                out.update(lay.ffn.tensors(p, s, self.cfg))
+            else:
+                out.update(lay.ffn.tensors(p, s, bool(value(self.cfg, lay.ffn.bias))))
         return out
+
+    def streamed(self) -> tuple[str, ...]:
+        """A parallel MoE's expert matrices (the router is small and read whole)."""
+        ffn = self.layout.ffn
+        if not (self.parallel and isinstance(ffn, Moe)):
+            return ()
+        return tuple(f"{m}.{n}.weight" for m in ffn.glus(self.prefix, self.cfg, self.spec) for n in ffn.matrices)
 
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors the attention still reads after the table: declared ones and q/k norms after RoPE."""
@@ -361,16 +427,18 @@ class Declared(Recipe):
         limit = self.layout.clamp.limit(self.cfg) if self.layout.clamp else None
         if limit is not None:
             ys = [np.clip(y, -limit, limit) for y in ys]
-        if qkv.layout:
-            ys = list(ops.split_qkv(ys[0], self.fused_groups, s.q_dim, s.kv_dim))
+        if qkv.layout:  # q first, then k and v (equal widths) in the declared order
+            return dict(zip(qkv.order, ops.split_qkv(ys[0], self.fused_groups, s.q_dim, s.kv_dim), strict=True))
         return dict(zip("qkv", ys, strict=True))
 
     @property
     def fused_groups(self) -> int:
-        return _GROUPS[self.layout.qkv.layout](self.spec)
+        return self.layout.qkv.groups(self.spec)
 
     def ffn(self, w: Weights, h: np.ndarray) -> np.ndarray:
         ffn, cfg = self.layout.ffn, self.cfg
+        if isinstance(ffn, Moe):
+            return self.moe(w, h, ffn)
         names = [f"{self.prefix}{ffn.module}.{m}" for m in ffn.matrices]
         act = str(value(cfg, ffn.act))
         if len(names) == 3:
@@ -379,6 +447,19 @@ class Declared(Recipe):
         bias = bool(value(cfg, ffn.bias))
         return ops.mlp(h, w(up + ".weight"), w(up + ".bias") if bias else None,
                        w(down + ".weight"), w(down + ".bias") if bias else None, act)
+
+    def moe(self, w: Weights, h: np.ndarray, moe: Moe) -> np.ndarray:
+        cfg, s = self.cfg, self.spec
+
+        def glu(module: str) -> tuple[ops.Rows, ...]:
+            return tuple(streamed(w, f"{module}.{n}.weight") for n in moe.matrices)
+
+        modules = list(moe.glus(self.prefix, cfg, s))
+        shared = glu(modules[-1]) if len(modules) > s.num_experts else None
+        return ops.moe(h, w(f"{self.prefix}{moe.module}.{moe.router}.weight"), lambda e: glu(modules[e]),
+                       s.num_experts, int(value(cfg, moe.top_k)), bool(value(cfg, moe.renormalize)),
+                       str(value(cfg, moe.act)), shared=shared, scoring=str(value(cfg, moe.scoring)),
+                       average_shared=bool(value(cfg, moe.average_shared)))
 
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
@@ -405,5 +486,6 @@ class Declared(Recipe):
             zeros=(lay.ffn.module,) if self.parallel else (),
             embedding_transforms=(lay.embedding_norm.module,) if lay.embedding_norm else (),
             fused_groups=self.fused_groups if lay.qkv.layout else None,
+            fused_order=lay.qkv.order,
             embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
         )
