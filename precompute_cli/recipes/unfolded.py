@@ -58,7 +58,7 @@ NOT_WRITTEN: dict[str, str] = {
         "smollm3", "arcee", "ministral", "ministral3", "seed_oss", "ernie4_5", "ernie4_5_moe", "helium", "glm",
         "glm4", "glm4_moe", "phimoe", "starcoder2", "granitemoe", "granitemoeshared", "nemotron", "apertus",
         "exaone4", "dots1", "olmo3", "olmoe", "flex_olmo", "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe",
-        "llama4_text", "persimmon", "dbrx", "jetmoe", "gpt_oss")},
+        "persimmon", "dbrx", "jetmoe", "gpt_oss")},
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "gemma3", "llama4", "gemma3n", "gemma4", "qwen3_5", "qwen3_5_moe")},
     **{t: _NOT_WRITTEN.format("multi-head latent attention") for t in (
