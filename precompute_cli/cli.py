@@ -24,6 +24,7 @@ from precompute_cli.execute import interrupt_on_sigterm, precompute_block
 from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.recipes import supported
+from precompute_cli.recipes.multimodal import TextConfig
 from precompute_cli.report import analysis, refused, render_analysis, render_conversion
 from precompute_cli.source import INDEX_NAME, peek, resolve
 from precompute_cli.spec import Config
@@ -60,18 +61,21 @@ def convert(
     link: bool = typer.Option(False, "--link", help="Hard-link unchanged shards instead of copying them (same "
                               "file system; the output then shares those files with the source)."),
     device: str = typer.Option("cpu", "--device", help="Where the table's GEMM runs: cpu, or cuda where a GPU is."),
+    text_only: bool = typer.Option(False, "--text-only", help="Convert a multimodal checkpoint (gemma3, mistral3, "
+                                   "llama4) to its text decoder alone; the output refuses image inputs."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
     if dry_run:
         _dry_run(source, out, revision, offline, token, table_dtype, push_to_hub, private,
-                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None, text_only=text_only)
         return
     if push_to_hub:
         hub.check_push_target(push_to_hub, offline, token)  # before converting, not after
     done = conversion.convert(
         source, out, revision=revision, offline=offline, token=token, table_dtype=table_dtype,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None, overwrite=overwrite, link=link,
-        device=device, progress=_progress("folding layer 0"), reported=lambda r: render_conversion(console, r),
+        device=device, text_only=text_only, progress=_progress("folding layer 0"),
+        reported=lambda r: render_conversion(console, r),
         verify=(lambda original, folder: _verify(original, resolve(str(folder)))) if verify_after else None)
     report, verified = done.report, done.verified
     if json_path:
@@ -116,7 +120,7 @@ def inspect(
         if "precompute" in cfg.data:
             data = {"converted": True, "precompute": cfg.data["precompute"], **load_recipe(src).spec.as_dict()}
         else:
-            recipe = load_recipe(src, vocab_size)
+            recipe = load_recipe(src, vocab_size, text_only=True)  # a multimodal source: what --text-only gives
             reason = recipe.refusal()
             if reason:
                 data = refused(recipe.spec, reason)
@@ -125,6 +129,9 @@ def inspect(
             else:
                 data = analysis(make_plan(src, recipe, headers=found.headers), assume_parallel=assume_parallel)
             data["supported_model_types"] = supported()
+            if isinstance(recipe.cfg, TextConfig):
+                data["multimodal"] = {"model_type": recipe.cfg.outer.model_type, "converts_with": "--text-only",
+                                      "note": "the text decoder alone; image inputs are refused"}
     if as_json:
         print(json.dumps(data, indent=2))
     elif data.get("converted"):
@@ -236,7 +243,8 @@ def _print_plan(plan, out: Path) -> None:
 
 
 def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token: str | None,
-             table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None) -> None:
+             table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None,
+             text_only: bool = False) -> None:
     """What would be downloaded, written and uploaded; nothing is (a Hub checkpoint not yet in the cache is
     sized from its safetensors headers on the Hub, and its config read through a temporary folder)."""
     with peek(source, revision=revision, offline=offline, token=token) as found:
@@ -247,7 +255,8 @@ def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token:
                                                                        if pull.complete_in_cache else ""))
             for f in pull.files:
                 console.print(f"  {f.name}: " + ("cached" if f.cached else f"{f.size or 0:,} bytes"))
-        plan = make_plan(found.source, load_recipe(found.source), table_dtype, max_shard_size, found.headers)
+        plan = make_plan(found.source, load_recipe(found.source, text_only=text_only), table_dtype, max_shard_size,
+                         found.headers)
         _print_plan(plan, out)
     if found.headers is None:
         files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (

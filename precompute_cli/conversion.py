@@ -27,14 +27,15 @@ class Conversion(Generic[V]):
 
 def convert(ref: str, out: Path, *, revision: str | None = None, offline: bool = False, token: str | None = None,
             table_dtype: str | None = None, max_shard_size: int | None = None, overwrite: bool = False,
-            link: bool = False, device: str = "cpu", progress: AbstractContextManager[Progress] | None = None,
+            link: bool = False, device: str = "cpu", text_only: bool = False,
+            progress: AbstractContextManager[Progress] | None = None,
             reported: Callable[[ConversionReport], None] | None = None,
             verify: Callable[[Source, Path], V] | None = None) -> Conversion[V]:
     """Convert the checkpoint `ref` names into `out`. `progress` is entered around the fold and yields its callback;
     `reported` sees the report as soon as it exists (before a verify that takes a while, or fails);
-    `verify(source, out)` proves the output."""
+    `verify(source, out)` proves the output; `text_only` converts a multimodal source's text decoder alone."""
     src = resolve(ref, revision=revision, offline=offline, token=token)
-    plan = make_plan(src, load_recipe(src), table_dtype, max_shard_size)
+    plan = make_plan(src, load_recipe(src, text_only=text_only), table_dtype, max_shard_size)
     with progress or nullcontext() as update:
         result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
     report = conversion_report(plan, result)

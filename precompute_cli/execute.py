@@ -72,6 +72,9 @@ def precompute_block(plan: Plan) -> dict:
         "removed": [r.name for r in plan.removed],
         "source": {"id": src.ref, "revision": src.revision},
         "tool": {"name": "precompute-cli", "version": precompute_cli.__version__},
+        **({"text_only": {"source_model_type": plan.text_only.source_model_type,
+                          "image_token_index": plan.text_only.image_token,
+                          "dropped": [r.name for r in plan.text_only.dropped]}} if plan.text_only else {}),
     }
 
 

@@ -6,13 +6,14 @@ mismatch is found before a byte is written. `--dry-run`, `inspect`, the report a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import Recipe, recipe_for
+from precompute_cli.recipes.multimodal import TextConfig, is_multimodal, text_config, text_name
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
 from precompute_cli.st_io import NAME_TO_ST, TensorInfo, TensorRef, read_array
@@ -57,6 +58,16 @@ class ShardPlan:
 
 
 @dataclass(frozen=True)
+class TextOnly:
+    """A multimodal source converted to its text decoder alone (recipes/multimodal.py): tensors renamed to the text
+    model's names, the vision tower and projector not written."""
+
+    source_model_type: str
+    image_token: int
+    dropped: tuple[TensorRef, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     source: Source
     recipe: Recipe
@@ -66,6 +77,7 @@ class Plan:
     inputs: dict[str, tuple[Path, TensorInfo]]  # tensors the fold reads
     params_before: int | None  # exact when tensors are known
     bytes_before: int | None
+    text_only: TextOnly | None = None
 
     def weights(self, dtype: type = np.float32) -> Reader:
         """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (float32 for the table, float64
@@ -73,13 +85,18 @@ class Plan:
         return Reader(self.inputs, dtype)
 
     @property
+    def not_written(self) -> tuple[TensorRef, ...]:
+        """Tensors of the source missing from the output: the removed ones and, text-only, the vision model's."""
+        return self.removed + (self.text_only.dropped if self.text_only else ())
+
+    @property
     def params_after(self) -> int | None:
-        removed, added = sum(r.numel for r in self.removed), self.table.ref.numel
+        removed, added = sum(r.numel for r in self.not_written), self.table.ref.numel
         return None if self.params_before is None else self.params_before - removed + added
 
     @property
     def bytes_after(self) -> int | None:
-        removed, added = sum(r.nbytes for r in self.removed), self.table.ref.nbytes
+        removed, added = sum(r.nbytes for r in self.not_written), self.table.ref.nbytes
         return None if self.bytes_before is None else self.bytes_before - removed + added
 
     @property
@@ -125,8 +142,11 @@ class Streamed:
         return read_array(self.path, self.info, (start, stop), self.dtype)
 
 
-def load_recipe(source: Source, vocab_size: int | None = None) -> Recipe:
+def load_recipe(source: Source, vocab_size: int | None = None, text_only: bool = False) -> Recipe:
+    """The source's recipe; a multimodal source's text decoder with `text_only` (without it, recipe_for refuses)."""
     cfg = Config.load(source.config_path)
+    if text_only and is_multimodal(cfg):
+        cfg = text_config(cfg, text_only=True)
     if vocab_size is not None:
         cfg.data["vocab_size"] = vocab_size
     return recipe_for(cfg)
@@ -149,6 +169,12 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     expected = {recipe.embedding: (recipe.spec.vocab_size, recipe.spec.hidden_size),
                 **recipe.embedding_transforms(), **recipe.folded()}
     tensors = source.tensors() if source.shards else {}
+    text_only = None
+    if isinstance(cfg, TextConfig):
+        tensors, dropped = _text_tensors(tensors)
+        headers, dropped_headers = _text_tensors(headers) if headers is not None else (None, {})
+        dropped_refs = tuple(TensorRef(n, t.dtype, t.shape) for n, t in {**dropped_headers, **dropped}.items())
+        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs)
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")
@@ -174,18 +200,37 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     )
     removed = tuple(TensorRef(disk[n], dtype_of[n], tuple(s)) for n, s in recipe.removed().items())
     removed_names = {r.name for r in removed}
+    renamed = text_only is not None
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
     elif max_shard_size is None:
-        shards = _shards(tensors, removed_names, disk[recipe.embedding])
+        shards = _shards(tensors, removed_names, disk[recipe.embedding], renamed)
     else:
-        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size)
+        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size, renamed)
+    everything = [*known.values(), *(text_only.dropped if text_only else ())]
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
         inputs=inputs,
-        params_before=sum(t.numel for t in known.values()) if known else None,
-        bytes_before=sum(t.nbytes for t in known.values()) if known else None,
+        params_before=sum(t.numel for t in everything) if known else None,
+        bytes_before=sum(t.nbytes for t in everything) if known else None,
+        text_only=text_only,
     )
+
+
+def _text_tensors(tensors: dict) -> tuple[dict, dict]:
+    """A multimodal checkpoint's tensors as the text model names them (values renamed too: what the output
+    writes), and the ones it has no name for (vision tower, projector), which are not written."""
+    kept, dropped = {}, {}
+    for name, entry in tensors.items():
+        new = text_name(name)
+        info = entry[1] if isinstance(entry, tuple) else entry
+        if new is None:
+            dropped[name] = info
+        elif new in kept:
+            raise InputError(f"{info.name}: two tensors of the checkpoint would both be the text model's {new}")
+        else:
+            kept[new] = (entry[0], replace(info, name=new)) if isinstance(entry, tuple) else replace(entry, name=new)
+    return kept, dropped
 
 
 def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, object]) -> dict[str, str]:
@@ -205,8 +250,10 @@ def _table_dtype(requested: str | None, embedding_dtype: str) -> str:
     return NAME_TO_ST[requested]
 
 
-def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str) -> tuple[ShardPlan, ...]:
-    """Mirror the source's shards; the table goes where the embedding was."""
+def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str,
+            renamed: bool = False) -> tuple[ShardPlan, ...]:
+    """Mirror the source's shards; the table goes where the embedding was. `renamed` tensors (text-only) are never
+    copied as whole files: their names change."""
     by_file: dict[Path, list[TensorInfo]] = {}
     for path, info in tensors.values():
         by_file.setdefault(path, []).append(info)
@@ -216,7 +263,8 @@ def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embe
     for path, infos in sorted(by_file.items()):
         kept = tuple(sorted((i for i in infos if i.name not in removed), key=lambda i: i.start))
         if kept or path == table_home:
-            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home))
+            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, -1 if renamed else len(infos),
+                                   path == table_home))
     return tuple(plans)
 
 
@@ -240,7 +288,7 @@ def parse_size(text: str) -> int:
 
 
 def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str, table: TablePlan,
-               max_shard_size: int) -> tuple[ShardPlan, ...]:
+               max_shard_size: int, renamed: bool = False) -> tuple[ShardPlan, ...]:
     """Split the output afresh, in the source's order, the table where the embedding was (after it when kept).
 
     huggingface_hub's size-based split (what save_pretrained uses): a tensor larger than the limit, such as a big
@@ -266,7 +314,7 @@ def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], e
         pieces = [entries[n] for n in names if entries[n] is not None]
         files = {p for p, _ in pieces}
         has_table = table.name in names
-        whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))]
+        whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))] and not renamed
         home = pieces[0][0] if pieces else next(iter(tensors.values()))[0]
         plans.append(ShardPlan(name, home, tuple(i for _, i in pieces), len(pieces) if whole else -1, has_table,
                                () if whole else tuple(p for p, _ in pieces)))

@@ -137,6 +137,8 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     model_dtype = next(model.parameters()).dtype
     table = _read_table(src, block["table"]).to(model_dtype)
     patch_model(model, recipe, block, table)
+    if "text_only" in block:
+        refuse_image_inputs(model, block["text_only"])
     return model.to(device).eval()
 
 
@@ -163,6 +165,27 @@ def patch_model(model: nn.Module, recipe, block: dict, table: torch.Tensor) -> N
     if spans["residual"] is not None:
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
+
+
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds")
+
+
+def refuse_image_inputs(model: nn.Module, text_only: dict) -> None:
+    """A text decoder cut out of a multimodal checkpoint (convert --text-only) has no vision model: an image, or
+    the image token that stands for one, would be computed as text and give a wrong answer; refuse both."""
+    source, token = text_only.get("source_model_type"), text_only.get("image_token_index")
+    why = (f"this precomputed checkpoint is the text decoder of a {source} model alone (convert --text-only); "
+           "it takes text only")
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = [k for k in IMAGE_INPUTS if kwargs.get(k) is not None]
+        if given:
+            raise InputError(f"{why}, not {', '.join(given)}")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
+            raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def _read_table(src, name: str) -> torch.Tensor:

@@ -60,7 +60,7 @@ NOT_WRITTEN: dict[str, str] = {
         "exaone4", "dots1", "olmo3", "olmoe", "flex_olmo", "minimax_m2", "hunyuan_v1_dense", "hunyuan_v1_moe",
         "persimmon", "dbrx", "jetmoe", "gpt_oss")},
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
-        "gemma3", "llama4", "gemma3n", "gemma4", "qwen3_5", "qwen3_5_moe")},
+        "gemma3n", "gemma4", "qwen3_5", "qwen3_5_moe")},
     **{t: _NOT_WRITTEN.format("multi-head latent attention") for t in (
         "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite")},
     **{t: _NOT_WRITTEN.format("linear attention, Mamba or a short convolution behind per-token projections")
