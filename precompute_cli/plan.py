@@ -179,12 +179,13 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")
     files = {n: path for n, (path, _) in tensors.items()}  # where a tensor is named in errors; else the checkpoint
-    disk = _names_on_disk(recipe, list(expected), known)
-    for name, shape in expected.items():
+    kept = dict.fromkeys(recipe.kept())  # read by layer 0 after the table: they must be there, and they stay
+    disk = _names_on_disk(recipe, [*expected, *kept], known)
+    for name, shape in {**kept, **expected}.items():
         if known and disk[name] not in known:
             raise InputError(f"{source.ref}: the config describes a {cfg.model_type} model, "
                              f"but the checkpoint has no tensor {name}")
-        if known and known[disk[name]].shape != shape:
+        if known and shape is not None and known[disk[name]].shape != shape:
             raise InputError(f"{files.get(disk[name], source.ref)}: tensor {disk[name]} has shape "
                              f"{list(known[disk[name]].shape)}, the config implies {list(shape)}")
     inputs = {n: tensors[disk[n]] for n in expected} if tensors else {}

@@ -179,6 +179,9 @@ def four_d(v: dict[str, Any]) -> int:
     return 4 * v["hidden_size"]
 
 
+TIED = Key("tie_word_embeddings", default=True)  # for families whose embeddings are tied unless said otherwise
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Where a family's config keeps each size of ModelSpec, in reading order: transformers' common spellings and
@@ -219,3 +222,9 @@ class Sizes:
                 known[f.name] = item(cfg, known)
         known["num_experts"] = max(known["num_experts"], 1)
         return ModelSpec(dtype=cfg.dtype, **known, **spec)
+
+
+def mha(**keys: Any) -> Sizes:
+    """Sizes of the older families: one KV head per head and head_dim = hidden_size / heads, whatever the config
+    says (their attention reads neither key); `keys` give where the rest is spelled."""
+    return Sizes(num_kv_heads=Key(default=heads), head_dim=Key(default=per_head), **keys)

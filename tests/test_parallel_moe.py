@@ -3,7 +3,8 @@
 The shipped parallel MoE is cohere2_moe (tests/test_parallel_families.py). This file adds a second wiring that no
 public architecture has: Qwen2-MoE (softmax over all experts, optional renormalisation, a sigmoid-gated shared
 expert, a second norm for the FFN) with its decoder layer rewired as out = x + attn(LN1 x) + moe(LN2 x), registered
-under a test-only model_type, with a test-only recipe. The product's part is ops.moe, which is also checked here
+under a test-only model_type, with a test-only recipe (a declaration,
+recipes.declare.Moe). The product's part is ops.moe, which is also checked here
 against transformers' own MoE modules, and the streaming of the experts (never held whole in float).
 """
 
@@ -28,10 +29,11 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 
 from precompute_cli.cli import main
 from precompute_cli.plan import load_recipe, make_plan
-from precompute_cli.recipes import REGISTRY, Recipe, RuntimePatch, ops
-from precompute_cli.recipes.base import Shape, Weights, register
+from precompute_cli.recipes import REGISTRY, ops
+from precompute_cli.recipes.base import register
+from precompute_cli.recipes.declare import Declared, Key, Layout, Moe, Sizes, rms, separate
 from precompute_cli.source import resolve
-from precompute_cli.spec import ModelSpec
+from precompute_cli.spec import per_head
 
 MODEL_TYPE = "test_parallel_qwen2_moe"
 SIZES = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
@@ -62,57 +64,17 @@ class ParallelMoeForCausalLM(Qwen2MoeForCausalLM):
         self.post_init()
 
 
-class ParallelMoeRecipe(Recipe):
-    """The test-only recipe: Qwen2-MoE names, parallel wiring, the whole MoE folded with ops.moe."""
+class ParallelMoeRecipe(Declared):
+    """The test-only recipe: Qwen2-MoE names, parallel wiring, the whole MoE folded (a Moe declaration)."""
 
-    model_types = (MODEL_TYPE,)
-    prefix = "model.layers.0."
-    embedding = "model.embed_tokens.weight"
-
-    def describe(self) -> ModelSpec:
-        c = self.cfg
-        d, heads = c.int("hidden_size"), c.int("num_attention_heads")
-        return ModelSpec(
-            model_type=MODEL_TYPE, block="parallel", positional="rope", hidden_size=d, num_heads=heads,
-            num_kv_heads=c.int("num_key_value_heads"), head_dim=d // heads,
-            intermediate_size=c.int("moe_intermediate_size"), ffn_matrices=3, num_experts=c.int("num_experts"),
-            vocab_size=c.int("vocab_size"), num_layers=c.int("num_hidden_layers"),
-            tied_embeddings=bool(c.get("tie_word_embeddings", default=False)), dtype=c.dtype)
-
-    def folded(self) -> dict[str, Shape]:
-        s, p, d = self.spec, self.prefix, self.spec.hidden_size
-        out: dict[str, Shape] = {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
-        for n, width in (("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)):
-            out[f"{p}self_attn.{n}_proj.weight"] = (width, d)
-            out[f"{p}self_attn.{n}_proj.bias"] = (width,)
-        out[p + "mlp.gate.weight"] = (s.num_experts, d)
-        widths = {f"experts.{e}": s.intermediate_size for e in range(s.num_experts)}
-        widths["shared_expert"] = self.cfg.int("shared_expert_intermediate_size")
-        for name, inner in widths.items():
-            out.update({f"{p}mlp.{name}.gate_proj.weight": (inner, d), f"{p}mlp.{name}.up_proj.weight": (inner, d),
-                        f"{p}mlp.{name}.down_proj.weight": (d, inner)})
-        out[p + "mlp.shared_expert_gate.weight"] = (1, d)
-        return out
-
-    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
-        p, c = self.prefix, self.cfg
-        x, eps = ops.upcast(x), float(c.get("rms_norm_eps", default=1e-6))
-        h = ops.rms_norm(x, w(p + "input_layernorm.weight"), eps)
-        out = {n: ops.linear(h, w(f"{p}self_attn.{n}_proj.weight"), w(f"{p}self_attn.{n}_proj.bias")) for n in "qkv"}
-
-        def glu(name: str) -> tuple[np.ndarray, ...]:
-            return tuple(w(f"{p}mlp.{name}.{m}_proj.weight") for m in ("gate", "up", "down"))
-
-        h2 = ops.rms_norm(x, w(p + "post_attention_layernorm.weight"), eps)
-        out["residual"] = x + ops.moe(
-            h2, w(p + "mlp.gate.weight"), lambda e: glu(f"experts.{e}"), self.spec.num_experts,
-            c.int("num_experts_per_tok"), bool(c.get("norm_topk_prob", default=False)), c.get("hidden_act"),
-            shared=glu("shared_expert"), shared_gate=w(p + "mlp.shared_expert_gate.weight"))
-        return out
-
-    def runtime_patch(self) -> RuntimePatch:
-        return RuntimePatch(layer="model.layers.0", projections={n: f"self_attn.{n}_proj" for n in "qkv"},
-                            identities=("input_layernorm", "post_attention_layernorm"), zeros=("mlp",))
+    layouts = {MODEL_TYPE: Layout(
+        sizes=Sizes(head_dim=Key(default=per_head), num_experts=Key("num_experts"),
+                    intermediate_size=Key("moe_intermediate_size")),
+        parallel=True,
+        qkv=separate(bias=True),
+        ffn=Moe(shared="shared_expert", shared_width=Key("shared_expert_intermediate_size"),
+                shared_gate="shared_expert_gate", norm=rms("post_attention_layernorm")),
+    )}
 
 
 @pytest.fixture(scope="module", autouse=True)

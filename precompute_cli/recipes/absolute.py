@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from precompute_cli.recipes.base import Recipe, register
 from precompute_cli.recipes.unfolded import REFUSED
-from precompute_cli.spec import Key, ModelSpec, Sizes, four_d, heads, per_head
+from precompute_cli.spec import TIED, Key, ModelSpec, four_d, mha
 
-SIZES = Sizes(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
-              num_kv_heads=Key(default=heads), head_dim=Key(default=per_head),
-              intermediate_size=Key("n_inner", "ffn_dim", default=four_d),
-              num_layers=Key("n_layer", "num_hidden_layers"),
-              tied_embeddings=Key("tie_word_embeddings", default=True))
+SIZES = mha(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
+            intermediate_size=Key("n_inner", "ffn_dim", default=four_d), num_layers=Key("n_layer", "num_hidden_layers"),
+            tied_embeddings=TIED)
 
 
 @register

@@ -73,6 +73,10 @@ class Recipe:
         """Tensors applied to the embedding row before layer 0 (BLOOM's word_embeddings_layernorm)."""
         return {}
 
+    def kept(self) -> tuple[str, ...]:
+        """Layer 0's tensors its attention reads after the table (sinks, q/k norms after RoPE): checked, not removed."""
+        return ()
+
     def folded(self) -> dict[str, Shape]:
         """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""
         raise NotImplementedError

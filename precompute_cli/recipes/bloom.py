@@ -12,8 +12,8 @@ BLOOM checkpoints saved from BloomModel name tensors without "transformer." ("h.
 from __future__ import annotations
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, fused, layer_norm, mlp
-from precompute_cli.spec import four_d, heads, per_head
+from precompute_cli.recipes.declare import Declared, Key, Layout, fused, layer_norm, mlp
+from precompute_cli.spec import TIED, four_d, mha
 
 EPS = Key("layer_norm_epsilon", default=1e-5)
 
@@ -22,10 +22,9 @@ EPS = Key("layer_norm_epsilon", default=1e-5)
 class Bloom(Declared):
     layouts = {"bloom": Layout(
         prefix="transformer.h.0.", embedding="transformer.word_embeddings.weight", base_prefix="transformer.",
-        sizes=Sizes(hidden_size=Key("hidden_size", "n_embed"), num_heads=Key("n_head", "num_attention_heads"),
-                    num_kv_heads=Key(default=heads), head_dim=Key(default=per_head),
-                    intermediate_size=Key(default=four_d), num_layers=Key("n_layer", "num_hidden_layers"),
-                    tied_embeddings=Key("tie_word_embeddings", default=True)),
+        sizes=mha(hidden_size=Key("hidden_size", "n_embed"), num_heads=Key("n_head", "num_attention_heads"),
+                  intermediate_size=Key(default=four_d), num_layers=Key("n_layer", "num_hidden_layers"),
+                  tied_embeddings=TIED),
         positional="alibi",
         embedding_norm=layer_norm("transformer.word_embeddings_layernorm", eps=EPS),
         input_norm=layer_norm("input_layernorm", eps=EPS),

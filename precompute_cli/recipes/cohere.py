@@ -19,9 +19,8 @@ from dataclasses import replace
 
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Moe, Sizes, glu, layer_norm, rms, separate
-from precompute_cli.spec import Config, ModelSpec, per_head
+from precompute_cli.spec import TIED, Config, ModelSpec, per_head
 
-TIED = Key("tie_word_embeddings", default=True)
 COHERE_NORM = layer_norm("input_layernorm", bias=False)
 ATTENTION_BIAS = separate(bias=Key("attention_bias", default=False))
 

@@ -42,10 +42,9 @@ How to add a model type
    q, k, v. Norms are values: rms(...) with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's
    mean-centred norm, weight=False for a weightless one; each with eps=Key(config key, default=...) or a fixed
    float. Fused projections: fused(module, "blocked" | "per_head" | "per_kv_group" | a fixed number of blocks,
-   order="qkv" | "qvk"). A routed FFN is ffn=Moe(...): router, experts "{}" by index, top-k scoring, shared experts;
-   in a parallel block it folds whole, its experts streamed (read a block of rows at a time, never held in float).
-   Tensors the attention reads after the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with
-   after_rope=True (it stays).
+   order="qkv" | "qvk"). Tensors the attention reads after the table (sinks) go in keep=(...); a q/k norm after RoPE
+   is declared with after_rope=True (it stays). A parallel block's FFN is mlp(up, down), glu(gate, up, down) or
+   Moe(router, experts, shared expert...): it folds whole, a Moe's experts streamed (never held whole in float).
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
@@ -84,6 +83,10 @@ class Norm:
     rows: str = "shared"  # per-head weights: "shared" [hd], "per_head" [H, hd], "modules" ({}.norms.i, one per head)
     when: Key | bool = True  # present only when this is true (a q/k norm behind a config flag)
     after_rope: bool = False  # a q/k norm applied after RoPE: outside the table, so it stays in the model
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("hidden", "head", "projection") or self.rows not in ("shared", "per_head", "modules"):
+            raise ValueError(f"norm {self.module}: scope {self.scope!r} / rows {self.rows!r} is not one this knows")
 
     def tensors(self, where: str, spec: ModelSpec, which: str = "") -> dict[str, Shape]:
         """Its tensors on disk; `which` is "q" or "k" for a q/k norm."""
@@ -200,8 +203,12 @@ class Ffn:
     act: Key = Key("hidden_act", default="silu")
     norm: Norm | None = None
 
-    def tensors(self, where: str, spec: ModelSpec, bias: bool) -> dict[str, Shape]:
-        d, inner = spec.hidden_size, spec.intermediate_size
+    def __post_init__(self) -> None:
+        if len(self.matrices) not in (2, 3) or (len(self.matrices) == 3 and self.bias is not False):
+            raise ValueError(f"FFN {self.matrices}: two matrices (with or without biases) or three without")
+
+    def tensors(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
+        d, inner, bias = spec.hidden_size, spec.intermediate_size, bool(value(cfg, self.bias))
         out: dict[str, Shape] = {}
         for name in self.matrices:
             shape = (d, inner) if name == self.matrices[-1] else (inner, d)  # the last is down: inner -> d
@@ -210,44 +217,83 @@ class Ffn:
                 out[f"{where}{self.module}.{name}.bias"] = shape[:1]
         return out
 
+    def apply(self, w: Weights, h: np.ndarray, where: str, cfg: Config, spec: ModelSpec) -> np.ndarray:
+        names = [f"{where}{self.module}.{m}" for m in self.matrices]
+        act = str(value(cfg, self.act))
+        if len(names) == 3:
+            return ops.glu(h, *(w(n + ".weight") for n in names), act)
+        up, down = names
+        bias = bool(value(cfg, self.bias))
+        return ops.mlp(h, w(up + ".weight"), w(up + ".bias") if bias else None,
+                       w(down + ".weight"), w(down + ".bias") if bias else None, act)
+
 
 @dataclass(frozen=True)
 class Moe:
-    """Layer 0's routed FFN under `module`: a router, experts (each a GLU, "{}" = its index) of which each token
-    takes the top k (ops.moe), and optional shared experts. Like Ffn it folds only in a parallel block, where the
-    whole output lands in the residual columns; the experts are streamed (read a block at a time, never held
-    whole in float), the router and nothing else is loaded once."""
+    """A routed GLU FFN under `module` (ops.moe): the router scores the experts (softmax over all of them, or the
+    sigmoid of the top k), each token takes the top k ("{}" = the expert's index), and an optional shared expert,
+    scaled by sigmoid(shared_gate x), is added to the routed sum or averaged with it. Experts are intermediate_size
+    wide (Sizes), the shared expert `shared_width` (a Key, or a function of the config and spec; 0: none). In a
+    parallel block the whole of it folds, as an Ffn does, and its experts are streamed: read a block of rows at a
+    time and converted from their stored dtype as they are used, never held whole in float (Declared.streamed)."""
 
-    module: str = "mlp"
     router: str = "gate"
     experts: str = "experts.{}"
     matrices: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    module: str = "mlp"
     top_k: Key = Key("num_experts_per_tok", default=2)
+    renormalize: Key | bool = Key("norm_topk_prob", default=False)
+    shared: str | None = None
+    shared_width: Key | Callable[[Config, ModelSpec], int] | None = None
+    shared_gate: str | None = None
     scoring: Key | str = "softmax"  # ops.top_k_route: "softmax" or "sigmoid"
-    renormalize: Key | bool = True
-    shared: str | None = None  # the shared experts' GLU module under `module`, when shared_width is not 0
-    shared_width: Callable[[Config, ModelSpec], int] | None = None
-    average_shared: Key | bool = False  # (routed + shared) / 2 rather than their sum
+    average_shared: Key | bool = False  # (routed + shared) / 2 rather than their sum (Cohere 2 MoE's "average")
     act: Key = Key("hidden_act", default="silu")
     norm: Norm | None = None
-    bias: bool = False
 
-    def glus(self, where: str, cfg: Config, spec: ModelSpec) -> dict[str, int]:
-        """Module -> inner width of each GLU: the experts, then the shared experts if any."""
-        out = {f"{where}{self.module}.{self.experts.format(e)}": spec.intermediate_size
-               for e in range(spec.num_experts)}
-        width = self.shared_width(cfg, spec) if self.shared and self.shared_width else 0
-        if width:
-            out[f"{where}{self.module}.{self.shared}"] = width
-        return out
+    def _experts(self, spec: ModelSpec, cfg: Config) -> dict[str, int]:
+        """Each expert's module (and the shared one's) under `module`, with its width."""
+        widths = {self.experts.format(e): spec.intermediate_size for e in range(spec.num_experts)}
+        if self.shared:
+            width = self.shared_width
+            width = (spec.intermediate_size if width is None else width.int(cfg, {}) if isinstance(width, Key)
+                     else width(cfg, spec))
+            if width:
+                widths[self.shared] = width
+        return widths
 
     def tensors(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
-        d = spec.hidden_size
-        out: dict[str, Shape] = {f"{where}{self.module}.{self.router}.weight": (spec.num_experts, d)}
-        for module, inner in self.glus(where, cfg, spec).items():
-            for name in self.matrices:
-                out[f"{module}.{name}.weight"] = (d, inner) if name == self.matrices[-1] else (inner, d)
+        m, d = where + self.module, spec.hidden_size
+        out: dict[str, Shape] = {f"{m}.{self.router}.weight": (spec.num_experts, d)}
+        for expert, inner in self._experts(spec, cfg).items():
+            out.update({f"{m}.{expert}.{name}.weight": (d, inner) if name == self.matrices[-1] else (inner, d)
+                        for name in self.matrices})
+        if self.shared_gate:
+            out[f"{m}.{self.shared_gate}.weight"] = (1, d)
         return out
+
+    def streamed(self, where: str, spec: ModelSpec, cfg: Config) -> tuple[str, ...]:
+        """The experts' matrices (the shared expert's too): read a block of rows at a time."""
+        m = where + self.module
+        return tuple(f"{m}.{expert}.{name}.weight" for expert in self._experts(spec, cfg) for name in self.matrices)
+
+    def apply(self, w: Weights, h: np.ndarray, where: str, cfg: Config, spec: ModelSpec) -> np.ndarray:
+        m = where + self.module
+
+        def glu(expert: str) -> tuple[ops.Rows, ...]:
+            return tuple(streamed(w, f"{m}.{expert}.{name}.weight") for name in self.matrices)
+
+        shared = self.shared in self._experts(spec, cfg)
+        return ops.moe(h, w(f"{m}.{self.router}.weight"), lambda e: glu(self.experts.format(e)), spec.num_experts,
+                       int(value(cfg, self.top_k)), bool(value(cfg, self.renormalize)), str(value(cfg, self.act)),
+                       shared=glu(self.shared) if shared else None,
+                       shared_gate=w(f"{m}.{self.shared_gate}.weight") if shared and self.shared_gate else None,
+                       scoring=str(value(cfg, self.scoring)), average_shared=bool(value(cfg, self.average_shared)))
+
+
+def streamed(w: Weights, name: str) -> ops.Rows:
+    """A weight the fold reads a block of rows at a time (plan.Reader.streamed); from any other accessor, whole."""
+    return w.streamed(name) if hasattr(w, "streamed") else w(name)
 
 
 def glu(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj", **rest: Any) -> Ffn:
@@ -283,11 +329,6 @@ class Layout:
     clamp: Clamp | None = None
     ffn: Ffn | Moe = field(default_factory=Ffn)
     keep: tuple[str, ...] = ()  # layer 0's tensors read after the table (sinks): they stay
-
-
-def streamed(w: Weights, name: str) -> ops.Rows:
-    """A weight the fold reads a block of rows at a time (plan.Reader.streamed); from any other accessor, whole."""
-    return w.streamed(name) if hasattr(w, "streamed") else w(name)
 
 
 class Declared(Recipe):
@@ -365,6 +406,7 @@ class Declared(Recipe):
     def folded(self) -> dict[str, Shape]:
         lay, s, p = self.layout, self.spec, self.prefix
         out = lay.input_norm.tensors(p, s) if lay.input_norm else {}
+        out.update(self.ffn_norm.tensors(p, s) if self.ffn_norm else {})
         has_bias = bool(value(self.cfg, lay.qkv.bias))
         for module, width in lay.qkv.widths(s).items():
             out[f"{p}{module}.weight"] = (width, s.hidden_size)
@@ -373,19 +415,13 @@ class Declared(Recipe):
         if self.qk_norm:
             out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
         if self.parallel:
-            out.update(self.ffn_norm.tensors(p, s) if self.ffn_norm else {})
-            if isinstance(lay.ffn, Moe):
-                out.update(lay.ffn.tensors(p, s, self.cfg))
-            else:
-                out.update(lay.ffn.tensors(p, s, bool(value(self.cfg, lay.ffn.bias))))
+            out.update(lay.ffn.tensors(p, s, self.cfg))
         return out
 
     def streamed(self) -> tuple[str, ...]:
         """A parallel MoE's expert matrices (the router is small and read whole)."""
         ffn = self.layout.ffn
-        if not (self.parallel and isinstance(ffn, Moe)):
-            return ()
-        return tuple(f"{m}.{n}.weight" for m in ffn.glus(self.prefix, self.cfg, self.spec) for n in ffn.matrices)
+        return ffn.streamed(self.prefix, self.spec, self.cfg) if self.parallel and isinstance(ffn, Moe) else ()
 
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors the attention still reads after the table: declared ones and q/k norms after RoPE."""
@@ -415,8 +451,8 @@ class Declared(Recipe):
             for n in "qk":
                 out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
         if self.parallel:
-            out["residual"] = out["residual"] + self.ffn(w, self.ffn_norm.apply(w, x, p, cfg, s)
-                                                         if self.ffn_norm else h)
+            h_ffn = self.ffn_norm.apply(w, x, p, cfg, s) if self.ffn_norm else h
+            out["residual"] = out["residual"] + lay.ffn.apply(w, h_ffn, p, cfg, s)
         return out
 
     def project(self, w: Weights, h: np.ndarray) -> dict[str, np.ndarray]:
@@ -434,32 +470,6 @@ class Declared(Recipe):
     @property
     def fused_groups(self) -> int:
         return self.layout.qkv.groups(self.spec)
-
-    def ffn(self, w: Weights, h: np.ndarray) -> np.ndarray:
-        ffn, cfg = self.layout.ffn, self.cfg
-        if isinstance(ffn, Moe):
-            return self.moe(w, h, ffn)
-        names = [f"{self.prefix}{ffn.module}.{m}" for m in ffn.matrices]
-        act = str(value(cfg, ffn.act))
-        if len(names) == 3:
-            return ops.glu(h, *(w(n + ".weight") for n in names), act)
-        up, down = names
-        bias = bool(value(cfg, ffn.bias))
-        return ops.mlp(h, w(up + ".weight"), w(up + ".bias") if bias else None,
-                       w(down + ".weight"), w(down + ".bias") if bias else None, act)
-
-    def moe(self, w: Weights, h: np.ndarray, moe: Moe) -> np.ndarray:
-        cfg, s = self.cfg, self.spec
-
-        def glu(module: str) -> tuple[ops.Rows, ...]:
-            return tuple(streamed(w, f"{module}.{n}.weight") for n in moe.matrices)
-
-        modules = list(moe.glus(self.prefix, cfg, s))
-        shared = glu(modules[-1]) if len(modules) > s.num_experts else None
-        return ops.moe(h, w(f"{self.prefix}{moe.module}.{moe.router}.weight"), lambda e: glu(modules[e]),
-                       s.num_experts, int(value(cfg, moe.top_k)), bool(value(cfg, moe.renormalize)),
-                       str(value(cfg, moe.act)), shared=shared, scoring=str(value(cfg, moe.scoring)),
-                       average_shared=bool(value(cfg, moe.average_shared)))
 
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which

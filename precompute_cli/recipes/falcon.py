@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, fused, layer_norm, mlp
-from precompute_cli.spec import four_d, heads, per_head
+from precompute_cli.spec import TIED, four_d, heads, per_head
 
 EPS = Key("layer_norm_epsilon", default=1e-5)
 BIAS = Key("bias", default=False)
@@ -45,7 +45,7 @@ class Falcon(Declared):
                         num_kv_heads=DECLARED_KV if new_arch else Key(default=1 if self.multi_query else heads),
                         head_dim=Key(default=per_head), intermediate_size=Key("ffn_hidden_size", default=four_d),
                         num_layers=Key("num_hidden_layers", "n_layer"),
-                        tied_embeddings=Key("tie_word_embeddings", default=True)),
+                        tied_embeddings=TIED),
             parallel=new_arch or bool(c.get("parallel_attn", default=True)),
             positional="alibi" if c.get("alibi", default=False) else "rope",
             input_norm=layer_norm("ln_attn" if two_norms else "input_layernorm", eps=EPS),

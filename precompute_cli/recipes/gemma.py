@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms, separate, sqrt_hidden
+from precompute_cli.spec import TIED
 
 
 def gemma(kv_heads: int, qk_norm: bool = False) -> Layout:
     """The config classes' KV-head defaults differ by type; gemma3_text adds the q/k norms."""
     return Layout(
         sizes=Sizes(num_kv_heads=Key("num_key_value_heads", default=kv_heads), head_dim=Key("head_dim", default=256),
-                    tied_embeddings=Key("tie_word_embeddings", default=True)),
+                    tied_embeddings=TIED),
         embedding_scale=sqrt_hidden,
         input_norm=rms("input_layernorm", offset=1.0),
         qkv=separate(bias=Key("attention_bias", default=False)),

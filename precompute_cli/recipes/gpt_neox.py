@@ -11,15 +11,15 @@ No GQA: a num_key_value_heads key (some configs carry one) is ignored by GPTNeoX
 from __future__ import annotations
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, fused, layer_norm, mlp
-from precompute_cli.spec import heads, per_head
+from precompute_cli.recipes.declare import Declared, Key, Layout, fused, layer_norm, mlp
+from precompute_cli.spec import mha
 
 
 @register
 class GPTNeoX(Declared):
     layouts = {"gpt_neox": Layout(
         prefix="gpt_neox.layers.0.", embedding="gpt_neox.embed_in.weight",
-        sizes=Sizes(num_kv_heads=Key(default=heads), head_dim=Key(default=per_head)),
+        sizes=mha(),
         parallel=Key("use_parallel_residual", default=True),
         input_norm=layer_norm("input_layernorm"),
         qkv=fused("attention.query_key_value", "per_head", bias=Key("attention_bias", default=True)),

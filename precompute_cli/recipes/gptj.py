@@ -11,12 +11,11 @@ model): each shard is [q | v | k], V before K, with the heads contiguous across 
 from __future__ import annotations
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, fused, layer_norm, mlp, separate
-from precompute_cli.spec import four_d, heads, per_head
+from precompute_cli.recipes.declare import Declared, Key, Layout, fused, layer_norm, mlp, separate
+from precompute_cli.spec import four_d, mha
 
-GPT2_SIZES = Sizes(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
-                   num_kv_heads=Key(default=heads), head_dim=Key(default=per_head),
-                   intermediate_size=Key("n_inner", default=four_d), num_layers=Key("n_layer", "num_hidden_layers"))
+GPT2_SIZES = mha(hidden_size=Key("n_embd", "hidden_size"), num_heads=Key("n_head", "num_attention_heads"),
+                 intermediate_size=Key("n_inner", default=four_d), num_layers=Key("n_layer", "num_hidden_layers"))
 CODEGEN_SHARDS = 4  # CodeGenAttention.mp_num
 
 

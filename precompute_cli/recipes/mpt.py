@@ -11,18 +11,17 @@ MptMLP hard-codes 4 * d_model (expansion_ratio is ignored).
 from __future__ import annotations
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Clamp, Declared, Key, Layout, Sizes, fused, layer_norm, mlp
-from precompute_cli.spec import four_d, heads, per_head
+from precompute_cli.recipes.declare import Clamp, Declared, Key, Layout, fused, layer_norm, mlp
+from precompute_cli.spec import TIED, four_d, mha
 
 
 @register
 class Mpt(Declared):
     layouts = {"mpt": Layout(
         prefix="transformer.blocks.0.", embedding="transformer.wte.weight",
-        sizes=Sizes(hidden_size=Key("d_model", "hidden_size"), num_heads=Key("n_heads", "num_attention_heads"),
-                    num_kv_heads=Key(default=heads), head_dim=Key(default=per_head),
-                    intermediate_size=Key(default=four_d), num_layers=Key("n_layers", "num_hidden_layers"),
-                    tied_embeddings=Key("tie_word_embeddings", default=True)),
+        sizes=mha(hidden_size=Key("d_model", "hidden_size"), num_heads=Key("n_heads", "num_attention_heads"),
+                  intermediate_size=Key(default=four_d), num_layers=Key("n_layers", "num_hidden_layers"),
+                  tied_embeddings=TIED),
         positional="alibi",
         input_norm=layer_norm("norm_1", bias=False, eps=Key("layer_norm_epsilon", default=1e-5)),
         qkv=fused("attn.Wqkv", "blocked"),
