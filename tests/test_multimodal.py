@@ -121,3 +121,13 @@ def test_inspect_reads_the_text_decoder(tmp_path, capsys):
     assert data["table_width"] == 4 * 16 + 2 * 2 * 16  # tied: q, k, v only
     names = {t["name"] for t in data["removed"]}
     assert "model.layers.0.self_attn.q_proj.weight" in names  # the text model's names, as the output has them
+
+
+def test_text_only_resharded(tmp_path):
+    """Re-sharding renames too: no output file is a verbatim copy of a source file with the multimodal names."""
+    src = build_multimodal(tmp_path / "src", "gemma3")
+    assert convert(src, tmp_path / "out", "--text-only", "--max-shard-size", "300KB") == 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    assert all(n.startswith(("model.", "precompute.")) for n in index)
+    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids())
