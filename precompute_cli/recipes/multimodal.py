@@ -56,7 +56,8 @@ class TextConfig(Config):
 
 
 def is_multimodal(cfg: Config) -> bool:
-    return cfg.data.get("model_type") in WRAPPERS
+    model_type = cfg.data.get("model_type")  # anything, in a broken config: recipe_for says what is wrong with it
+    return isinstance(model_type, str) and model_type in WRAPPERS
 
 
 def text_config(cfg: Config, text_only: bool) -> TextConfig:
