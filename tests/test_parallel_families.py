@@ -237,3 +237,15 @@ def test_cohere2_moe_unknown_routing_is_refused(tmp_path, capsys, key, bad):
                                              num_hidden_layers=2, vocab_size=100, intermediate_size=32, **{key: bad}))
     data = _inspect(capsys, cfg)
     assert not data["precomputable"] and bad in data["reason"]
+
+
+def test_inspect_codegen(tmp_path, capsys):
+    """The fused [q | v | k] projection and the MLP (with biases) are eliminated; the untied embedding moves into
+    the table's residual columns."""
+    src = build(tmp_path / "src", **CASES["codegen"])
+    data = _inspect(capsys, src)
+    d, inner, vocab = 64, 96, 211
+    assert data["model_type"] == "codegen" and data["block"] == "parallel" and data["attention"] == "MHA"
+    assert data["table_width"] == 4 * d and data["eliminated_linear_params"] == 3 * d * d + 2 * d * inner
+    # + ln_1's weight and bias, fc_in's and fc_out's biases, the untied embedding
+    assert data["eliminated_params"] == 3 * d * d + 2 * d * inner + 2 * d + inner + d + vocab * d
