@@ -17,9 +17,10 @@ How to add a model type
    keys and their defaults. Anything that acts after RoPE or on the attention output is not the table's business.
 2. If it is the Llama skeleton with other names, flags or norms, add a `Layout` to the family's `layouts` (or a
    new module in recipes/ with a `@register`ed `Declared` subclass: modules are discovered, nothing to import).
-   Every field defaults to Llama's; write only what differs. A Qwen3-like type with biases from a config key,
-   a per-head q/k RMSNorm before RoPE, an eps default of 1e-5, three KV heads by default and a GPT-NeoX-style
-   parallel FFN reading its own LayerNorm would be:
+   Every field defaults to Llama's; write only what differs: Mistral is
+   `Layout(sizes=Sizes(num_kv_heads=Key("num_key_value_heads", default=8)))`, Qwen2 `Layout(qkv=separate(bias=True))`
+   (recipes/llama.py). A Qwen3-like type with biases from a config key, a per-head q/k RMSNorm before RoPE, an eps
+   default of 1e-5, three KV heads by default and a GPT-NeoX-style parallel FFN reading its own LayerNorm would be:
 
         from precompute_cli.recipes.base import register
         from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, layer_norm, mlp, rms, separate
@@ -45,6 +46,9 @@ How to add a model type
    order="qkv" | "qvk"). Tensors the attention reads after the table (sinks) go in keep=(...); a q/k norm after RoPE
    is declared with after_rope=True (it stays). A parallel block's FFN is mlp(up, down), glu(gate, up, down) or
    Moe(router, experts, shared expert...): it folds whole, a Moe's experts streamed (never held whole in float).
+   Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
+   config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
+   embedding_scale=sqrt_hidden, embedding_norm=..., norm_is_residual=Key(...), base_prefix="transformer.".
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
@@ -397,7 +401,7 @@ class Declared(Recipe):
         reason = reason or (lay.clamp.refusal(cfg) if lay.clamp else None)
         if reason or not self.parallel:
             return reason
-        return self.unknown_activation(value(cfg, lay.ffn.act), lay.ffn.act.names[0])
+        return self.unknown_activation(value(cfg, lay.ffn.act), (*lay.ffn.act.names, "activation")[0])
 
     def embedding_transforms(self) -> dict[str, Shape]:
         norm = self.layout.embedding_norm
