@@ -44,6 +44,19 @@ def original_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class TextOnlyOrigin:
+    """Where a text-only checkpoint came from (convert --text-only): the runtime refuses images with it."""
+
+    source_model_type: str
+    image_token_index: int | None
+    dropped: tuple[str, ...]  # the vision model's tensors, not written
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source_model_type": self.source_model_type, "image_token_index": self.image_token_index,
+                "dropped": list(self.dropped)}
+
+
+@dataclass(frozen=True)
 class PrecomputeBlock:
     block: str  # "serial" (the table holds Q, K, V) or "parallel" (and the FFN's output, summed into the residual)
     table: str  # the table's tensor name
@@ -55,6 +68,8 @@ class PrecomputeBlock:
     tool: str = TOOL
     version: str = precompute_cli.__version__
     choices: Mapping[str, str] = field(default_factory=dict)  # the recipe's choices (CHOICES), e.g. the MLA table
+    # convert --text-only: the multimodal model the text decoder came from, its image token and what was dropped
+    text_only: TextOnlyOrigin | None = None
 
     @classmethod
     def of(cls, plan: Plan) -> PrecomputeBlock:
@@ -64,6 +79,8 @@ class PrecomputeBlock:
             block=plan.recipe.spec.block, table=plan.table.name, dtype=plan.table.dtype,
             columns=dict(plan.table.columns), removed=tuple(r.name for r in plan.removed),
             source=plan.source.ref, revision=plan.source.revision, choices=dict(plan.recipe.choices()),
+            text_only=TextOnlyOrigin(plan.text_only.source_model_type, plan.text_only.image_token,
+                                     tuple(r.name for r in plan.text_only.dropped)) if plan.text_only else None,
         )
 
     @property
@@ -88,6 +105,7 @@ class PrecomputeBlock:
             "removed": list(self.removed),
             "source": {"id": self.source, "revision": self.revision},
             "tool": {"name": self.tool, "version": self.version},
+            **({"text_only": self.text_only.as_dict()} if self.text_only else {}),
         }
 
     def added_to(self, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,9 +153,19 @@ class PrecomputeBlock:
         choices = {k: data[k] for k in CHOICES if k in data}
         for key, choice in choices.items():
             check(isinstance(choice, str), key, "a string", choice)
+        text_only = data.get("text_only")
+        if text_only is not None:
+            token, dropped = (text_only.get(k) if isinstance(text_only, Mapping) else None
+                              for k in ("image_token_index", "dropped"))
+            check(isinstance(text_only, Mapping) and _is_name(text_only.get("source_model_type"))
+                  and (token is None or (isinstance(token, int) and not isinstance(token, bool)))
+                  and isinstance(dropped, list) and all(_is_name(n) for n in dropped), "text_only",
+                  'an object {"source_model_type": ..., "image_token_index": an id or null, "dropped": [names]}',
+                  text_only)
+            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped))
         return cls(block=kind, table=table, dtype=dtype, columns=columns, removed=tuple(removed),
                    source=source["id"], revision=revision, tool=tool["name"], version=tool["version"],
-                   choices=choices)
+                   choices=choices, text_only=text_only)
 
 
 def _columns(value: Any) -> dict[str, Span | None] | None:

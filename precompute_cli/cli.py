@@ -29,6 +29,7 @@ from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.progress import STEPS, Progress
 from precompute_cli.recipes import supported
+from precompute_cli.recipes.multimodal import TextConfig
 from precompute_cli.report import analysis, refused, render_analysis, render_conversion, render_converted
 from precompute_cli.source import INDEX_NAME, peek, resolve
 from precompute_cli.spec import Config
@@ -101,6 +102,8 @@ def convert(
                                          help="MLA models (DeepSeek, Kimi-K2, GLM-lite, Mistral 4): store the normed "
                                               "latents (latent, the default) or also fold q_b_proj and kv_b_proj "
                                               "(full: a table about 27x wider); `inspect` compares both."),
+    text_only: bool = typer.Option(False, "--text-only", help="Convert a multimodal checkpoint (gemma3, mistral3, "
+                                   "llama4) to its text decoder alone; the output refuses image inputs."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
     _be_quiet(quiet)
@@ -108,14 +111,15 @@ def convert(
     if dry_run:
         _dry_run(source, out, revision, offline, token, table_dtype, push_to_hub, private,
                  max_shard_size=parse_size(max_shard_size) if max_shard_size else None, json_path=json_path,
-                 mla_table=mla_table)
+                 mla_table=mla_table, text_only=text_only)
         return
     if push_to_hub:
         hub.check_push_target(push_to_hub, offline, token)  # before converting, not after
     done = conversion.convert(
         source, out, revision=revision, offline=offline, token=token, table_dtype=table_dtype,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None, overwrite=overwrite, link=link,
-        device=device, mla_table=mla_table, progress=_progress(), reported=lambda r: render_conversion(console, r),
+        device=device, mla_table=mla_table, text_only=text_only, progress=_progress(),
+        reported=lambda r: render_conversion(console, r),
         verify=(lambda original, folder: _verify(original, resolve(str(folder)))) if verify_after else None)
     report, verified = done.report, done.verified
     if json_path:
@@ -163,7 +167,7 @@ def inspect(
             block = PrecomputeBlock.read(cfg.data, cfg.path).as_dict()
             data = {"converted": True, KEY: block, **load_recipe(src).spec.as_dict()}
         else:
-            recipe = load_recipe(src, vocab_size)
+            recipe = load_recipe(src, vocab_size, text_only=True)  # a multimodal source: what --text-only gives
             reason = recipe.refusal()
             if reason:
                 data = refused(recipe.spec, reason)
@@ -172,6 +176,9 @@ def inspect(
             else:
                 data = analysis(make_plan(src, recipe, headers=found.headers), assume_parallel=assume_parallel)
             data["supported_model_types"] = supported()
+            if isinstance(recipe.cfg, TextConfig):
+                data["multimodal"] = {"model_type": recipe.cfg.outer.model_type, "converts_with": "--text-only",
+                                      "note": "the text decoder alone; image inputs are refused"}
     if as_json:
         print(json.dumps(data, indent=2))
     elif data.get("converted"):
@@ -284,14 +291,15 @@ def _print_outcome(o) -> None:
 
 def _dry_run(source: str, out: Path, revision: str | None, offline: bool, token: str | None,
              table_dtype: str | None, push_to: str | None, private: bool, max_shard_size: int | None = None,
-             json_path: Path | None = None, mla_table: str | None = None) -> None:
+             json_path: Path | None = None, mla_table: str | None = None,
+             text_only: bool = False) -> None:
     """What would be downloaded, written and uploaded; nothing is (a Hub checkpoint not yet in the cache is
     sized from its safetensors headers on the Hub, and its config read through a temporary folder). `json_path`
     gets the same plan as JSON."""
     with peek(source, revision=revision, offline=offline, token=token) as found:
         pull = found.pull
-        plan = make_plan(found.source, load_recipe(found.source, mla_table=mla_table), table_dtype, max_shard_size,
-                         found.headers)
+        recipe = load_recipe(found.source, text_only=text_only, mla_table=mla_table)
+        plan = make_plan(found.source, recipe, table_dtype, max_shard_size, found.headers)
     if found.headers is None:
         files = [s.name for s in plan.shards] + ["config.json"] + [a.name for a in plan.source.aux] + (
             [INDEX_NAME] if len(plan.shards) > 1 else [])

@@ -28,19 +28,19 @@ class Conversion(Generic[V]):
 
 def convert(ref: str, out: Path, *, revision: str | None = None, offline: bool = False, token: str | None = None,
             table_dtype: str | None = None, max_shard_size: int | None = None, overwrite: bool = False,
-            link: bool = False, device: str = "cpu", mla_table: str | None = None,
+            link: bool = False, device: str = "cpu", mla_table: str | None = None, text_only: bool = False,
             progress: AbstractContextManager[Progress] | None = None,
             reported: Callable[[ConversionReport], None] | None = None,
             verify: Callable[[Source, Path], V] | None = None) -> Conversion[V]:
     """Convert the checkpoint `ref` names into `out`. `progress` is entered from the start (resolving the source)
     to the last byte written and yields its callback;
     `reported` sees the report as soon as it exists (before a verify that takes a while, or fails);
-    `verify(source, out)` proves the output."""
+    `verify(source, out)` proves the output; `text_only` converts a multimodal source's text decoder alone."""
     with progress or nullcontext() as update:
         if update:
             update("resolving", 0, 0)
         src = resolve(ref, revision=revision, offline=offline, token=token)
-        plan = make_plan(src, load_recipe(src, mla_table=mla_table), table_dtype, max_shard_size)
+        plan = make_plan(src, load_recipe(src, text_only=text_only, mla_table=mla_table), table_dtype, max_shard_size)
         result = execute(plan, out, overwrite=overwrite, progress=update, link=link, device=device)
     report = conversion_report(plan, result)
     if reported:

@@ -345,7 +345,9 @@ class _Fold:
         self.plan, self.ranges = plan, ranges
         recipe = plan.recipe
         self.weights = plan.weights(np.float32)
-        layer0 = [(name, info.nbytes) for name, (_, info) in plan.inputs.items() if name != recipe.embedding]
+        streamed = set(recipe.streamed())
+        layer0 = [(name, info.nbytes) for name, (_, info) in plan.inputs.items()
+                  if name != recipe.embedding and name not in streamed]
         total, done = sum(n for _, n in layer0), 0
         for name, nbytes in layer0:  # read before the workers start: every worker uses them
             if progress:

@@ -7,7 +7,7 @@ mismatch is found before a byte is written. `--dry-run`, `inspect`, the report a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from precompute_cli.block import KEY, is_converted
 from precompute_cli.errors import InputError
 from precompute_cli.quant import SCALE_SUFFIX, Quantization, dequantize_fp8
 from precompute_cli.recipes import Recipe, recipe_for
-from precompute_cli.recipes.base import Weights
+from precompute_cli.recipes.multimodal import TextConfig, is_multimodal, text_config, text_name
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
 from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array, read_tensor
@@ -66,6 +66,16 @@ class ShardPlan:
 
 
 @dataclass(frozen=True)
+class TextOnly:
+    """A multimodal source converted to its text decoder alone (recipes/multimodal.py): tensors renamed to the text
+    model's names, the vision tower and projector not written."""
+
+    source_model_type: str
+    image_token: int
+    dropped: tuple[TensorRef, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     source: Source
     recipe: Recipe
@@ -77,32 +87,27 @@ class Plan:
     bytes_before: int | None  # bytes as stored
     quantization: Quantization = Quantization(None)
     dequantized: tuple[str, ...] = ()  # folded tensors stored as FP8, read through their scales (recipe names)
+    text_only: TextOnly | None = None
 
-    def weights(self, dtype: type = np.float32) -> Weights:
+    def weights(self, dtype: type = np.float32) -> Reader:
         """The fold's accessor to layer 0's tensors: each read once, kept in `dtype` (float32 for the table, float64
-        for verify; for a parallel MoE block, every expert). FP8 weights come dequantized."""
-        cache: dict[str, np.ndarray] = {}
+        for verify; for a parallel MoE block, every expert, unless the recipe streams them). FP8 weights come
+        dequantized; the recipe's streamed tensors (a parallel MoE's experts) are read a block at a time instead."""
+        return Reader(self, dtype)
 
-        def weight(name: str) -> np.ndarray:
-            if name not in cache:
-                if name in self.dequantized:
-                    scale = read_array(*self.inputs[name + SCALE_SUFFIX], dtype=dtype)
-                    raw = read_tensor(*self.inputs[name])
-                    cache[name] = dequantize_fp8(raw, scale, self.quantization.block, dtype)
-                else:
-                    cache[name] = read_array(*self.inputs[name], dtype=dtype)
-            return cache[name]
-
-        return weight
+    @property
+    def not_written(self) -> tuple[TensorRef, ...]:
+        """Tensors of the source missing from the output: the removed ones and, text-only, the vision model's."""
+        return self.removed + (self.text_only.dropped if self.text_only else ())
 
     @property
     def params_after(self) -> int | None:
-        removed, added = sum(r.numel for r in self.removed), self.table.ref.numel
+        removed, added = sum(r.numel for r in self.not_written), self.table.ref.numel
         return None if self.params_before is None else self.params_before - removed + added
 
     @property
     def bytes_after(self) -> int | None:
-        removed, added = sum(r.nbytes for r in self.removed), self.table.ref.nbytes
+        removed, added = sum(r.nbytes for r in self.not_written), self.table.ref.nbytes
         return None if self.bytes_before is None else self.bytes_before - removed + added
 
     def output_bytes(self, link: bool = False) -> int:
@@ -126,9 +131,59 @@ class Plan:
         return not self.shards
 
 
-def load_recipe(source: Source, vocab_size: int | None = None, **choices: str | None) -> Recipe:
-    """`choices`: the user's (convert's --mla-table as mla_table); a recipe ignores those it has no use for."""
+class Reader:
+    """Layer 0's tensors by name, in float: `reader(name)` reads a tensor once and keeps it; `reader.streamed(name)`
+    keeps nothing and converts a block of rows from the stored dtype each time one is asked for."""
+
+    def __init__(self, plan: Plan, dtype: type):
+        self.plan, self.inputs, self.dtype = plan, plan.inputs, dtype
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.cache:
+            if name in self.plan.dequantized:
+                scale = read_array(*self.inputs[name + SCALE_SUFFIX], dtype=self.dtype)
+                raw = read_tensor(*self.inputs[name])
+                self.cache[name] = dequantize_fp8(raw, scale, self.plan.quantization.block, self.dtype)
+            else:
+                self.cache[name] = read_array(*self.inputs[name], dtype=self.dtype)
+        return self.cache[name]
+
+    def streamed(self, name: str) -> Streamed:
+        if name in self.plan.dequantized:
+            raise InputError(f"{name}: a streamed expert stored as FP8 is not supported; precompute streams only "
+                             "float experts")
+        return Streamed(*self.inputs[name], self.dtype)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A [out, in] weight read from its file a block of rows at a time (ops.Rows), each block converted from the
+    stored dtype as it is read. A parallel MoE's experts are used once per chunk of vocabulary rows: held whole in
+    float they would cost twice their stored size (bfloat16) for the whole conversion; read so, one block."""
+
+    path: Path
+    info: TensorInfo
+    dtype: type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.info.shape[0])
+        if step != 1:
+            raise IndexError("a streamed weight is read in contiguous blocks of rows")
+        return read_array(self.path, self.info, (start, stop), self.dtype)
+
+
+def load_recipe(source: Source, vocab_size: int | None = None, text_only: bool = False,
+                **choices: str | None) -> Recipe:
+    """The source's recipe; a multimodal source's text decoder with `text_only` (without it, recipe_for refuses).
+    `choices`: the user's (convert's --mla-table as mla_table); a recipe ignores those it has no use for."""
     cfg = Config.load(source.config_path)
+    if text_only and is_multimodal(cfg):
+        cfg = text_config(cfg, text_only=True)
     if vocab_size is not None:
         cfg.data["vocab_size"] = vocab_size
     recipe = recipe_for(cfg)
@@ -161,6 +216,12 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     if reason:
         raise InputError(f"{cfg.path}: {reason}")
     tensors = source.tensors() if source.shards else {}
+    text_only = None
+    if isinstance(cfg, TextConfig):
+        tensors, dropped = _text_tensors(tensors)
+        headers, dropped_headers = _text_tensors(headers) if headers is not None else (None, {})
+        dropped_refs = tuple(TensorRef(n, t.dtype, t.shape) for n, t in {**dropped_headers, **dropped}.items())
+        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs)
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")
@@ -203,19 +264,38 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     removed += tuple(TensorRef(ref.name, ref.dtype, tuple(ref.shape)) for n, ref in scales.items()
                      if n in recipe.removed())
     removed_names = {r.name for r in removed}
+    renamed = text_only is not None
     if not tensors:
         shards: tuple[ShardPlan, ...] = ()
     elif max_shard_size is None:
-        shards = _shards(tensors, removed_names, disk[recipe.embedding], source.published)
+        shards = _shards(tensors, removed_names, disk[recipe.embedding], source.published, renamed)
     else:
-        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size, source.published)
+        shards = _resharded(tensors, removed_names, disk[recipe.embedding], table, max_shard_size, source.published,
+                            renamed)
+    everything = [*known.values(), *(text_only.dropped if text_only else ())]
     return Plan(
         source=source, recipe=recipe, table=table, removed=removed, shards=shards,
         inputs=inputs,
-        params_before=sum(t.numel for t in known.values()) if known else None,
-        bytes_before=sum(t.nbytes for t in known.values()) if known else None,
-        quantization=quantization, dequantized=tuple(scales),
+        params_before=sum(t.numel for t in everything) if known else None,
+        bytes_before=sum(t.nbytes for t in everything) if known else None,
+        quantization=quantization, dequantized=tuple(scales), text_only=text_only,
     )
+
+
+def _text_tensors(tensors: dict) -> tuple[dict, dict]:
+    """A multimodal checkpoint's tensors as the text model names them (values renamed too: what the output
+    writes), and the ones it has no name for (vision tower, projector), which are not written."""
+    kept, dropped = {}, {}
+    for name, entry in tensors.items():
+        new = text_name(name)
+        info = entry[1] if isinstance(entry, tuple) else entry
+        if new is None:
+            dropped[name] = info
+        elif new in kept:
+            raise InputError(f"{info.name}: two tensors of the checkpoint would both be the text model's {new}")
+        else:
+            kept[new] = (entry[0], replace(info, name=new)) if isinstance(entry, tuple) else replace(entry, name=new)
+    return kept, dropped
 
 
 def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, object]) -> dict[str, str]:
@@ -236,8 +316,9 @@ def _table_dtype(requested: str | None, embedding_dtype: str) -> str:
 
 
 def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str,
-            published: Mapping[Path, str]) -> tuple[ShardPlan, ...]:
-    """Mirror the source's shards; the table goes where the embedding was."""
+            published: Mapping[Path, str], renamed: bool = False) -> tuple[ShardPlan, ...]:
+    """Mirror the source's shards; the table goes where the embedding was. `renamed` tensors (text-only) are never
+    copied as whole files: their names change."""
     by_file: dict[Path, list[TensorInfo]] = {}
     for path, info in tensors.values():
         by_file.setdefault(path, []).append(info)
@@ -247,8 +328,8 @@ def _shards(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embe
     for path, infos in sorted(by_file.items()):
         kept = tuple(sorted((i for i in infos if i.name not in removed), key=lambda i: i.start))
         if kept or path == table_home:
-            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, len(infos), path == table_home,
-                                   published_sha256=published.get(path)))
+            plans.append(ShardPlan(SINGLE_FILE if single else path.name, path, kept, -1 if renamed else len(infos),
+                                   path == table_home, published_sha256=published.get(path)))
     return tuple(plans)
 
 
@@ -272,7 +353,7 @@ def parse_size(text: str) -> int:
 
 
 def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], embedding: str, table: TablePlan,
-               max_shard_size: int, published: Mapping[Path, str]) -> tuple[ShardPlan, ...]:
+               max_shard_size: int, published: Mapping[Path, str], renamed: bool = False) -> tuple[ShardPlan, ...]:
     """Split the output afresh, in the source's order, the table where the embedding was (after it when kept).
 
     huggingface_hub's size-based split (what save_pretrained uses): a tensor larger than the limit, such as a big
@@ -298,7 +379,7 @@ def _resharded(tensors: dict[str, tuple[Path, TensorInfo]], removed: set[str], e
         pieces = [entries[n] for n in names if entries[n] is not None]
         files = {p for p, _ in pieces}
         has_table = table.name in names
-        whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))]
+        whole = len(files) == 1 and not has_table and len(pieces) == counts[next(iter(files))] and not renamed
         home = pieces[0][0] if pieces else next(iter(tensors.values()))[0]
         plans.append(ShardPlan(name, home, tuple(i for _, i in pieces), len(pieces) if whole else -1, has_table,
                                () if whole else tuple(p for p, _ in pieces), published.get(home) if whole else None))

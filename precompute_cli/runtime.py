@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from precompute_cli.block import PrecomputeBlock, original_config
+from precompute_cli.block import PrecomputeBlock, TextOnlyOrigin, original_config
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import recipe_for
 from precompute_cli.source import resolve
@@ -116,14 +116,14 @@ class TableFusedQKV(nn.Module):
     The recipe says how that output is laid out (`groups` blocks of [q part, k part, v part]); joining is the
     inverse of ops.split_qkv, which cut the fold's fused output into the table's columns."""
 
-    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], groups: int):
+    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], groups: int, order: str = "qkv"):
         super().__init__()
-        self.spans, self.groups = spans, groups
+        self.spans, self.groups, self.order = spans, groups, order
         self._table = [table]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        t = self._table[0]
-        return join_qkv(*(t.columns(self.spans[n], hidden_states) for n in "qkv"), self.groups)
+        t = self._table[0]  # join_qkv concatenates its parts in argument order: pass them in the layout's
+        return join_qkv(*(t.columns(self.spans[n], hidden_states) for n in self.order), self.groups)
 
 
 def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -222,6 +222,8 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     table = _read_table(src, block.table, "cpu" if embedding.device.type == "meta" else embedding.device)
     patch_model(model, recipe, block, table.to(embedding.dtype))
     _check_loaded(src, model, unloaded, info, block.table)
+    if block.text_only:
+        refuse_image_inputs(model, block.text_only)
     model.eval()
     return (model, info) if wants_info else model
 
@@ -284,7 +286,8 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
     owner.register_forward_pre_hook(embedding.reset)  # the base model: it looks up the rows and runs layer 0
     layer = model.get_submodule(patch.layer)
     if "qkv" in patch.projections:
-        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups))
+        layer.set_submodule(patch.projections["qkv"], TableFusedQKV(embedding, spans, patch.fused_groups,
+                                                                         patch.fused_order))
     else:
         columns = ContiguousTableColumns if patch.contiguous else TableColumns
         for name, path in patch.projections.items():
@@ -317,6 +320,27 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
         if not hasattr(module, name):
             raise RuntimeError(f"{type(module).__name__} has no attribute {name!r} for the runtime patch to set")
         setattr(module, name, value)
+
+
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds")
+
+
+def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
+    """A text decoder cut out of a multimodal checkpoint (convert --text-only) has no vision model: an image, or
+    the image token that stands for one, would be computed as text and give a wrong answer; refuse both."""
+    source, token = text_only.source_model_type, text_only.image_token_index
+    why = (f"this precomputed checkpoint is the text decoder of a {source} model alone (convert --text-only); "
+           "it takes text only")
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = [k for k in IMAGE_INPUTS if kwargs.get(k) is not None]
+        if given:
+            raise InputError(f"{why}, not {', '.join(given)}")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
+            raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def _read_table(src, name: str, device: torch.device | str) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """A parallel MoE block folds whole: router, top-k, experts and shared expert all land in the residual columns.
 
-No public transformers architecture runs attention and a MoE FFN in parallel, so this file builds one: Qwen2-MoE
-(router, top-k, optional renormalisation, experts, gated shared expert) with its decoder layer rewired as
-out = x + attn(LN1 x) + moe(LN2 x), registered under a test-only model_type, with a test-only recipe (a declaration,
-recipes.declare.Moe). The product's part is the skeleton's Moe fold and ops.moe, which is also checked here against
-transformers' own MoE modules.
+The shipped parallel MoE is cohere2_moe (tests/test_parallel_families.py). This file adds a second wiring that no
+public architecture has: Qwen2-MoE (softmax over all experts, optional renormalisation, a sigmoid-gated shared
+expert, a second norm for the FFN) with its decoder layer rewired as out = x + attn(LN1 x) + moe(LN2 x), registered
+under a test-only model_type, with a test-only recipe (a declaration,
+recipes.declare.Moe). The product's part is ops.moe, which is also checked here
+against transformers' own MoE modules, and the streaming of the experts (never held whole in float).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import pytest
 import torch
 from tiny import assert_equivalent, build, convert
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, Cohere2MoeConfig, MixtralConfig, Qwen2MoeConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.cohere2_moe.modeling_cohere2_moe import Cohere2MoeSparseMoeBlock
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeDecoderLayer,
@@ -26,9 +28,11 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 )
 
 from precompute_cli.cli import main
+from precompute_cli.plan import load_recipe, make_plan
 from precompute_cli.recipes import REGISTRY, ops
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Moe, Sizes, rms, separate
+from precompute_cli.source import resolve
 from precompute_cli.spec import per_head
 
 MODEL_TYPE = "test_parallel_qwen2_moe"
@@ -155,3 +159,55 @@ def test_moe_matches_mixtral_block():
     with torch.no_grad():
         theirs = block(x).numpy()
     assert np.allclose(ours, theirs, atol=1e-5), np.abs(ours - theirs).max()
+
+
+@pytest.mark.parametrize("selection, normalise, shared, combination", [
+    ("softmax", True, 0, "average"), ("softmax", True, 2, "average"), ("sigmoid", True, 1, "sum"),
+    ("sigmoid", False, 1, "average")])
+def test_moe_matches_cohere2_moe_block(selection, normalise, shared, combination):
+    cfg = Cohere2MoeConfig(hidden_size=24, intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+                           expert_selection_fn=selection, norm_topk_prob=normalise, num_shared_experts=shared,
+                           shared_expert_combination_strategy=combination)
+    block = _perturbed(Cohere2MoeSparseMoeBlock(cfg), 2)
+    x = torch.randn(2, 9, 24)
+    ex = block.experts
+    glu = (_np(block.shared_experts.gate_proj.weight), _np(block.shared_experts.up_proj.weight),
+           _np(block.shared_experts.down_proj.weight)) if shared else None
+    ours = ops.moe(x.numpy(), _np(block.gate.weight), lambda e: (*_np(ex.gate_up_proj[e]).reshape(2, -1, 24),
+                                                                  _np(ex.down_proj[e])), 4, 2,
+                   selection == "softmax" or normalise, "silu", shared=glu, scoring=selection,
+                   average_shared=combination == "average")
+    with torch.no_grad():
+        theirs = block(x).numpy()
+    assert np.allclose(ours, theirs, atol=1e-5), np.abs(ours - theirs).max()
+
+
+def test_glu_tiled_equals_glu():
+    """Blocks of weight rows (as streamed experts are read) give the GLU of the whole matrices."""
+    rng = np.random.default_rng(0)
+    x, gate, up, down = (rng.standard_normal(s) * 0.3 for s in ((7, 24), (40, 24), (40, 24), (24, 40)))  # float64
+    whole = ops.glu(x, gate, up, down, "silu")
+    for tile in (4 * 24, 4 * 24 * 3, 1 << 20):  # one row, three rows, all at once
+        assert np.allclose(ops.glu_tiled(x, gate, up, down, "silu", tile), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_experts_are_streamed_not_held(tmp_path):
+    """The fold reads each expert from its file a block at a time: none is kept in the weight cache (in float32,
+    all experts would cost twice their bfloat16 size for the whole conversion), and the columns are the same as
+    with every weight loaded whole."""
+    src = build(tmp_path / "src", "cohere2_moe", dtype=torch.bfloat16, num_experts=4, num_experts_per_tok=2,
+                head_dim=16, num_shared_experts=1)
+    source = resolve(str(src))
+    plan = make_plan(source, load_recipe(source))
+    streamed = set(plan.recipe.streamed())
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in streamed
+    assert "model.layers.0.mlp.shared_experts.gate_proj.weight" in streamed
+    assert "model.layers.0.mlp.gate.weight" not in streamed  # the router is small: read once
+    reader = plan.weights(np.float32)
+    x = reader(plan.recipe.embedding)[:50]
+    got = plan.recipe.fold(reader, x)
+    assert not streamed & set(reader.cache)
+    whole = plan.weights(np.float32)
+    expected = plan.recipe.fold(lambda name: whole(name), x)  # a plain accessor: every weight whole
+    for name in got:
+        assert np.allclose(got[name], expected[name], atol=1e-6), name

@@ -85,9 +85,11 @@ def _logits(model, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
         return model(ids, attention_mask=mask).logits.float()
 
 
-def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, tol: float = 1e-4) -> None:
+def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, tol: float = 1e-4,
+                      auto_class=None, ids: torch.Tensor | None = None) -> None:
     """Converted vs original (transformers' own model): logits, a left-padded batch, greedy text, and
     the converted model holds exactly the converted checkpoint's parameters (no eliminated weight in memory).
+    `auto_class` loads the original (a multimodal one: AutoModelForImageTextToText); `ids` replace the probe ids.
 
     float32: logits agree to `tol` relative and greedy generations are identical. Lower precision, verify's standard
     or stricter: against the original's float32 run, the converted model's mean and largest logit errors are at most
@@ -96,11 +98,11 @@ def assert_equivalent(src: Path, out: Path, dtype: torch.dtype = torch.float32, 
     where the float32 original is decisive (its choice ahead of the converted model's by more than twice the
     allowed error) picks another token."""
     config = json.loads((Path(src) / "config.json").read_text())
-    auto = lm_class(config["model_type"], config.get("architectures"))
+    auto = auto_class or lm_class(config["model_type"], config.get("architectures"))
     reference = auto.from_pretrained(src, dtype=torch.float32).eval()
     original = auto.from_pretrained(src, dtype=dtype).eval()
     converted = load_model(out, dtype=dtype)
-    ids = probe_ids(original.config.get_text_config().vocab_size)
+    ids = probe_ids(original.config.get_text_config().vocab_size) if ids is None else ids
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding on the second row; padded positions are not compared
     for m in (None, mask):

@@ -45,6 +45,7 @@ class RuntimePatch:
     embedding_transforms: tuple[str, ...] = ()
     # A fused "qkv" projection: the groups its output is laid out in (ops.split_qkv); the runtime joins q, k, v so.
     fused_groups: int | None = None
+    fused_order: str = "qkv"  # the parts' order inside each group (CodeGen: "qvk")
     # What the model's embedding module multiplies the looked-up row by (Gemma's sqrt(d)). The residual columns hold
     # the raw row and the runtime repeats the product in the dtype it runs in, as the module does.
     embedding_scale: float = 1.0
@@ -116,6 +117,11 @@ class Recipe:
     def folded(self) -> dict[str, Shape]:
         """Tensors the table replaces: layer 0's norms and Q/K/V, and for parallel blocks its FFN."""
         raise NotImplementedError
+
+    def streamed(self) -> tuple[str, ...]:
+        """Folded tensors the fold reads a block of rows at a time (w.streamed(name)), not whole and once: they are
+        never loaded before the fold starts (execute._Fold) nor held in float (a parallel MoE's experts)."""
+        return ()
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         """Table columns for a chunk of embedding rows `x` (float32 values): residual, q, k, v in float32.

@@ -43,10 +43,12 @@ How to add a model type
    q, k, v (a q/k norm named with other words sets fill=("query", "key"), Hunyuan). Norms are values: rms(...)
    with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's mean-centred norm, weight=False for a
    weightless one; each with eps=Key(config key, default=...) or a fixed float. Fused projections:
-   fused(module, "blocked" | "per_head" | "per_kv_group"). Clamp(key) clamps q, k, v to [-c, c] on the
+   fused(module, "blocked" | "per_head" | "per_kv_group" | a fixed number of blocks, order="qkv" | "qvk").
+   Clamp(key) clamps q, k, v to [-c, c] on the
    projections' outputs, or after the q/k norms with after_qk_norm=True (OLMoE). Tensors the attention reads after
    the table (sinks) go in keep=(...); a q/k norm after RoPE is declared with after_rope=True (it stays).
-   A parallel block's FFN is mlp(up, down), glu(gate, up, down) or Moe(router, experts, shared expert...).
+   A parallel block's FFN is mlp(up, down), glu(gate, up, down) or Moe(router, experts, shared expert...): it
+   folds whole, a Moe's experts streamed (never held whole in float).
    Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
    config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
    embedding_scale=sqrt_hidden, embedding_norm=..., norm_is_residual=Key(...), base_prefix="transformer.".
@@ -155,7 +157,10 @@ class Qkv:
 
     module: str = "self_attn.{}_proj"
     bias: Key | bool = False
-    layout: str | None = None  # fused: "blocked" [q; k; v], "per_head" [q_h, k_h, v_h], "per_kv_group" [q.., k, v]
+    # fused: "blocked" [q; k; v], "per_head" [q_h, k_h, v_h], "per_kv_group" [q.., k, v], or a fixed number of
+    # blocks (CodeGen's 4 model-parallel shards)
+    layout: str | int | None = None
+    order: str = "qkv"  # the parts' order inside each block of a fused output (CodeGen: "qvk")
 
     def widths(self, spec: ModelSpec) -> dict[str, int]:
         """The output width of each projection module."""
@@ -164,15 +169,21 @@ class Qkv:
         return {self.module.format(n): width for n, width in zip("qkv", (spec.q_dim, spec.kv_dim, spec.kv_dim),
                                                                    strict=True)}
 
+    def groups(self, spec: ModelSpec) -> int:
+        """The number of [q part, k part, v part] blocks of a fused output."""
+        return self.layout if isinstance(self.layout, int) else _GROUPS[self.layout](spec)
+
 
 def separate(module: str = "self_attn.{}_proj", bias: Key | bool = False) -> Qkv:
     return Qkv(module, bias)
 
 
-def fused(module: str, layout: str, bias: Key | bool = False) -> Qkv:
-    if layout not in _GROUPS:
-        raise ValueError(f"fused QKV layout {layout!r}: one of {', '.join(_GROUPS)}")
-    return Qkv(module, bias, layout)
+def fused(module: str, layout: str | int, bias: Key | bool = False, order: str = "qkv") -> Qkv:
+    if not (layout in _GROUPS or (isinstance(layout, int) and layout > 0)):
+        raise ValueError(f"fused QKV layout {layout!r}: one of {', '.join(_GROUPS)}, or a number of blocks")
+    if order not in ("qkv", "qvk"):  # q first: split_qkv cuts a q-wide part, then two kv-wide ones
+        raise ValueError(f"fused QKV order {order!r}: qkv or qvk")
+    return Qkv(module, bias, layout, order)
 
 
 @dataclass(frozen=True)
@@ -233,9 +244,12 @@ class Ffn:
 
 @dataclass(frozen=True)
 class Moe:
-    """A routed GLU FFN under `module` (ops.moe): softmax router, top-k experts ("{}" = the expert's index), an
-    optional shared expert scaled by sigmoid(shared_gate x). Experts are intermediate_size wide (Sizes), the
-    shared expert `shared_width`. In a parallel block the whole of it folds, as an Ffn does."""
+    """A routed GLU FFN under `module` (ops.moe): the router scores the experts (softmax over all of them, or the
+    sigmoid of the top k), each token takes the top k ("{}" = the expert's index), and an optional shared expert,
+    scaled by sigmoid(shared_gate x), is added to the routed sum or averaged with it. Experts are intermediate_size
+    wide (Sizes), the shared expert `shared_width` (a Key, or a function of the config and spec; 0: none). In a
+    parallel block the whole of it folds, as an Ffn does, and its experts are streamed: read a block of rows at a
+    time and converted from their stored dtype as they are used, never held whole in float (Declared.streamed)."""
 
     router: str = "gate"
     experts: str = "experts.{}"
@@ -244,8 +258,10 @@ class Moe:
     top_k: Key = Key("num_experts_per_tok", default=2)
     renormalize: Key | bool = Key("norm_topk_prob", default=False)
     shared: str | None = None
-    shared_width: Key | None = None
+    shared_width: Key | Callable[[Config, ModelSpec], int] | None = None
     shared_gate: str | None = None
+    scoring: Key | str = "softmax"  # ops.top_k_route: "softmax" or "sigmoid"
+    average_shared: Key | bool = False  # (routed + shared) / 2 rather than their sum (Cohere 2 MoE's "average")
     act: Key = Key("hidden_act", default="silu")
     norm: Norm | None = None
 
@@ -253,7 +269,11 @@ class Moe:
         """Each expert's module (and the shared one's) under `module`, with its width."""
         widths = {self.experts.format(e): spec.intermediate_size for e in range(spec.num_experts)}
         if self.shared:
-            widths[self.shared] = self.shared_width.int(cfg, {}) if self.shared_width else spec.intermediate_size
+            width = self.shared_width
+            width = (spec.intermediate_size if width is None else width.int(cfg, {}) if isinstance(width, Key)
+                     else width(cfg, spec))
+            if width:
+                widths[self.shared] = width
         return widths
 
     def tensors(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
@@ -266,16 +286,28 @@ class Moe:
             out[f"{m}.{self.shared_gate}.weight"] = (1, d)
         return out
 
+    def streamed(self, where: str, spec: ModelSpec, cfg: Config) -> tuple[str, ...]:
+        """The experts' matrices (the shared expert's too): read a block of rows at a time."""
+        m = where + self.module
+        return tuple(f"{m}.{expert}.{name}.weight" for expert in self._experts(spec, cfg) for name in self.matrices)
+
     def apply(self, w: Weights, h: np.ndarray, where: str, cfg: Config, spec: ModelSpec) -> np.ndarray:
         m = where + self.module
 
-        def glu(expert: str) -> tuple[np.ndarray, ...]:
-            return tuple(w(f"{m}.{expert}.{name}.weight") for name in self.matrices)
+        def glu(expert: str) -> tuple[ops.Rows, ...]:
+            return tuple(streamed(w, f"{m}.{expert}.{name}.weight") for name in self.matrices)
 
+        shared = self.shared in self._experts(spec, cfg)
         return ops.moe(h, w(f"{m}.{self.router}.weight"), lambda e: glu(self.experts.format(e)), spec.num_experts,
                        int(value(cfg, self.top_k)), bool(value(cfg, self.renormalize)), str(value(cfg, self.act)),
-                       shared=glu(self.shared) if self.shared else None,
-                       shared_gate=w(f"{m}.{self.shared_gate}.weight") if self.shared_gate else None)
+                       shared=glu(self.shared) if shared else None,
+                       shared_gate=w(f"{m}.{self.shared_gate}.weight") if shared and self.shared_gate else None,
+                       scoring=str(value(cfg, self.scoring)), average_shared=bool(value(cfg, self.average_shared)))
+
+
+def streamed(w: Weights, name: str) -> ops.Rows:
+    """A weight the fold reads a block of rows at a time (plan.Reader.streamed); from any other accessor, whole."""
+    return w.streamed(name) if hasattr(w, "streamed") else w(name)
 
 
 def glu(gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj", **rest: Any) -> Ffn:
@@ -400,6 +432,11 @@ class Declared(Recipe):
             out.update(lay.ffn.tensors(p, s, self.cfg))
         return out
 
+    def streamed(self) -> tuple[str, ...]:
+        """A parallel MoE's expert matrices (the router is small and read whole)."""
+        ffn = self.layout.ffn
+        return ffn.streamed(self.prefix, self.spec, self.cfg) if self.parallel and isinstance(ffn, Moe) else ()
+
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors the attention still reads after the table: declared ones and q/k norms after RoPE."""
         norm = self.layout.qk_norm
@@ -442,8 +479,8 @@ class Declared(Recipe):
         clamp = self.layout.clamp
         if clamp and not clamp.after_qk_norm:
             ys = list(self.clamped(dict(enumerate(ys))).values())
-        if qkv.layout:
-            ys = list(ops.split_qkv(ys[0], self.fused_groups, s.q_dim, s.kv_dim))
+        if qkv.layout:  # q first, then k and v (equal widths) in the declared order
+            return dict(zip(qkv.order, ops.split_qkv(ys[0], self.fused_groups, s.q_dim, s.kv_dim), strict=True))
         return dict(zip("qkv", ys, strict=True))
 
     def clamped(self, ys: dict) -> dict:
@@ -453,7 +490,7 @@ class Declared(Recipe):
 
     @property
     def fused_groups(self) -> int:
-        return _GROUPS[self.layout.qkv.layout](self.spec)
+        return self.layout.qkv.groups(self.spec)
 
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
@@ -480,5 +517,6 @@ class Declared(Recipe):
             zeros=(lay.ffn.module,) if self.parallel else (),
             embedding_transforms=(lay.embedding_norm.module,) if lay.embedding_norm else (),
             fused_groups=self.fused_groups if lay.qkv.layout else None,
+            fused_order=lay.qkv.order,
             embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import numpy as np
 
@@ -217,39 +218,82 @@ def mlp(x: Array, up: Array, up_bias: Array | None, down: Array, down_bias: Arra
     return linear(activation(act)(linear(x, up, up_bias)), down, down_bias)
 
 
-def top_k_route(router_logits: Array, k: int, renormalize: bool) -> tuple[Array, Array]:
-    """softmax over all experts, keep the top k, optionally renormalise (Mixtral always, Qwen MoE if asked)."""
-    probs = np.exp(router_logits - router_logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    experts = np.argsort(-probs, axis=-1, kind="stable")[..., :k]  # sorted, as torch.topk; ties: lower index
-    weights = np.take_along_axis(probs, experts, axis=-1)
+def top_k_route(router_logits: Array, k: int, renormalize: bool, scoring: str = "softmax") -> tuple[Array, Array]:
+    """The top k experts of each row and their weights. "softmax": softmax over all experts, the top k kept and
+    optionally renormalised (Mixtral always, Qwen MoE if asked; Cohere 2 MoE's softmax over the top k logits is the
+    renormalised form). "sigmoid": sigmoid of the top k logits, optionally renormalised (Cohere 2 MoE)."""
+    experts = np.argsort(-router_logits, axis=-1, kind="stable")[..., :k]  # sorted, as torch.topk; ties: lower index
+    if scoring == "sigmoid":
+        weights = sigmoid(np.take_along_axis(router_logits, experts, axis=-1))
+    else:
+        probs = np.exp(router_logits - router_logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        weights = np.take_along_axis(probs, experts, axis=-1)
     if renormalize:
         weights /= weights.sum(axis=-1, keepdims=True)
     return weights, experts
 
 
-Expert = Callable[[int], tuple[Array, Array, Array]]  # e -> (gate, up, down) weights
+class Rows(Protocol):
+    """A [out, in] matrix read a block of rows at a time: a numpy array, or a tensor converted from its stored
+    dtype as each block is read (plan.Streamed), so that a big FFN is never held whole in float."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, rows: slice) -> Array: ...
+
+
+TILE_BYTES = 64 << 20  # float32 bytes of one block of weight rows in glu_tiled
+
+
+def glu_tiled(x: Array, gate: Rows, up: Rows, down: Rows, act: str, tile_bytes: int = TILE_BYTES) -> Array:
+    """glu() with the weights taken a block of rows at a time: the hidden activations of the rows x are built
+    block by block of gate/up rows, then the output block by block of down rows. Memory: one block of each matrix
+    (tile_bytes), plus x's hidden activations."""
+    inner, d = gate.shape
+    hidden = np.empty((*x.shape[:-1], inner), dtype=x.dtype)
+    step = max(1, tile_bytes // (4 * d))
+    for i in range(0, inner, step):
+        y = activation(act)(linear(x, gate[i:i + step]))
+        y *= linear(x, up[i:i + step])
+        hidden[..., i:i + step] = y
+    out = np.empty((*x.shape[:-1], down.shape[0]), dtype=x.dtype)
+    step = max(1, tile_bytes // (4 * inner))
+    for j in range(0, down.shape[0], step):
+        out[..., j:j + step] = linear(hidden, down[j:j + step])
+    return out
+
+
+Expert = Callable[[int], tuple[Rows, Rows, Rows]]  # e -> (gate, up, down) weights
 
 
 def moe(x: Array, router: Array, expert: Expert, num_experts: int, k: int, renormalize: bool, act: str,
-        shared: tuple[Array, Array, Array] | None = None, shared_gate: Array | None = None) -> Array:
-    """A routed GLU FFN over rows `x` (..., d): top-k of softmax(router x), each chosen expert's GLU weighted by
-    its probability, plus an optional shared expert scaled by sigmoid(shared_gate x) (Qwen MoE).
+        shared: tuple[Rows, Rows, Rows] | None = None, shared_gate: Array | None = None, scoring: str = "softmax",
+        average_shared: bool = False) -> Array:
+    """A routed GLU FFN over rows `x` (..., d): the top k experts of router x (top_k_route), each chosen expert's
+    GLU weighted by its score, plus an optional shared expert, scaled by sigmoid(shared_gate x) (Qwen MoE), added
+    or averaged with the routed sum (Cohere 2 MoE's "sum" or "average").
 
     Parallel MoE blocks fold this whole output into the residual columns. Each expert runs only on the rows
-    routed to it, as in transformers' experts modules, so the cost is k/E of a dense evaluation. A row picks an
-    expert at most once, so `out[rows] +=` never adds twice to one row."""
+    routed to it, as in transformers' experts modules, so the cost is k/E of a dense evaluation, and its weights
+    are taken a block at a time (glu_tiled): an expert given as plan.Streamed is converted from its stored dtype
+    as it is used and never held whole in float. A row picks an expert at most once, so `out[rows] +=` never adds
+    twice to one row."""
     flat = x.reshape(-1, x.shape[-1])
-    weights, chosen = top_k_route(linear(flat, router), k, renormalize)
+    weights, chosen = top_k_route(linear(flat, router), k, renormalize, scoring)
     out = np.zeros_like(flat)
     for e in range(num_experts):
         rows, slot = np.nonzero(chosen == e)
         if rows.size:
             gate, up, down = expert(e)
-            out[rows] += glu(flat[rows], gate, up, down, act) * weights[rows, slot, None]
+            out[rows] += glu_tiled(flat[rows], gate, up, down, act) * weights[rows, slot, None]
     if shared is not None:
-        y = glu(flat, *shared, act)
-        out += y if shared_gate is None else sigmoid(linear(flat, shared_gate)) * y
+        y = glu_tiled(flat, *shared, act)
+        y = y if shared_gate is None else sigmoid(linear(flat, shared_gate)) * y
+        out += y
+        if average_shared:
+            out *= 0.5
     return out.reshape(x.shape)
 
 

@@ -1,0 +1,98 @@
+"""Multimodal checkpoints whose text decoder folds: gemma3 (Gemma 3 4B/12B/27B), mistral3 (Mistral Small 3.1),
+llama4 (Llama 4 Scout, Maverick). They convert to a text-only checkpoint, and only behind `--text-only`.
+
+At an image position layer 0 reads a vision feature, not a token's embedding, so the table cannot serve it. Keeping
+layer 0's norm and Q/K/V for those positions would leave the checkpoint no smaller than before (the table added on
+top) and make the runtime route every position either through the table or through the original modules; instead
+the output is the text decoder alone: its config is `text_config` (model_type gemma3_text, mistral or llama4_text,
+the outer config's embedding tying), its tensors are the language model's renamed to the text model's names, and the
+vision tower and projector are left out. The runtime refuses image inputs to it (runtime.refuse_image_inputs).
+
+On disk transformers 5.24 still writes the legacy names (`language_model.model.*`, `language_model.lm_head.*`);
+checkpoints saved with the in-memory names (`model.language_model.*`, `lm_head.*`) are read too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from precompute_cli.errors import InputError
+from precompute_cli.recipes.base import Recipe, register
+from precompute_cli.spec import Config
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """What a multimodal config type wraps: its text decoder's type and causal-LM class, and its defaults."""
+
+    text_type: str  # text_config's model_type when the config leaves it out
+    architecture: str  # the text-only model class of the output's config
+    tied: bool  # the outer config class's tie_word_embeddings default (the outer key ties the LM head)
+    image_token: int  # the config class's image_token_index default
+
+
+WRAPPERS: dict[str, Wrapper] = {
+    "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
+    "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
+    "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
+}
+
+# the language model's prefix on disk -> the text model's prefix; any other tensor (vision, projector) is dropped
+PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+            ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+class TextConfig(Config):
+    """The text decoder's config, cut out of a multimodal one (`outer`); what the converted checkpoint's
+    config.json holds."""
+
+    def __init__(self, data: dict, path: str, outer: Config, wrapper: Wrapper):
+        super().__init__(data, path)
+        self.outer, self.wrapper = outer, wrapper
+
+    @property
+    def image_token(self) -> int:
+        return int(self.outer.get("image_token_index", "image_token_id", default=self.wrapper.image_token))
+
+
+def is_multimodal(cfg: Config) -> bool:
+    model_type = cfg.data.get("model_type")  # anything, in a broken config: recipe_for says what is wrong with it
+    return isinstance(model_type, str) and model_type in WRAPPERS
+
+
+def text_config(cfg: Config, text_only: bool) -> TextConfig:
+    """The text decoder's config; a multimodal source converts only when the user asked for a text-only output."""
+    wrapper = WRAPPERS[cfg.model_type]
+    if not text_only:
+        raise InputError(f"{cfg.path}: {cfg.model_type} is multimodal: at image positions layer 0 reads vision "
+                         "features, which a table of tokens cannot hold; convert its text decoder alone with "
+                         f"--text-only (the output is a text-only {wrapper.text_type} checkpoint that refuses images)")
+    text = cfg.data.get("text_config")
+    if not isinstance(text, dict):
+        raise InputError(f"{cfg.path}: {cfg.model_type} config has no text_config object")
+    data = {**text, "model_type": text.get("model_type") or wrapper.text_type,
+            "architectures": [wrapper.architecture],
+            "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", default=wrapper.tied))}
+    dtype = text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype", "torch_dtype")
+    if dtype is not None:
+        data["dtype"] = dtype
+    return TextConfig(data, cfg.path, cfg, wrapper)
+
+
+def text_name(name: str) -> str | None:
+    """The text model's name for a tensor of the multimodal checkpoint, or None for one the text model has not."""
+    for disk, text in PREFIXES:
+        if name.startswith(disk):
+            return text + name[len(disk):]
+    return None
+
+
+@register
+class Multimodal(Recipe):
+    """The multimodal types in the census: what converts is their text decoder (plan.load_recipe with text_only);
+    asked for the multimodal model itself, this refuses with the way to convert it."""
+
+    model_types = tuple(WRAPPERS)
+
+    def __post_init__(self) -> None:
+        text_config(self.cfg, text_only=False)  # raises the refusal
