@@ -14,7 +14,7 @@ MAMBA2 = dict(num_heads=8, head_dim=16, n_groups=2, state_size=16, chunk_size=4)
 MAMBA2_KEYS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=4)
 GDN = dict(linear_num_key_heads=2, linear_key_head_dim=16, linear_num_value_heads=4, linear_value_head_dim=16,
            head_dim=16, layer_types=["linear_attention", "full_attention"])
-LFM3_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CASES = {
     "mamba": dict(model_type="mamba", state_size=8),
@@ -41,14 +41,18 @@ CASES = {
     "lfm2-bias-untied": dict(model_type="lfm2", full_attn_idxs=[1], conv_bias=True, tie_word_embeddings=False),
     "lfm2_moe": dict(model_type="lfm2_moe", layer_types=["conv", "full_attention"], num_dense_layers=1,
                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-    "lfm3": dict(model_type="lfm3", **LFM3_IDS, layer_types=["conv", "sliding_attention"], head_dim=16,
+    "lfm3": dict(model_type="lfm3", **IDS, layer_types=["conv", "sliding_attention"], head_dim=16,
                  sliding_window=4),
-    "lfm3-default-pattern-bias": dict(model_type="lfm3", **LFM3_IDS, head_dim=16, conv_bias=True, num_hidden_layers=3),
+    "lfm3-default-pattern-bias": dict(model_type="lfm3", **IDS, head_dim=16, conv_bias=True, num_hidden_layers=3),
     "qwen3_next": dict(model_type="qwen3_next", **GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32),
     "qwen3_5_text": dict(model_type="qwen3_5_text", **GDN),
     "qwen3_5_moe_text": dict(model_type="qwen3_5_moe_text", **GDN, num_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "olmo_hybrid": dict(model_type="olmo_hybrid", **IDS, layer_types=["linear_attention", "full_attention"],
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=8),
+    "olmo_hybrid-defaults": dict(model_type="olmo_hybrid", **IDS),  # heads and dims from defaults
     "kimi_linear": dict(model_type="kimi_linear", num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         linear_attn_config={"head_dim": 16, "num_heads": 4, "kda_layers": [1], "full_attn_layers": [2],
                                             "short_conv_kernel_size": 4},
@@ -131,6 +135,8 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="minimax"), "attention"),  # transformers' default: layer 0 is softmax attention
     (dict(model_type="minimax", layer_types=["linear_attention", "full_attention"] * 2), "lightning attention"),
     (dict(model_type="qwen3_next"), "Gated DeltaNet"),
+    (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
+    (dict(model_type="olmo_hybrid", layer_types=["full_attention", "linear_attention"]), "attention"),
     (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [2, 3], "full_attn_layers": [1]}), "attention"),
     (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [1, 2], "full_attn_layers": [3]}),
      "Kimi Delta Attention"),

@@ -1,5 +1,5 @@
 """Gated DeltaNet at layer 0: qwen3_next (Qwen3-Next), qwen3_5 and qwen3_5_moe (Qwen3.5's image-text checkpoints,
-whose text decoder is folded) and their text-only types qwen3_5_text, qwen3_5_moe_text.
+whose text decoder is folded) and their text-only types qwen3_5_text, qwen3_5_moe_text; olmo_hybrid.
 
 h = (1 + w) RMSNorm(x; input_layernorm, rms_norm_eps); then per token:
   qwen3_next: in_proj_qkvz(h), grouped per key head as [q_g | k_g | v_g (r heads) | z_g (r heads)], and
@@ -9,6 +9,11 @@ q, k, v go to the causal depthwise conv1d (context), then the delta-rule recurre
 beta = sigmoid(b) and g = -exp(A_log) * softplus(a + dt_bias) are per token too, but they are elementwise maps of b
 and a that the model computes from the projections, so the table stores the projections (in their fused layouts,
 no bias) and A_log, dt_bias, the conv and the rest stay in the model, which runs them on the looked-up rows.
+
+olmo_hybrid: h = w RMSNorm(x) (Llama convention); q_proj, k_proj, v_proj, g_proj (the output gate, z's role),
+b_proj, a_proj, all separate and bias-free. Its head counts default to num_attention_heads, key_head_dim to
+int(0.75 hidden_size / key heads) and value_head_dim to twice that; transformers' default layer_types puts
+attention at i % 4 == 3 (and at the last layer when that leaves none), so layer 0 is linear attention.
 
 Layer types: layer_types, else a full-attention layer every full_attention_interval (default 4) layers, the last
 of each interval, so layer 0 is linear attention unless the interval is 1.
@@ -47,6 +52,37 @@ class GatedDeltaNet(Mixer):
                 Projection(p + "in_proj_a", (("a", nv),)))
 
 
+def _key_dim(v: dict) -> int:
+    return int(0.75 * v["hidden_size"] / v["num_kv_heads"])
+
+
+@dataclass(frozen=True)
+class SeparateGatedDeltaNet(Mixer):
+    """One projection per quantity (olmo_hybrid): q, k, v, the output gate g, b and a."""
+
+    kind: ClassVar[str] = "Gated DeltaNet"
+
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        nk, nv, dv = spec.num_kv_heads, spec.num_heads, spec.head_dim
+        dk = Key("linear_key_head_dim", default=_key_dim).int(cfg, {"hidden_size": spec.hidden_size,
+                                                                     "num_kv_heads": nk})
+        p = "linear_attn."
+        return tuple(Projection(p + name, ((name.removesuffix("_proj"), width),))
+                     for name, width in (("q_proj", nk * dk), ("k_proj", nk * dk), ("v_proj", nv * dv),
+                                         ("g_proj", nv * dv), ("b_proj", nv), ("a_proj", nv)))
+
+
+OLMO_HYBRID = MixerLayout(
+    SeparateGatedDeltaNet(),
+    pattern=Pattern(lists=("layer_types",)), positional="rope",
+    # transformers' conversion mapping renames the checkpoint's attention_layer_norm to input_layernorm on load
+    input_norm=rms("attention_layer_norm"), norm_in_memory="input_layernorm",
+    sizes=Sizes(num_heads=Key("linear_num_value_heads", "num_attention_heads"),
+                num_kv_heads=Key("linear_num_key_heads", "num_attention_heads"),
+                head_dim=Key("linear_value_head_dim", default=lambda v: 2 * _key_dim(v))),
+)
+
+
 def layout(fused: bool, moe: bool) -> MixerLayout:
     """The spec's heads are the layer-0 mixer's: value heads (key heads as KV) of value_head_dim."""
     return MixerLayout(
@@ -70,4 +106,4 @@ def multimodal(text: MixerLayout) -> MixerLayout:
 class Qwen3Next(Mixed):
     layouts = {"qwen3_next": layout(True, True), "qwen3_5_text": layout(False, False),
                "qwen3_5_moe_text": layout(False, True), "qwen3_5": multimodal(layout(False, False)),
-               "qwen3_5_moe": multimodal(layout(False, True))}
+               "qwen3_5_moe": multimodal(layout(False, True)), "olmo_hybrid": OLMO_HYBRID}

@@ -139,6 +139,7 @@ class MixerLayout:
     layer: str | None = None  # layer 0 in memory, when it differs from the prefix (nemotron_h: backbone. on disk)
     embedding: str = "model.embed_tokens.weight"
     input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
+    norm_in_memory: str | None = None  # the input norm's module name in memory, when the checkpoint's differs
     embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
@@ -262,5 +263,5 @@ class Mixed(Recipe):
             masked=tuple(MaskedProjection(proj.module, tuple(n for n, _ in self.stored(proj)),
                                           ones=proj.width - sum(w for _, w in self.stored(proj)))
                          for proj in projs if proj.masked),
-            dtype_identities=(self.layout.input_norm.module,),
+            dtype_identities=(self.layout.norm_in_memory or self.layout.input_norm.module,),
         )
