@@ -53,6 +53,10 @@ CASES = {
                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                         linear_value_head_dim=8),
     "olmo_hybrid-defaults": dict(model_type="olmo_hybrid", **IDS),  # heads and dims from defaults
+    "qwen4_exp_text": dict(model_type="qwen4_exp_text", **GDN, hc_count=3, hc_lowrank=8, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                           indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=4),
     "kimi_linear": dict(model_type="kimi_linear", num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         linear_attn_config={"head_dim": 16, "num_heads": 4, "kda_layers": [1], "full_attn_layers": [2],
                                             "short_conv_kernel_size": 4},
@@ -136,6 +140,8 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="minimax", layer_types=["linear_attention", "full_attention"] * 2), "lightning attention"),
     (dict(model_type="qwen3_next"), "Gated DeltaNet"),
     (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
+    (dict(model_type="qwen4_exp_text"), "Gated DeltaNet"),  # transformers' default: attention at (i + 1) % 4 == 0
+    (dict(model_type="qwen4_exp_text", layer_types=["full_attention", "linear_attention"]), "attention"),
     (dict(model_type="olmo_hybrid", layer_types=["full_attention", "linear_attention"]), "attention"),
     (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [2, 3], "full_attn_layers": [1]}), "attention"),
     (dict(model_type="kimi_linear", linear_attn_config={"kda_layers": [1, 2], "full_attn_layers": [3]}),
@@ -162,7 +168,18 @@ def test_attention_layer0_of_a_hybrid_is_refused_on_convert(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen4_exp_ngram_embedding_at_layer_0_is_refused(capsys, tmp_path):
+    """A PLE at layer 1 (one-indexed) adds hashed n-grams of the preceding tokens before layer 0's mixer."""
+    config = {**CASES["qwen4_exp_text"], "ple_layer_ids": [1], "vocab_size": 211, "hidden_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "config.json", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert not data["precomputable"] and "preceding tokens" in data["reason"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "qwen4_exp"])
 def test_multimodal_qwen3_5_text_decoder(tmp_path, model_type):
     """Qwen3.5's Hub checkpoints are image-text models: the decoder under model.language_model.*, its keys under
     text_config. transformers' causal LM loads the decoder alone; the vision tower's tensors are left out of this
@@ -174,6 +191,8 @@ def test_multimodal_qwen3_5_text_decoder(tmp_path, model_type):
     text = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, **GDN)
     text.update(moe if model_type.endswith("moe") else {})
+    if model_type == "qwen4_exp":
+        text.update({k: v for k, v in CASES["qwen4_exp_text"].items() if k != "model_type"})
     config = AutoConfig.for_model(model_type, text_config=text, vision_config=dict(
         depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64))
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """Gated DeltaNet at layer 0: qwen3_next (Qwen3-Next), qwen3_5 and qwen3_5_moe (Qwen3.5's image-text checkpoints,
-whose text decoder is folded) and their text-only types qwen3_5_text, qwen3_5_moe_text; olmo_hybrid.
+whose text decoder is folded) and their text-only types qwen3_5_text, qwen3_5_moe_text; olmo_hybrid; qwen4_exp_text
+and qwen4_exp (image-text).
 
 h = (1 + w) RMSNorm(x; input_layernorm, rms_norm_eps); then per token:
   qwen3_next: in_proj_qkvz(h), grouped per key head as [q_g | k_g | v_g (r heads) | z_g (r heads)], and
@@ -15,6 +16,13 @@ b_proj, a_proj, all separate and bias-free. Its head counts default to num_atten
 int(0.75 hidden_size / key heads) and value_head_dim to twice that; transformers' default layer_types puts
 attention at i % 4 == 3 (and at the last layer when that leaves none), so layer 0 is linear attention.
 
+qwen4_exp(_text): hyper-connections. The residual is hc_count copies of x; layer 0's attn_hyper_connection norms
+each copy (group RMSNorm, (1 + w), one weight per copy), mixes them with per-token low-rank sigmoid gates
+(input_mix_weight_down/up) into the mixer's input u, and gives injection weights for the residual. u is a function of
+the token, so the table holds Qwen3.5's projections of u; the gated residual stays in the model (its weights also
+make the injection weights, and the mixer masks u, which marks the padded rows). A per-layer n-gram embedding (PLE)
+at layer 1 (ple_layer_ids counts from 1) adds the preceding tokens before layer 0's mixer and is refused.
+
 Layer types: layer_types, else a full-attention layer every full_attention_interval (default 4) layers, the last
 of each interval, so layer 0 is linear attention unless the interval is 1.
 """
@@ -24,10 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import rms
+import numpy as np
+
+from precompute_cli.recipes import ops
+from precompute_cli.recipes.base import Shape, Weights, register
+from precompute_cli.recipes.declare import Norm, rms
 from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Pattern, Projection
-from precompute_cli.spec import Config, Key, ModelSpec, Sizes
+from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
+
+HC_COUNT, HC_LOWRANK = Key("hc_count", default=4), Key("hc_lowrank", default=320)
 
 KEY_HEADS, VALUE_HEADS = Key("linear_num_key_heads", default=16), Key("linear_num_value_heads", default=32)
 KEY_DIM, VALUE_DIM = Key("linear_key_head_dim", default=128), Key("linear_value_head_dim", default=128)
@@ -83,6 +96,30 @@ OLMO_HYBRID = MixerLayout(
 )
 
 
+@dataclass(frozen=True)
+class GatedResidualInput(Norm):
+    """Qwen4-Exp's attn_hyper_connection, as layer 0's input transform: x (all hc_count copies of it) -> u."""
+
+    def tensors(self, where: str, spec: ModelSpec, which: str = "") -> dict[str, Shape]:
+        return {}  # its shapes need the config: `weights`, which Mixed.input_tensors asks
+
+    def weights(self, where: str, spec: ModelSpec, cfg: Config) -> dict[str, Shape]:
+        n, r = HC_COUNT.int(cfg, {}), HC_LOWRANK.int(cfg, {})
+        d = spec.hidden_size
+        m = where + self.module
+        return {f"{m}.hc_norm.weight": (n * d,), f"{m}.input_mix_weight_down.weight": (r, n * d),
+                f"{m}.input_mix_weight_up.weight": (n * d, r)}
+
+    def apply(self, w: Weights, x: np.ndarray, where: str, cfg: Config, spec: ModelSpec, which: str = "") -> np.ndarray:
+        n, m = HC_COUNT.int(cfg, {}), where + self.module
+        eps = float(value(cfg, self.eps))
+        normed = np.concatenate([ops.rms_norm(x, part, eps, offset=1.0)
+                                 for part in np.split(w(f"{m}.hc_norm.weight"), n, axis=-1)], axis=-1)
+        gate = ops.silu(ops.linear(normed, w(f"{m}.input_mix_weight_down.weight")) / n)
+        gate = ops.sigmoid(ops.linear(gate, w(f"{m}.input_mix_weight_up.weight")))
+        return np.mean(np.stack(np.split(gate * normed, n, axis=-1)), axis=0)
+
+
 def layout(fused: bool, moe: bool) -> MixerLayout:
     """The spec's heads are the layer-0 mixer's: value heads (key heads as KV) of value_head_dim."""
     return MixerLayout(
@@ -102,8 +139,21 @@ def multimodal(text: MixerLayout) -> MixerLayout:
                    embedding="model.language_model.embed_tokens.weight")
 
 
+QWEN4_EXP = replace(layout(False, True), input_norm=GatedResidualInput("attn_hyper_connection"), input_stays=True,
+                    pattern=Pattern(mixer=("linear_attention",), lists=("layer_types",),
+                                    interval=Key("full_attention_interval", default=4)))
+
+
 @register
 class Qwen3Next(Mixed):
     layouts = {"qwen3_next": layout(True, True), "qwen3_5_text": layout(False, False),
                "qwen3_5_moe_text": layout(False, True), "qwen3_5": multimodal(layout(False, False)),
-               "qwen3_5_moe": multimodal(layout(False, True)), "olmo_hybrid": OLMO_HYBRID}
+               "qwen3_5_moe": multimodal(layout(False, True)), "olmo_hybrid": OLMO_HYBRID,
+               "qwen4_exp_text": QWEN4_EXP, "qwen4_exp": multimodal(QWEN4_EXP)}
+
+    def refusal(self) -> str | None:
+        ple = self.cfg.get("ple_layer_ids", default=[]) if self.cfg.model_type.startswith("qwen4_exp") else []
+        if isinstance(ple, list) and 1 in ple:
+            return (f"this {self.cfg.model_type} config adds an n-gram embedding of the preceding tokens (PLE, "
+                    "ple_layer_ids contains 1) before layer 0's mixer, so its input depends on the context")
+        return super().refusal()

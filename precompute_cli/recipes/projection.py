@@ -140,6 +140,9 @@ class MixerLayout:
     embedding: str = "model.embed_tokens.weight"
     input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
     norm_in_memory: str | None = None  # the input norm's module name in memory, when the checkpoint's differs
+    # the input transform stays in the model, its weights read by the fold but kept (Qwen4-Exp's gated residual:
+    # they also make the residual's injection weights, and its masked output marks the padded rows)
+    input_stays: bool = False
     embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
@@ -205,7 +208,7 @@ class Mixed(Recipe):
     def folded(self) -> dict[str, Shape]:
         """The input norm and the projections' weights, and the biases of projections whose input is not masked;
         a masked projection's bias stays (the runtime returns it for padded rows)."""
-        out = self.layout.input_norm.tensors(self.prefix, self.spec)
+        out = {} if self.layout.input_stays else self.input_tensors()
         for proj in self.projections():
             out[f"{self.prefix}{proj.saved}.weight"] = (proj.width, self.spec.hidden_size)
             if proj.bias and not proj.masked:
@@ -214,8 +217,15 @@ class Mixed(Recipe):
 
     def kept_inputs(self) -> dict[str, Shape]:
         """The masked projections' biases: the fold reads them, the output keeps them for padded rows."""
-        return {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
-                if proj.bias and proj.masked}
+        out = {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
+               if proj.bias and proj.masked}
+        return {**self.input_tensors(), **out} if self.layout.input_stays else out
+
+    def input_tensors(self) -> dict[str, Shape]:
+        """The input transform's tensors: a norm's, or those of a transform whose shapes come from the config."""
+        norm = self.layout.input_norm
+        weights = getattr(norm, "weights", None)
+        return weights(self.prefix, self.spec, self.cfg) if weights else norm.tensors(self.prefix, self.spec)
 
     def stored(self, proj: Projection) -> tuple[tuple[str, int], ...]:
         return self.layout.mixer.stored(proj, self.spec)
@@ -263,5 +273,6 @@ class Mixed(Recipe):
             masked=tuple(MaskedProjection(proj.module, tuple(n for n, _ in self.stored(proj)),
                                           ones=proj.width - sum(w for _, w in self.stored(proj)))
                          for proj in projs if proj.masked),
-            dtype_identities=(self.layout.norm_in_memory or self.layout.input_norm.module,),
+            dtype_identities=() if self.layout.input_stays else (
+                self.layout.norm_in_memory or self.layout.input_norm.module,),
         )
