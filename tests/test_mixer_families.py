@@ -57,6 +57,9 @@ CASES = {
                            num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                            indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=4),
+    "lara_mini": dict(model_type="lara_mini", **{**GDN, "layer_types": ["linear_attention", "sliding_attention"]},
+                      sliding_window=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
     "kimi_linear": dict(model_type="kimi_linear", num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         linear_attn_config={"head_dim": 16, "num_heads": 4, "kda_layers": [1], "full_attn_layers": [2],
                                             "short_conv_kernel_size": 4},
@@ -139,6 +142,8 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="minimax"), "attention"),  # transformers' default: layer 0 is softmax attention
     (dict(model_type="minimax", layer_types=["linear_attention", "full_attention"] * 2), "lightning attention"),
     (dict(model_type="qwen3_next"), "Gated DeltaNet"),
+    (dict(model_type="lara_mini"), "Gated DeltaNet"),  # transformers' default: linear, sliding, linear, full, sliding
+    (dict(model_type="lara_mini", layer_types=["full_attention", "linear_attention"]), "attention"),
     (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
     (dict(model_type="qwen4_exp_text"), "Gated DeltaNet"),  # transformers' default: attention at (i + 1) % 4 == 0
     (dict(model_type="qwen4_exp_text", layer_types=["full_attention", "linear_attention"]), "attention"),

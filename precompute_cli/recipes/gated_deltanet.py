@@ -52,6 +52,7 @@ class GatedDeltaNet(Mixer):
 
     kind: ClassVar[str] = "Gated DeltaNet"
     fused: bool
+    one_on_disk: bool = False  # lara_mini: the checkpoint fuses qwen3_5's four into in_proj, rows [qkv | z | b | a]
 
     def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
         nk, dk, nv, dv = (k.int(cfg, {}) for k in (KEY_HEADS, KEY_DIM, VALUE_HEADS, VALUE_DIM))
@@ -59,10 +60,17 @@ class GatedDeltaNet(Mixer):
         if self.fused:
             return (Projection(p + "in_proj_qkvz", (("qkvz", 2 * nk * dk + 2 * nv * dv),)),
                     Projection(p + "in_proj_ba", (("ba", 2 * nv),)))
-        return (Projection(p + "in_proj_qkv", (("q", nk * dk), ("k", nk * dk), ("v", nv * dv))),
-                Projection(p + "in_proj_z", (("z", nv * dv),)),
-                Projection(p + "in_proj_b", (("b", nv),)),
-                Projection(p + "in_proj_a", (("a", nv),)))
+        projs = (Projection(p + "in_proj_qkv", (("q", nk * dk), ("k", nk * dk), ("v", nv * dv))),
+                 Projection(p + "in_proj_z", (("z", nv * dv),)),
+                 Projection(p + "in_proj_b", (("b", nv),)),
+                 Projection(p + "in_proj_a", (("a", nv),)))
+        if not self.one_on_disk:
+            return projs
+        total, start, out = sum(proj.width for proj in projs), 0, []
+        for proj in projs:
+            out.append(replace(proj, on_disk=p + "in_proj", rows=(start, start + proj.width, total)))
+            start += proj.width
+        return tuple(out)
 
 
 def _key_dim(v: dict) -> int:
@@ -139,6 +147,10 @@ def multimodal(text: MixerLayout) -> MixerLayout:
                    embedding="model.language_model.embed_tokens.weight")
 
 
+# lara_mini: Qwen3.5's mixer with one fused in_proj on disk, a plain w RMSNorm (Helium's) and an MoE FFN
+LARA_MINI = replace(layout(False, True), mixer=GatedDeltaNet(False, one_on_disk=True),
+                    input_norm=rms("input_layernorm"), pattern=Pattern(lists=("layer_types",)))
+
 QWEN4_EXP = replace(layout(False, True), input_norm=GatedResidualInput("attn_hyper_connection"), input_stays=True,
                     pattern=Pattern(mixer=("linear_attention",), lists=("layer_types",),
                                     interval=Key("full_attention_interval", default=4)))
@@ -148,7 +160,7 @@ QWEN4_EXP = replace(layout(False, True), input_norm=GatedResidualInput("attn_hyp
 class Qwen3Next(Mixed):
     layouts = {"qwen3_next": layout(True, True), "qwen3_5_text": layout(False, False),
                "qwen3_5_moe_text": layout(False, True), "qwen3_5": multimodal(layout(False, False)),
-               "qwen3_5_moe": multimodal(layout(False, True)), "olmo_hybrid": OLMO_HYBRID,
+               "qwen3_5_moe": multimodal(layout(False, True)), "olmo_hybrid": OLMO_HYBRID, "lara_mini": LARA_MINI,
                "qwen4_exp_text": QWEN4_EXP, "qwen4_exp": multimodal(QWEN4_EXP)}
 
     def refusal(self) -> str | None:

@@ -45,6 +45,9 @@ class Projection:
     masked: bool = True
     input_scale: float = 1.0  # a multiplier the model applies to the normed input first (Falcon-H1's *_in_multiplier)
     on_disk: str | None = None  # the module's name in the checkpoint, when it differs from `module` (Kimi's flat names)
+    # this module's rows [start, stop) of a fused weight on disk `rows[2]` rows tall, which transformers splits on
+    # load (lara_mini's in_proj into in_proj_qkv, _z, _b, _a); None: the module's own weight
+    rows: tuple[int, int, int] | None = None
 
     @property
     def width(self) -> int:
@@ -210,7 +213,8 @@ class Mixed(Recipe):
         a masked projection's bias stays (the runtime returns it for padded rows)."""
         out = {} if self.layout.input_stays else self.input_tensors()
         for proj in self.projections():
-            out[f"{self.prefix}{proj.saved}.weight"] = (proj.width, self.spec.hidden_size)
+            rows = proj.rows[2] if proj.rows else proj.width
+            out[f"{self.prefix}{proj.saved}.weight"] = (rows, self.spec.hidden_size)
             if proj.bias and not proj.masked:
                 out[f"{self.prefix}{proj.saved}.bias"] = (proj.width,)
         return out
@@ -259,7 +263,9 @@ class Mixed(Recipe):
             out["residual"] = h
         for proj in self.projections():
             inp = h if proj.input_scale == 1.0 else h * proj.input_scale
-            y = ops.linear(inp, w(f"{p}{proj.saved}.weight"), w(f"{p}{proj.saved}.bias") if proj.bias else None)
+            weight = w(f"{p}{proj.saved}.weight")
+            weight = weight[proj.rows[0]:proj.rows[1]] if proj.rows else weight
+            y = ops.linear(inp, weight, w(f"{p}{proj.saved}.bias") if proj.bias else None)
             out.update(lay.mixer.split(proj, y, self.spec))
         return out
 
