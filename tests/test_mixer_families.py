@@ -64,6 +64,9 @@ CASES = {
                         linear_attn_config={"head_dim": 16, "num_heads": 4, "kda_layers": [1], "full_attn_layers": [2],
                                             "short_conv_kernel_size": 4},
                         num_experts=4, num_experts_per_token=2, moe_intermediate_size=32),
+    "bailing_hybrid": dict(model_type="bailing_hybrid", **IDS, head_dim=16, num_key_value_heads=4,
+                           layer_types=["linear_attention", "full_attention"], num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1),
     "minimax": dict(model_type="minimax", layer_types=["linear_attention", "full_attention"], num_local_experts=4,
                     num_experts_per_tok=2, block_size=4, linear_attn_alpha_factor=1.5, linear_attn_beta_factor=0.7,
                     full_attn_alpha_factor=0.9, mlp_alpha_factor=1.2, mlp_beta_factor=0.8),
@@ -144,6 +147,8 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="qwen3_next"), "Gated DeltaNet"),
     (dict(model_type="lara_mini"), "Gated DeltaNet"),  # transformers' default: linear, sliding, linear, full, sliding
     (dict(model_type="lara_mini", layer_types=["full_attention", "linear_attention"]), "attention"),
+    (dict(model_type="bailing_hybrid"), "Kimi Delta Attention"),  # transformers' default: attention every 6th
+    (dict(model_type="bailing_hybrid", layer_group_size=1), "attention"),
     (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
     (dict(model_type="qwen4_exp_text"), "Gated DeltaNet"),  # transformers' default: attention at (i + 1) % 4 == 0
     (dict(model_type="qwen4_exp_text", layer_types=["full_attention", "linear_attention"]), "attention"),
