@@ -22,6 +22,8 @@ CASES = {
     "falcon_mamba": dict(model_type="falcon_mamba", state_size=8),
     "jamba": dict(model_type="jamba", attn_layer_offset=1, attn_layer_period=2, mamba_d_state=8, num_experts=4,
                   num_experts_per_tok=2),
+    "zamba": dict(model_type="zamba", layers_block_type=["mamba", "hybrid", "hybrid"], num_hidden_layers=3,
+                  n_mamba_heads=2, mamba_d_state=8, mamba_proj_bias=True, attention_head_dim=16),
     "mamba2": dict(model_type="mamba2", **MAMBA2),
     "mamba2-bias-tied": dict(model_type="mamba2", **MAMBA2, use_bias=True, tie_word_embeddings=True),
     "bamba": dict(model_type="bamba", **MAMBA2_KEYS, attn_layer_indices=[1]),
@@ -149,6 +151,7 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="lara_mini", layer_types=["full_attention", "linear_attention"]), "attention"),
     (dict(model_type="bailing_hybrid"), "Kimi Delta Attention"),  # transformers' default: attention every 6th
     (dict(model_type="bailing_hybrid", layer_group_size=1), "attention"),
+    (dict(model_type="zamba"), "Mamba-1"),  # transformers' default: Mamba, Mamba, hybrid, ...
     (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
     (dict(model_type="qwen4_exp_text"), "Gated DeltaNet"),  # transformers' default: attention at (i + 1) % 4 == 0
     (dict(model_type="qwen4_exp_text", layer_types=["full_attention", "linear_attention"]), "attention"),
