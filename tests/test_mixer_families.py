@@ -24,6 +24,8 @@ CASES = {
                   num_experts_per_tok=2),
     "zamba": dict(model_type="zamba", layers_block_type=["mamba", "hybrid", "hybrid"], num_hidden_layers=3,
                   n_mamba_heads=2, mamba_d_state=8, mamba_proj_bias=True, attention_head_dim=16),
+    "zamba2": dict(model_type="zamba2", layers_block_type=["mamba", "hybrid", "hybrid"], num_hidden_layers=3,
+                   n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=16, chunk_size=4, add_bias_linear=True),
     "mamba2": dict(model_type="mamba2", **MAMBA2),
     "mamba2-bias-tied": dict(model_type="mamba2", **MAMBA2, use_bias=True, tie_word_embeddings=True),
     "bamba": dict(model_type="bamba", **MAMBA2_KEYS, attn_layer_indices=[1]),
@@ -152,6 +154,9 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="bailing_hybrid"), "Kimi Delta Attention"),  # transformers' default: attention every 6th
     (dict(model_type="bailing_hybrid", layer_group_size=1), "attention"),
     (dict(model_type="zamba"), "Mamba-1"),  # transformers' default: Mamba, Mamba, hybrid, ...
+    (dict(model_type="zamba", layers_block_type=["hybrid", "mamba"]), "a hybrid block"),  # shared attention first
+    (dict(model_type="zamba2"), "Mamba-2"),  # transformers' default starts with a Mamba layer
+    (dict(model_type="zamba2", layers_block_type=["hybrid", "mamba"]), "a hybrid block"),
     (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
     (dict(model_type="qwen4_exp_text"), "Gated DeltaNet"),  # transformers' default: attention at (i + 1) % 4 == 0
     (dict(model_type="qwen4_exp_text", layer_types=["full_attention", "linear_attention"]), "attention"),
@@ -168,8 +173,8 @@ def test_layer0_kind_from_the_config(capsys, tmp_path, config, kind):
     code, out, err = run_cli(capsys, "inspect", tmp_path / "config.json", "--json")
     assert code == 0, err
     data = json.loads(out)
-    if kind.startswith("attention"):
-        assert not data["precomputable"] and "layer 0" in data["reason"] and "is attention" in data["reason"]
+    if kind.startswith(("attention", "a ")):  # attention, or another block the recipe does not fold
+        assert not data["precomputable"] and "layer 0" in data["reason"] and f"is {kind}" in data["reason"]
     else:
         assert data["precomputable"] and data["layer0"] == kind
 

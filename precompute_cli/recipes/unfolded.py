@@ -50,7 +50,7 @@ NOT_WRITTEN: dict[str, str] = {
         "dots3_note_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
     **{t: _NOT_WRITTEN.format("linear attention or a recurrent mixer behind per-token projections") for t in (
         "recurrent_gemma",
-        "xlstm", "zamba2")},
+        "xlstm")},
     **{t: _NOT_WRITTEN.format("attention, not read in detail") for t in (
         "gpt_neox_japanese", "hy_v4", "inkling2_text", "inkling2_loop_text")},
     # Planned this release (each moves to a recipe with its equivalence test when it lands):
