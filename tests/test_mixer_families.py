@@ -71,6 +71,13 @@ CASES = {
     "bailing_hybrid": dict(model_type="bailing_hybrid", **IDS, head_dim=16, num_key_value_heads=4,
                            layer_types=["linear_attention", "full_attention"], num_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1),
+    # d = 80: the model's sqrt(d) rounded to bfloat16 (8.9375) is not sqrt(d) (it reaches the table only through eps)
+    "recurrent_gemma": dict(model_type="recurrent_gemma", hidden_size=80, lru_width=48, attention_window_size=8,
+                            block_types=["recurrent", "attention"]),
+    "recurrent_gemma-untied": dict(model_type="recurrent_gemma", hidden_size=80, block_types=["recurrent", "attention"],
+                                   tie_word_embeddings=False),
+    # qk_dim_factor 1: transformers' native chunkwise kernel fails when q/k heads are narrower than v's
+    "xlstm": dict(model_type="xlstm", num_heads=4, num_blocks=2, embedding_dim=64, chunk_size=4, qk_dim_factor=1.0),
     "minimax": dict(model_type="minimax", layer_types=["linear_attention", "full_attention"], num_local_experts=4,
                     num_experts_per_tok=2, block_size=4, linear_attn_alpha_factor=1.5, linear_attn_beta_factor=0.7,
                     full_attn_alpha_factor=0.9, mlp_alpha_factor=1.2, mlp_beta_factor=0.8),
@@ -157,6 +164,9 @@ def test_inspect_hub_configs(capsys, name):
     (dict(model_type="zamba", layers_block_type=["hybrid", "mamba"]), "a hybrid block"),  # shared attention first
     (dict(model_type="zamba2"), "Mamba-2"),  # transformers' default starts with a Mamba layer
     (dict(model_type="zamba2", layers_block_type=["hybrid", "mamba"]), "a hybrid block"),
+    (dict(model_type="recurrent_gemma"), "RG-LRU recurrent block"),  # default: recurrent, recurrent, attention
+    (dict(model_type="recurrent_gemma", block_types=["attention", "recurrent"]), "attention"),
+    (dict(model_type="xlstm", num_blocks=4), "mLSTM"),
     (dict(model_type="olmo_hybrid"), "Gated DeltaNet"),  # transformers' default: attention at i % 4 == 3
     (dict(model_type="qwen4_exp_text"), "Gated DeltaNet"),  # transformers' default: attention at (i + 1) % 4 == 0
     (dict(model_type="qwen4_exp_text", layer_types=["full_attention", "linear_attention"]), "attention"),

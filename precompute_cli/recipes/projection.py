@@ -18,6 +18,7 @@ runtime gives them for an all-zero input row (runtime.TableProjection), exactly 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -146,7 +147,8 @@ class MixerLayout:
     # the input transform stays in the model, its weights read by the fold but kept (Qwen4-Exp's gated residual:
     # they also make the residual's injection weights, and its masked output marks the padded rows)
     input_stays: bool = False
-    embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
+    # applied by the model after the embedding module (Granite, Falcon-H1); or a function of the config and spec
+    embedding_multiplier: Key | Callable[[Config, ModelSpec], float] | None = None
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
     text_config: bool = False  # a multimodal checkpoint: the text decoder's keys are under text_config
@@ -256,8 +258,9 @@ class Mixed(Recipe):
         lay, p = self.layout, self.prefix
         x = ops.upcast(x)
         out = {"residual": x}
-        if lay.embedding_multiplier:
-            x = x * float(value(self.cfg, lay.embedding_multiplier))
+        mult = lay.embedding_multiplier
+        if mult:
+            x = x * (mult(self.cfg, self.spec) if callable(mult) else float(value(self.cfg, mult)))
         h = lay.input_norm.apply(w, x, p, self.cfg, self.spec)
         if lay.residual_is_norm:
             out["residual"] = h

@@ -48,9 +48,6 @@ NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
         "dots3_note_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
-    **{t: _NOT_WRITTEN.format("linear attention or a recurrent mixer behind per-token projections") for t in (
-        "recurrent_gemma",
-        "xlstm")},
     **{t: _NOT_WRITTEN.format("attention, not read in detail") for t in (
         "gpt_neox_japanese", "hy_v4", "inkling2_text", "inkling2_loop_text")},
     # Planned this release (each moves to a recipe with its equivalence test when it lands):
