@@ -244,3 +244,23 @@ def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case])
     assert convert(src, tmp_path / "out") == 0
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(("case", "removed"), [
+    ("lara_mini", {"input_layernorm.weight", "linear_attn.in_proj.weight"}),  # the fused rows, once
+    ("qwen4_exp_text", {"linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight",
+                        "linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"}),  # the gated residual stays
+    ("olmo_hybrid", {"attention_layer_norm.weight", *(f"linear_attn.{n}_proj.weight" for n in "qkvgba")}),
+    ("recurrent_gemma", {"temporal_pre_norm.weight", *(f"temporal_block.linear_{n}.{t}" for n in "xy"
+                                                       for t in ("weight", "bias"))}),  # unmasked: biases folded
+])
+def test_removes_only_what_layer_0_used_before_mixing(tmp_path, case, removed):
+    src = build(tmp_path / "src", **CASES[case])
+    assert convert(src, tmp_path / "out") == 0
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    layer_0 = {name for name in block["removed"] if name != "model.embed_tokens.weight"}  # untied: x is in the table
+    assert layer_0 == {"model.layers.0." + name for name in removed}
+    before, after = _tensors(src / "model.safetensors"), _tensors(tmp_path / "out" / "model.safetensors")
+    for name, t in before.items():
+        if name not in block["removed"]:
+            assert torch.equal(after[name], t), name
