@@ -1,5 +1,5 @@
-"""Mamba mixers at layer 0: Mamba-1 (mamba, falcon_mamba, jamba), Mamba-2 (mamba2, bamba, granitemoehybrid,
-nemotron_h) and Falcon-H1 (attention and Mamba-2 side by side in every layer).
+"""Mamba mixers at layer 0: Mamba-1 (mamba, falcon_mamba, jamba, zamba), Mamba-2 (zamba2, mamba2, bamba,
+granitemoehybrid, nemotron_h) and Falcon-H1 (attention and Mamba-2 side by side in every layer).
 
 h = RMSNorm(x) (Llama convention); p = in_proj(h) (+ bias), a per-token linear map. Mamba-1 lays p out as
 [x | z]: x goes to the causal conv1d (context), z gates the scan's output. Mamba-2 lays it out as [z | xBC | dt]:
@@ -10,6 +10,12 @@ Falcon-H1: attention and Mamba-2 read the same normed input (x = embedding * emb
 W (h * attention_in_multiplier) and in_proj(h * ssm_in_multiplier). The mixer multiplies in_proj's output by
 mup_vector (built from ssm_multipliers, not on disk) and the attention multiplies k by key_multiplier, both after the
 table, so both stay in the model.
+
+Zamba: a Mamba-1 mixer with n_mamba_heads independent heads, whose in_proj rows interleave x and z ([x_0, z_0,
+x_1, ...]; the mixer views its output as (I, 2)); the table keeps that layout as one group. Its "hybrid" layers run
+a shared attention block on [x_l | the embedding] before their Mamba; layer 0 is Mamba unless layers_block_type
+says "hybrid" (transformers' default: Mamba, Mamba, hybrid, ...). Zamba2 is the same with a Mamba-2 mixer
+(n_mamba_heads, mamba_ngroups, mamba_d_state; in_proj's bias is add_bias_linear); its default starts with Mamba.
 
 Which layers are Mamba comes from each family's own keys (its Pattern), and several of transformers' defaults
 differ from the Hub's configs. transformers names Mamba layers "linear_attention" ("mamba" is remapped).
@@ -49,6 +55,18 @@ class Mamba1(Mixer):
     def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
         inner = _inner(cfg, spec, self.inner, self.expand)
         return (Projection(f"{self.module}.in_proj", (("x", inner), ("z", inner)), bool(value(cfg, self.bias))),)
+
+
+@dataclass(frozen=True)
+class ZambaMamba(Mixer):
+    """in_proj -> [x_0, z_0, x_1, z_1, ...], 2I wide, kept interleaved."""
+
+    kind: ClassVar[str] = "Mamba-1"
+
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        inner = int(Key("mamba_expand", default=2).int(cfg, {}) * spec.hidden_size)
+        return (Projection("mamba.in_proj", (("xz", 2 * inner),), bool(value(cfg, Key("mamba_proj_bias",
+                                                                                       default=False)))),)
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,19 @@ class Mamba(Mixed):
             pattern=Pattern(period=(Key("attn_layer_period", default=8), Key("attn_layer_offset", default=4))),
             input_norm=rms("input_layernorm"),
             sizes=Sizes(num_experts=Key("num_experts", default=16))),
+        # shared attention blocks in the "hybrid" layers, none at layer 0 by default; tied by default
+        "zamba": MixerLayout(
+            ZambaMamba(), pattern=Pattern(lists=("layers_block_type", "layer_types")),
+            input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=1e-5)),
+            sizes=Sizes(head_dim=Key("attention_head_dim", default=lambda k: 2 * k["hidden_size"] // k["num_heads"]),
+                        tied_embeddings=Key("tie_word_embeddings", default=True))),
+        "zamba2": MixerLayout(
+            Mamba2(Key("n_mamba_heads", default=8), Key("mamba_ngroups", default=1), Key("mamba_d_state", default=64),
+                   module="mamba", expand=Key("mamba_expand", default=2), bias=Key("add_bias_linear", default=False)),
+            pattern=Pattern(lists=("layers_block_type", "layer_types")),
+            input_norm=rms("input_layernorm", eps=Key("rms_norm_eps", default=1e-5)),
+            sizes=Sizes(head_dim=Key(default=lambda k: 2 * k["hidden_size"] // k["num_heads"]),
+                        tied_embeddings=Key("tie_word_embeddings", default=True))),
         # every layer Mamba-2, `backbone.*`; I = expand * d
         "mamba2": MixerLayout(
             Mamba2(Key("num_heads", default=128), Key("n_groups", default=8), Key("state_size", default=128)),

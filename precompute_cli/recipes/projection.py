@@ -18,6 +18,7 @@ runtime gives them for an all-zero input row (runtime.TableProjection), exactly 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -45,6 +46,9 @@ class Projection:
     masked: bool = True
     input_scale: float = 1.0  # a multiplier the model applies to the normed input first (Falcon-H1's *_in_multiplier)
     on_disk: str | None = None  # the module's name in the checkpoint, when it differs from `module` (Kimi's flat names)
+    # this module's rows [start, stop) of a fused weight on disk `rows[2]` rows tall, which transformers splits on
+    # load (lara_mini's in_proj into in_proj_qkv, _z, _b, _a); None: the module's own weight
+    rows: tuple[int, int, int] | None = None
 
     @property
     def width(self) -> int:
@@ -139,7 +143,12 @@ class MixerLayout:
     layer: str | None = None  # layer 0 in memory, when it differs from the prefix (nemotron_h: backbone. on disk)
     embedding: str = "model.embed_tokens.weight"
     input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
-    embedding_multiplier: Key | None = None  # applied by the model after the embedding module (Granite, Falcon-H1)
+    norm_in_memory: str | None = None  # the input norm's module name in memory, when the checkpoint's differs
+    # the input transform stays in the model, its weights read by the fold but kept (Qwen4-Exp's gated residual:
+    # they also make the residual's injection weights, and its masked output marks the padded rows)
+    input_stays: bool = False
+    # applied by the model after the embedding module (Granite, Falcon-H1); or a function of the config and spec
+    embedding_multiplier: Key | Callable[[Config, ModelSpec], float] | None = None
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
     text_config: bool = False  # a multimodal checkpoint: the text decoder's keys are under text_config
@@ -204,17 +213,25 @@ class Mixed(Recipe):
     def folded(self) -> dict[str, Shape]:
         """The input norm and the projections' weights, and the biases of projections whose input is not masked;
         a masked projection's bias stays (the runtime returns it for padded rows)."""
-        out = self.layout.input_norm.tensors(self.prefix, self.spec)
+        out = {} if self.layout.input_stays else self.input_tensors()
         for proj in self.projections():
-            out[f"{self.prefix}{proj.saved}.weight"] = (proj.width, self.spec.hidden_size)
+            rows = proj.rows[2] if proj.rows else proj.width
+            out[f"{self.prefix}{proj.saved}.weight"] = (rows, self.spec.hidden_size)
             if proj.bias and not proj.masked:
                 out[f"{self.prefix}{proj.saved}.bias"] = (proj.width,)
         return out
 
     def kept_inputs(self) -> dict[str, Shape]:
         """The masked projections' biases: the fold reads them, the output keeps them for padded rows."""
-        return {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
-                if proj.bias and proj.masked}
+        out = {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
+               if proj.bias and proj.masked}
+        return {**self.input_tensors(), **out} if self.layout.input_stays else out
+
+    def input_tensors(self) -> dict[str, Shape]:
+        """The input transform's tensors: a norm's, or those of a transform whose shapes come from the config."""
+        norm = self.layout.input_norm
+        weights = getattr(norm, "weights", None)
+        return weights(self.prefix, self.spec, self.cfg) if weights else norm.tensors(self.prefix, self.spec)
 
     def stored(self, proj: Projection) -> tuple[tuple[str, int], ...]:
         return self.layout.mixer.stored(proj, self.spec)
@@ -241,14 +258,17 @@ class Mixed(Recipe):
         lay, p = self.layout, self.prefix
         x = ops.upcast(x)
         out = {"residual": x}
-        if lay.embedding_multiplier:
-            x = x * float(value(self.cfg, lay.embedding_multiplier))
+        mult = lay.embedding_multiplier
+        if mult:
+            x = x * (mult(self.cfg, self.spec) if callable(mult) else float(value(self.cfg, mult)))
         h = lay.input_norm.apply(w, x, p, self.cfg, self.spec)
         if lay.residual_is_norm:
             out["residual"] = h
         for proj in self.projections():
             inp = h if proj.input_scale == 1.0 else h * proj.input_scale
-            y = ops.linear(inp, w(f"{p}{proj.saved}.weight"), w(f"{p}{proj.saved}.bias") if proj.bias else None)
+            weight = w(f"{p}{proj.saved}.weight")
+            weight = weight[proj.rows[0]:proj.rows[1]] if proj.rows else weight
+            y = ops.linear(inp, weight, w(f"{p}{proj.saved}.bias") if proj.bias else None)
             out.update(lay.mixer.split(proj, y, self.spec))
         return out
 
@@ -262,5 +282,6 @@ class Mixed(Recipe):
             masked=tuple(MaskedProjection(proj.module, tuple(n for n, _ in self.stored(proj)),
                                           ones=proj.width - sum(w for _, w in self.stored(proj)))
                          for proj in projs if proj.masked),
-            dtype_identities=(self.layout.input_norm.module,),
+            dtype_identities=() if self.layout.input_stays else (
+                self.layout.norm_in_memory or self.layout.input_norm.module,),
         )

@@ -1,4 +1,4 @@
-"""LFM2's short convolution at layer 0: lfm2, lfm2_moe.
+"""LFM2's short convolution at layer 0: lfm2, lfm2_moe, lfm3.
 
 h = RMSNorm(x; operator_norm, norm_eps); [B | C | x'] = in_proj(h) (+ bias if conv_bias); the causal depthwise
 conv (context) runs on B * x', and its output is multiplied by C. Both B * x' and C are per token, so the table holds
@@ -7,7 +7,9 @@ so its own `B * x` gives the stored product exactly (x 1 is exact), and the conv
 
 Layer 0 is a conv when layer_types[0] is "conv", or, without layer_types, when 0 is not in full_attn_idxs.
 transformers' default (neither key) makes every layer attention, which is refused; the Hub's LFM2 configs list
-their layers. `model.embedding_norm` is the final norm, despite its name, and is not touched.
+their layers. LFM3 is the same conv (its attention layers gain a sandwich norm, an output gate and a sliding
+window); transformers' default pattern starts with a conv ("conv" unless i % 4 == 2, or i % 4 == 0 past layer 0),
+and its config has no full_attn_idxs. `model.embedding_norm` is the final norm, despite its name, and is not touched.
 """
 
 from __future__ import annotations
@@ -58,4 +60,5 @@ class Lfm2(Mixed):
     layouts = {
         "lfm2": LFM2,
         "lfm2_moe": replace(LFM2, sizes=replace(LFM2.sizes, num_experts=Key("num_experts", default=32))),
+        "lfm3": replace(LFM2, pattern=Pattern(mixer=("conv",), lists=("layer_types",), default="conv")),
     }

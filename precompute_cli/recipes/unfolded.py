@@ -48,9 +48,6 @@ NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
         "dots3_note_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
-    **{t: _NOT_WRITTEN.format("linear attention or a recurrent mixer behind per-token projections") for t in (
-        "bailing_hybrid", "lara_mini", "lfm3", "olmo_hybrid", "qwen4_exp", "qwen4_exp_text", "recurrent_gemma",
-        "xlstm", "zamba", "zamba2")},
     **{t: _NOT_WRITTEN.format("attention, not read in detail") for t in (
         "gpt_neox_japanese", "hy_v4", "inkling2_text", "inkling2_loop_text")},
     # Token-only, but each needs more than a declaration:
