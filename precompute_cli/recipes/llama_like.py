@@ -1,11 +1,13 @@
 """Serial attention on the Llama skeleton, the 2025-26 types (only Q, K, V fold; the FFN, dense or MoE, is serial).
 
-x = embed_tokens[t] (granitemoe*: * embedding_multiplier); h = RMSNorm(x; input_layernorm) (apertus: named
-attention_layernorm; exaone4: no norm before attention at all); q, k, v = W h (+ b); then, by type:
+x = embed_tokens[t] (granitemoe*, granite_swa, hyperclovax: * embedding_multiplier); h = RMSNorm(x; input_layernorm)
+(apertus: named attention_layernorm; jais2: a LayerNorm with bias; exaone4: no norm before attention at all);
+q, k, v = W h (+ b); then, by type:
   per-head q_norm/k_norm with one shared [hd] weight before RoPE (apertus, exaone4, dots1, glm4_moe with
-  use_qk_norm); q_norm/k_norm over the whole projection (minimax_m2);
+  use_qk_norm, mellum, exaone_moe, hy_v3, flint); q_norm/k_norm over the whole projection (minimax_m2);
   hunyuan_v1_*: query_layernorm/key_layernorm act AFTER RoPE, so the table holds the raw q, k and their weights
   stay in the model, which applies RoPE then the norm to the table's columns.
+Attention sinks (granite_swa, granitemoe_swa; flint's softmax_offset) are read after the table: they stay.
 What differs and needs no table work: NoPE layers (smollm3, exaone4's full layers), interleaved or partial RoPE
 (glm*, ernie4_5*, helium), ministral3's position scale after RoPE, sandwich and post norms (glm4, exaone4), fp32-weight
 RMSNorm (helium; the fold computes in float32 anyway), a relu2 or xIELU MLP (arcee, apertus).
@@ -18,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Norm, Sizes, rms, separate
+from precompute_cli.recipes.declare import Declared, Key, Layout, Norm, Sizes, layer_norm, rms, separate
 from precompute_cli.spec import Config, heads
 
 BIAS = Key("attention_bias", default=False)
@@ -114,4 +116,45 @@ class LlamaLike(Declared):
         "hunyuan_v1_moe": Layout(sizes=Sizes(num_kv_heads=kv(None), num_experts=hunyuan_experts),
                                  input_norm=rms("input_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS),
                                  qk_norm=HUNYUAN_QK),
+        "internlm3": Layout(sizes=Sizes(num_kv_heads=kv(2), head_dim=Key("head_dim", default=128)),
+                            input_norm=rms("input_layernorm", eps=eps(1e-5)),
+                            qkv=separate(bias=Key("attention_bias", "qkv_bias", default=False))),
+        "iquestcoder": Layout(sizes=Sizes(num_kv_heads=kv(8), head_dim=Key("head_dim", default=128)),
+                              input_norm=rms("input_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS)),
+        "cwm": Layout(sizes=Sizes(num_kv_heads=kv(8), head_dim=Key("head_dim", default=128)),
+                      input_norm=rms("input_layernorm", eps=eps(1e-5))),
+        "hyperclovax": Layout(sizes=Sizes(num_kv_heads=kv(None)),
+                              embedding_multiplier=Key("embedding_multiplier", default=1.0),
+                              input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS)),
+        "jais2": Layout(sizes=Sizes(num_kv_heads=kv(None)), input_norm=layer_norm("input_layernorm"),
+                        qkv=separate(bias=Key("attention_bias", default=True))),
+        "solar_open": Layout(sizes=Sizes(num_kv_heads=kv(8), head_dim=Key("head_dim", default=128),
+                                         num_experts=Key("n_routed_experts", "num_local_experts", default=128),
+                                         intermediate_size=MOE_WIDTH),
+                             input_norm=rms("input_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS)),
+        "mellum": Layout(sizes=Sizes(num_kv_heads=kv(4), head_dim=Key("head_dim", default=128),
+                                     num_experts=Key("num_experts", "num_local_experts", default=64),
+                                     intermediate_size=MOE_WIDTH),
+                         input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS),
+                         qk_norm=head_norm(eps(1e-6))),
+        "exaone_moe": Layout(sizes=Sizes(num_kv_heads=kv(32), num_experts=Key("num_experts", default=64),
+                                         intermediate_size=MOE_WIDTH),
+                             input_norm=rms("input_layernorm", eps=eps(1e-5)), qk_norm=head_norm(eps(1e-5))),
+        "hy_v3": Layout(sizes=Sizes(num_kv_heads=kv(8), head_dim=Key("head_dim", default=128),
+                                    num_experts=Key("num_experts", "num_local_experts", default=192),
+                                    intermediate_size=MOE_WIDTH),
+                        input_norm=rms("input_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS),
+                        qk_norm=head_norm(eps(1e-5))),
+        "flint": Layout(sizes=Sizes(num_kv_heads=kv(4), head_dim=Key("head_dim", default=128),
+                                    num_experts=Key("num_experts", default=256), intermediate_size=MOE_WIDTH),
+                        input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS),
+                        qk_norm=head_norm(eps(1e-6)), keep=("self_attn.softmax_offset",)),
+        "granite_swa": Layout(sizes=Sizes(num_kv_heads=kv(4), tied_embeddings=Key("tie_word_embeddings", default=True)),
+                              embedding_multiplier=Key("embedding_multiplier", default=1.0),
+                              input_norm=rms("input_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS),
+                              keep=("self_attn.sinks",)),
+        "granitemoe_swa": Layout(
+            sizes=Sizes(num_kv_heads=kv(None), num_experts=Key("num_local_experts", default=8)),
+            embedding_multiplier=Key("embedding_multiplier", default=1.0),
+            input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS), keep=("self_attn.sinks",)),
     }

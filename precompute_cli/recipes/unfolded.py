@@ -37,10 +37,9 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 
 NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("attention on a Llama-like skeleton") for t in (
-        "afmoe", "apertus1p5_text", "aria_text", "beam", "cohere_compass_text", "cwm", "doge", "dory", "exaone",
-        "exaone_moe", "flint", "hrm_text", "hy_v3", "hyperclovax", "inkling_text", "internlm3", "iquestcoder",
-        "jais2", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "nanochat", "solar_open", "vaultgemma", "youtu",
-        "zaya", "granite_swa", "granitemoe_swa", "sarvam_moe")},
+        "afmoe", "apertus1p5_text", "aria_text", "beam", "cohere_compass_text", "doge", "dory", "exaone",
+        "hrm_text", "inkling_text", "kolibri1", "laguna", "mimo_v2_flash", "nanochat", "youtu", "zaya",
+        "sarvam_moe")},
     "diffllama": _NOT_WRITTEN.format("differential attention: two Q/K sets per head"),
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "modernbert-decoder": _NOT_WRITTEN.format("a LayerNorm over the embedding, then attention"),
