@@ -85,6 +85,12 @@ CASES = {
     "granitemoe_swa": (dict(model_type="granitemoe_swa", num_local_experts=4, num_experts_per_tok=2,
                             embedding_multiplier=2.0, attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
     "vaultgemma": (dict(model_type="vaultgemma", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "diffllama": (dict(model_type="diffllama", **IDS), ("serial", "GQA", 64, 32)),
+    "exaone": (dict(model_type="exaone", **IDS), ("serial", "GQA", 64, 32)),
+    "sarvam_moe": (dict(model_type="sarvam_moe", head_dim=16, n_routed_experts=4, n_group=1, topk_group=1,
+                        use_qkv_bias=True, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "sarvam_moe-no-qk-norm": (dict(model_type="sarvam_moe", head_dim=32, n_routed_experts=4, n_group=1,
+                                   topk_group=1, use_qk_norm=False, **MOE, **IDS), ("serial", "GQA", 128, 64)),
     "dbrx": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=1e4),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **IDS),
              ("serial", "GQA", 64, 32)),
@@ -185,30 +191,40 @@ DEFAULTS_EXTRA = {
     "nemotron": dict(num_key_value_heads=2),  # transformers cannot build these without the key
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1),
     "glm4_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
+    "sarvam_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=1, attn_config=dict(rope_theta=1e4, clip_qkv=8.0)),
 }
 
 
 @pytest.mark.parametrize("model_type", sorted({c[0]["model_type"] for c in CASES.values()}))
-def test_declared_defaults_are_the_config_classes(model_type):
+def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     """A config.json that leaves out eps, KV heads, head_dim, biases and tying (the tiny models above write every
     key) must read as transformers reads it: the folded tensors' names and shapes, the input and q/k norms' eps and
-    the tying equal those of the model transformers builds from the same json."""
+    the tying equal those of the model transformers builds from the same json. Types whose checkpoints name tensors
+    otherwise than the loaded model (Layout.memory) are compared with the checkpoint transformers saves."""
     data = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211,
             "num_hidden_layers": 1, "intermediate_size": 32, "pad_token_id": 0, **DEFAULTS_EXTRA.get(model_type, {})}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
     recipe = recipe_for(Config(data))
-    on_model = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    lay = recipe.layout
+    mem = lay.memory or lay
+    if lay.memory:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+        model.save_pretrained(tmp_path)
+        with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+            on_model = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+        on_model = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: on_model.get(k) for k in recipe.folded()} == recipe.folded()
-    layer, lay = model.get_submodule(recipe.prefix.rstrip(".")), recipe.layout
+    layer = model.get_submodule(mem.prefix.rstrip("."))
     biases = {k for k in on_model if k.startswith(recipe.prefix) and k.endswith("bias") and "proj" in k
               and not any(s in k for s in ("o_proj", "mlp", "dense", "out_proj"))}
     assert biases <= set(recipe.folded())  # a bias transformers builds is folded, none is invented (above)
-    norms = [(lay.input_norm, "")] if lay.input_norm else []
+    norms = [(lay.input_norm, mem.input_norm, "")] if lay.input_norm else []
     if lay.qk_norm and value(recipe.cfg, lay.qk_norm.when):
-        norms.append((lay.qk_norm, "q"))
-    for norm, which in norms:
-        module = layer.get_submodule(norm.path(which))
+        norms.append((lay.qk_norm, mem.qk_norm, "q"))
+    for norm, in_memory, which in norms:
+        module = layer.get_submodule(in_memory.path(which))
         assert getattr(module, "variance_epsilon", getattr(module, "eps", None)) == float(value(recipe.cfg, norm.eps))
     assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)

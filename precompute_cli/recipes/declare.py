@@ -50,6 +50,8 @@ How to add a model type
    Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
    config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
    embedding_scale=sqrt_hidden, embedding_norm=..., norm_is_residual=Key(...), base_prefix="transformer.".
+   Names are those on disk; when transformers renames or splits them on loading (its conversion_mapping.py),
+   memory=Layout(...) says how the loaded model names the same modules (exaone, sarvam_moe), for the runtime.
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
@@ -311,6 +313,10 @@ class Layout:
     clamp: Clamp | None = None
     ffn: Ffn | Moe = field(default_factory=Ffn)
     keep: tuple[str, ...] = ()  # layer 0's tensors read after the table (sinks): they stay
+    # The same layer as transformers holds it after loading, when its checkpoint conversion renames or splits the
+    # tensors on disk (exaone's transformer.h.0.attn.attention.*, sarvam_moe's fused query_key_value): the runtime
+    # swaps the modules named here. None: memory and disk agree.
+    memory: Layout | None = None
 
 
 class Declared(Recipe):
@@ -471,14 +477,16 @@ class Declared(Recipe):
 
     def runtime_patch(self) -> RuntimePatch:
         lay = self.layout
-        norms = [lay.input_norm if lay.input_norm and not self.keeps_input_norm else None, self.ffn_norm]
-        qk = [self.qk_norm.path(n) for n in "qk"] if self.qk_norm else []
+        mem = lay.memory or lay  # module paths as transformers names them in memory
+        norms = [mem.input_norm if mem.input_norm and not self.keeps_input_norm else None,
+                 mem.ffn.norm if self.parallel else None]
+        qk = [mem.qk_norm.path(n) for n in "qk"] if self.qk_norm and mem.qk_norm else []
         return RuntimePatch(
-            layer=self.prefix.removesuffix("."),
-            projections={"qkv": lay.qkv.module} if lay.qkv.layout else {n: lay.qkv.module.format(n) for n in "qkv"},
+            layer=mem.prefix.removesuffix("."),
+            projections={"qkv": mem.qkv.module} if mem.qkv.layout else {n: mem.qkv.module.format(n) for n in "qkv"},
             identities=tuple(dict.fromkeys([*(n.module for n in norms if n), *qk])),
-            zeros=(lay.ffn.module,) if self.parallel else (),
-            embedding_transforms=(lay.embedding_norm.module,) if lay.embedding_norm else (),
-            fused_groups=self.fused_groups if lay.qkv.layout else None,
+            zeros=(mem.ffn.module,) if self.parallel else (),
+            embedding_transforms=(mem.embedding_norm.module,) if mem.embedding_norm else (),
+            fused_groups=_GROUPS[mem.qkv.layout](self.spec) if mem.qkv.layout else None,
             embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
         )

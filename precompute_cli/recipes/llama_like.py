@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Norm, Sizes, layer_norm, rms, separate
+from precompute_cli.recipes.declare import Declared, Key, Layout, Norm, Sizes, fused, layer_norm, rms, separate
 from precompute_cli.spec import Config, heads
 
 BIAS = Key("attention_bias", default=False)
@@ -157,4 +157,23 @@ class LlamaLike(Declared):
             sizes=Sizes(num_kv_heads=kv(None), num_experts=Key("num_local_experts", default=8)),
             embedding_multiplier=Key("embedding_multiplier", default=1.0),
             input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS), keep=("self_attn.sinks",)),
+        "diffllama": Layout(sizes=Sizes(num_kv_heads=kv(None)), input_norm=rms("input_layernorm", eps=eps(1e-5)),
+                            qkv=separate(bias=BIAS)),
+        # LlamaForCausalLM; the checkpoints keep EXAONE-3's own names, which transformers renames on loading
+        "exaone": Layout(prefix="transformer.h.0.", embedding="transformer.wte.weight",
+                         sizes=Sizes(num_kv_heads=kv(8), num_layers=Key("num_hidden_layers", "num_layers")),
+                         input_norm=rms("ln_1", eps=Key("rms_norm_eps", "layer_norm_epsilon", default=1e-5)),
+                         qkv=separate("attn.attention.{}_proj", bias=BIAS), memory=Layout()),
+        # Glm4MoeForCausalLM; on disk q, k, v are one blocked query_key_value, split by transformers on loading
+        "sarvam_moe": Layout(
+            embedding="model.word_embeddings.weight",
+            sizes=Sizes(num_kv_heads=kv(4), head_dim=Key("head_dim", default=64),
+                        num_experts=Key("n_routed_experts", "num_experts", "num_local_experts", default=128),
+                        intermediate_size=MOE_WIDTH),
+            input_norm=rms("input_layernorm", eps=eps(1e-6)),
+            qkv=fused("attention.query_key_value", "blocked",
+                      bias=Key("attention_bias", "use_qkv_bias", default=False)),
+            qk_norm=rms("attention.{}_layernorm", eps=eps(1e-6), scope="head", fill=("query", "key"),
+                        when=Key("use_qk_norm", default=True)),
+            memory=Layout(qk_norm=head_norm(eps(1e-6), when=Key("use_qk_norm", default=True)))),
     }
