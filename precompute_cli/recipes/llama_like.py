@@ -176,4 +176,13 @@ class LlamaLike(Declared):
             qk_norm=rms("attention.{}_layernorm", eps=eps(1e-6), scope="head", fill=("query", "key"),
                         when=Key("use_qk_norm", default=True)),
             memory=Layout(qk_norm=head_norm(eps(1e-6), when=Key("use_qk_norm", default=True)))),
+        "aria_text": Layout(sizes=Sizes(num_kv_heads=kv(None), num_experts=Key("moe_num_experts", default=8)),
+                            input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS)),
+        "apertus1p5_text": Layout(sizes=Sizes(num_kv_heads=kv(None)),
+                                  input_norm=rms("attention_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS),
+                                  qk_norm=head_norm(eps(1e-5))),
+        "kolibri1": Layout(sizes=Sizes(num_kv_heads=kv(4), head_dim=Key("head_dim", default=128),
+                                       num_experts=Key("num_experts", "num_local_experts", default=384),
+                                       intermediate_size=MOE_WIDTH),
+                           input_norm=rms("input_layernorm", eps=eps(1e-6)), qk_norm=head_norm(eps(1e-6))),
     }

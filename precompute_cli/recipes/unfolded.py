@@ -37,8 +37,8 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 
 NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("attention on a Llama-like skeleton") for t in (
-        "afmoe", "apertus1p5_text", "aria_text", "beam", "cohere_compass_text", "doge", "dory",
-        "hrm_text", "inkling_text", "kolibri1", "laguna", "mimo_v2_flash", "nanochat", "youtu", "zaya")},
+        "afmoe", "beam", "cohere_compass_text", "doge", "dory",
+        "hrm_text", "inkling_text", "laguna", "mimo_v2_flash", "nanochat", "youtu", "zaya")},
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "modernbert-decoder": _NOT_WRITTEN.format("a LayerNorm over the embedding, then attention"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
