@@ -18,6 +18,8 @@ from precompute_cli.spec import Config, value
 
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+# Cohere Compass: RoPE on its sliding layers, none on its full ones (rope_parameters per layer type)
+COMPASS_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "full_attention": None}
 
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
 CASES = {
@@ -95,6 +97,11 @@ CASES = {
                        attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
     "apertus1p5_text": (dict(model_type="apertus1p5_text", **IDS), ("serial", "GQA", 64, 32)),
     "kolibri1": (dict(model_type="kolibri1", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "cohere_compass_text": (dict(model_type="cohere_compass_text", layer_types=["sliding_attention", "full_attention"],
+                                 sliding_window=4, rope_parameters=COMPASS_ROPE, **IDS), ("parallel", "GQA", 64, 32)),
+    "cohere_compass_text-bias-untied": (dict(model_type="cohere_compass_text", attention_bias=True,
+                                             tie_word_embeddings=False, rope_parameters=COMPASS_ROPE, **IDS),
+                                        ("parallel", "GQA", 64, 32)),
     "dbrx": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=1e4),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **IDS),
              ("serial", "GQA", 64, 32)),
@@ -123,7 +130,8 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
     assert_equivalent(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3", "olmo3", "starcoder2"])
+@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3", "olmo3", "starcoder2",
+                                  "cohere_compass_text", "sarvam_moe"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -196,6 +204,7 @@ DEFAULTS_EXTRA = {
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1),
     "glm4_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
     "sarvam_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=1, attn_config=dict(rope_theta=1e4, clip_qkv=8.0)),
 }
 

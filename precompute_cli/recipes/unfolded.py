@@ -37,7 +37,7 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 
 NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("attention on a Llama-like skeleton") for t in (
-        "afmoe", "beam", "cohere_compass_text", "doge", "dory",
+        "afmoe", "beam", "doge", "dory",
         "hrm_text", "inkling_text", "laguna", "mimo_v2_flash", "nanochat", "youtu", "zaya")},
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "modernbert-decoder": _NOT_WRITTEN.format("a LayerNorm over the embedding, then attention"),
