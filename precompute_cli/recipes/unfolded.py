@@ -40,7 +40,6 @@ NOT_WRITTEN: dict[str, str] = {
         "afmoe", "beam", "doge", "dory",
         "hrm_text", "inkling_text", "laguna", "mimo_v2_flash", "nanochat", "youtu", "zaya")},
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
-    "modernbert-decoder": _NOT_WRITTEN.format("a LayerNorm over the embedding, then attention"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
