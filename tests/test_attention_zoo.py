@@ -106,6 +106,11 @@ CASES = {
                                 local_attention=4, **IDS), ("serial", "MHA", 64, 64)),
     "modernbert-decoder-untied-biases": (dict(model_type="modernbert-decoder", tie_word_embeddings=False,
                                               norm_bias=True, attention_bias=True, **IDS), ("serial", "MHA", 64, 64)),
+    "doge": (dict(model_type="doge", keep_window_size=4, attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    # a large eps, so that norming the embedding twice (or not at all) shows in the logits
+    "nanochat": (dict(model_type="nanochat", rms_norm_eps=1e-2, **IDS), ("serial", "GQA", 64, 32)),
+    "nanochat-tied-bias": (dict(model_type="nanochat", tie_word_embeddings=True, attention_bias=True, **IDS),
+                           ("serial", "GQA", 64, 32)),
     "dbrx": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=1e4),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **IDS),
              ("serial", "GQA", 64, 32)),

@@ -49,7 +49,8 @@ How to add a model type
    A parallel block's FFN is mlp(up, down), glu(gate, up, down) or Moe(router, experts, shared expert...).
    Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
    config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
-   embedding_scale=sqrt_hidden, embedding_norm=..., norm_is_residual=Key(...), base_prefix="transformer.".
+   embedding_scale=sqrt_hidden, embedding_norm=... (embedding_norm_in_model=True when the model must keep applying
+   it: nanochat), norm_is_residual=Key(...), base_prefix="transformer.".
    Names are those on disk; when transformers renames or splits them on loading (its conversion_mapping.py),
    memory=Layout(...) says how the loaded model names the same modules (exaone, sarvam_moe), for the runtime.
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
@@ -304,6 +305,9 @@ class Layout:
     parallel: Key | bool = False  # attention and FFN both read the block's input
     positional: str = "rope"
     embedding_norm: Norm | None = None  # a model-level norm of the embedding before layer 0 (BLOOM)
+    # the model applies embedding_norm itself, so the residual columns hold the raw row: nanochat's weightless
+    # model.norm before layer 0 is also its final norm and cannot pass through
+    embedding_norm_in_model: bool = False
     embedding_scale: Callable[[ModelSpec], float] | None = None  # inside the embedding module, in its dtype (Gemma)
     embedding_multiplier: Key | None = None  # after the embedding module, outside the residual columns (Granite)
     input_norm: Norm | None = field(default_factory=lambda: rms("input_layernorm"))
@@ -388,7 +392,7 @@ class Declared(Recipe):
         return self.unknown_activation(value(cfg, lay.ffn.act), (*lay.ffn.act.names, "activation")[0])
 
     def embedding_transforms(self) -> dict[str, Shape]:
-        norm = self.layout.embedding_norm
+        norm = None if self.layout.embedding_norm_in_model else self.layout.embedding_norm
         return norm.tensors("", self.spec) if norm else {}
 
     def folded(self) -> dict[str, Shape]:
@@ -422,14 +426,15 @@ class Declared(Recipe):
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         lay, s, p, cfg = self.layout, self.spec, self.prefix, self.cfg
-        x = ops.upcast(x)
+        x = raw = ops.upcast(x)
         if lay.embedding_norm:
             x = lay.embedding_norm.apply(w, x, "", cfg, s)
         a = self.scale_embedding(x) if lay.embedding_scale else x
         if lay.embedding_multiplier:  # the embedding module's output (the residual) stays unscaled
             a = a * float(value(cfg, lay.embedding_multiplier))
         h = lay.input_norm.apply(w, a, p, cfg, s) if lay.input_norm else a
-        out = {"residual": h if value(cfg, lay.norm_is_residual) else x, **self.project(w, h)}
+        out = {"residual": h if value(cfg, lay.norm_is_residual) else raw if lay.embedding_norm_in_model else x,
+               **self.project(w, h)}
         if self.qk_norm:
             for n in "qk":
                 out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
@@ -486,7 +491,8 @@ class Declared(Recipe):
             projections={"qkv": mem.qkv.module} if mem.qkv.layout else {n: mem.qkv.module.format(n) for n in "qkv"},
             identities=tuple(dict.fromkeys([*(n.module for n in norms if n), *qk])),
             zeros=(mem.ffn.module,) if self.parallel else (),
-            embedding_transforms=(mem.embedding_norm.module,) if mem.embedding_norm else (),
+            embedding_transforms=(mem.embedding_norm.module,) if mem.embedding_norm and not
+            lay.embedding_norm_in_model else (),
             fused_groups=_GROUPS[mem.qkv.layout](self.spec) if mem.qkv.layout else None,
             embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
         )

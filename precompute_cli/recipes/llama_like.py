@@ -7,6 +7,7 @@ q, k, v = W h (+ b); then, by type:
   use_qk_norm, mellum, exaone_moe, hy_v3, flint); q_norm/k_norm over the whole projection (minimax_m2);
   hunyuan_v1_*: query_layernorm/key_layernorm act AFTER RoPE, so the table holds the raw q, k and their weights
   stay in the model, which applies RoPE then the norm to the table's columns.
+Doge's dynamic mask (dt_proj over the values, A) and its learnt residual scales act after the table and stay.
 Attention sinks (granite_swa, granitemoe_swa; flint's softmax_offset) are read after the table: they stay.
 What differs and needs no table work: NoPE layers (smollm3, exaone4's full layers), interleaved or partial RoPE
 (glm*, ernie4_5*, helium), ministral3's position scale after RoPE, sandwich and post norms (glm4, exaone4), fp32-weight
@@ -41,6 +42,11 @@ def hunyuan_experts(cfg: Config, known: dict[str, Any]) -> int:
     if isinstance(n, list) and n:
         return Config({"num_experts": n[0]}, cfg.path).int("num_experts")
     return cfg.int("num_experts", default=1)
+
+
+def doge_experts(cfg: Config, known: dict[str, Any]) -> int:
+    """Doge's FFN is a mixture of num_experts only with is_moe."""
+    return cfg.int("num_experts", default=16384) if cfg.get("is_moe", default=False) else 1
 
 
 def head_norm(e: Key, **kind: Any) -> Norm:
@@ -185,4 +191,12 @@ class LlamaLike(Declared):
                                        num_experts=Key("num_experts", "num_local_experts", default=384),
                                        intermediate_size=MOE_WIDTH),
                            input_norm=rms("input_layernorm", eps=eps(1e-6)), qk_norm=head_norm(eps(1e-6))),
+        "doge": Layout(sizes=Sizes(num_kv_heads=kv(None), num_experts=doge_experts),
+                       input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS),
+                       qk_norm=head_norm(eps(1e-6))),
+        # weightless RMSNorms: model.norm over the embedding (also the final norm, so the model keeps applying it),
+        # input_layernorm, and q/k norms after RoPE (nothing to keep)
+        "nanochat": Layout(sizes=Sizes(num_kv_heads=kv(None)),
+                           embedding_norm=rms("model.norm", eps=eps(1e-6), weight=False), embedding_norm_in_model=True,
+                           input_norm=rms("input_layernorm", eps=eps(1e-6), weight=False), qkv=separate(bias=BIAS)),
     }

@@ -37,8 +37,8 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 
 NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("attention on a Llama-like skeleton") for t in (
-        "afmoe", "beam", "doge", "dory",
-        "hrm_text", "inkling_text", "laguna", "mimo_v2_flash", "nanochat", "youtu", "zaya")},
+        "afmoe", "beam", "dory",
+        "hrm_text", "inkling_text", "laguna", "mimo_v2_flash", "youtu", "zaya")},
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
