@@ -115,6 +115,15 @@ CASES = {
                           ("serial", "MHA", 64, 64)),
     "gpt_neox_japanese-untied": (dict(model_type="gpt_neox_japanese", tie_word_embeddings=False, **IDS),
                                  ("serial", "MHA", 64, 64)),
+    "afmoe": (dict(model_type="afmoe", head_dim=16, num_experts=4, num_shared_experts=1, num_dense_layers=1, **MOE,
+                   **IDS), ("serial", "GQA", 64, 32)),
+    "afmoe-mup": (dict(model_type="afmoe", head_dim=16, num_experts=4, num_dense_layers=1, mup_enabled=True, **MOE,
+                       **IDS), ("serial", "GQA", 64, 32)),
+    "beam": (dict(model_type="beam", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "laguna": (dict(model_type="laguna", head_dim=16, num_experts=4, num_attention_heads_per_layer=[8, 4],
+                    mlp_layer_types=["dense", "sparse"], **MOE, **IDS), ("serial", "GQA", 128, 32)),
+    "laguna-per-element": (dict(model_type="laguna", head_dim=16, num_experts=4, gating="per-element", **MOE, **IDS),
+                           ("serial", "GQA", 64, 32)),
     "dbrx": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=1e4),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **IDS),
              ("serial", "GQA", 64, 32)),
@@ -217,6 +226,8 @@ DEFAULTS_EXTRA = {
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1),
     "glm4_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
     "sarvam_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
+    # their default of 8 KV heads must divide the heads
+    "beam": dict(num_attention_heads=8), "laguna": dict(num_attention_heads=8),
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=1, attn_config=dict(rope_theta=1e4, clip_qkv=8.0)),
 }
@@ -254,3 +265,16 @@ def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
         module = layer.get_submodule(in_memory.path(which))
         assert getattr(module, "variance_epsilon", getattr(module, "eps", None)) == float(value(recipe.cfg, norm.eps))
     assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("case, gate_width", [("afmoe", 64), ("laguna", 8), ("laguna-per-element", 64)])
+def test_attention_gate_is_a_column_and_counted(tmp_path, capsys, case, gate_width):
+    """A gated attention's gate projection folds into its own column (per channel or per head), the report counts it
+    among the new columns and the eliminated weights, and its weight leaves the checkpoint."""
+    src = build(tmp_path / "src", **CASES[case][0])
+    info = inspect_json(capsys, src)
+    d, qkv = info["hidden_size"], info["q_dim"] + 2 * info["kv_dim"]
+    assert info["folds"] == {"q": info["q_dim"], "k": info["kv_dim"], "v": info["kv_dim"], "gate": gate_width}
+    assert info["eliminated_linear_params"] == d * (qkv + gate_width)
+    gate = "model.layers.0.self_attn." + ("gate_proj" if case == "afmoe" else "g_proj") + ".weight"
+    assert {r["name"]: r for r in info["removed"]}[gate]["shape"] == [gate_width, d]

@@ -51,6 +51,7 @@ How to add a model type
    config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
    embedding_scale=sqrt_hidden, embedding_norm=... (embedding_norm_in_model=True when the model must keep applying
    it: nanochat), norm_is_residual=Key(...), base_prefix="transformer.".
+   A gated attention's gate projection of h folds into a column of its own: gate=Gate(module, per="channel"|"head").
    Names are those on disk; when transformers renames or splits them on loading (its conversion_mapping.py),
    memory=Layout(...) says how the loaded model names the same modules (exaone, sarvam_moe), for the runtime.
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
@@ -72,8 +73,8 @@ from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
-__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm",
-           "mlp", "rms", "separate", "sqrt_hidden"]
+__all__ = ["Clamp", "Declared", "Ffn", "Gate", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu",
+           "layer_norm", "mlp", "rms", "separate", "sqrt_hidden"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,18 @@ class Clamp:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A gate on the attention output projected from h (afmoe, beam, laguna): a fourth per-token projection, so a
+    table column "gate" after v. `per` says its width: "channel" (heads * head_dim) or "head" (heads)."""
+
+    module: str = "self_attn.gate_proj"
+    per: str = "channel"
+
+    def width(self, spec: ModelSpec) -> int:
+        return spec.q_dim if self.per == "channel" else spec.num_heads
+
+
+@dataclass(frozen=True)
 class Ffn:
     """Layer 0's FFN under `module`: two matrices (up, down) a plain MLP, three (gate, up, down) a GLU. It folds
     only in a parallel block, where it reads `norm`(x), or, without a norm of its own, the attention's h."""
@@ -308,6 +321,11 @@ class Layout:
     # the model applies embedding_norm itself, so the residual columns hold the raw row: nanochat's weightless
     # model.norm before layer 0 is also its final norm and cannot pass through
     embedding_norm_in_model: bool = False
+    gate: Gate | None = None  # an attention output gate projected from h, separate q/k/v only
+
+    def __post_init__(self) -> None:
+        if self.gate and self.qkv.layout:
+            raise ValueError("an attention gate beside a fused QKV projection is not one the runtime can swap")
     embedding_scale: Callable[[ModelSpec], float] | None = None  # inside the embedding module, in its dtype (Gemma)
     embedding_multiplier: Key | None = None  # after the embedding module, outside the residual columns (Granite)
     input_norm: Norm | None = field(default_factory=lambda: rms("input_layernorm"))
@@ -406,8 +424,18 @@ class Declared(Recipe):
                 out[f"{p}{module}.bias"] = (width,)
         if self.qk_norm:
             out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
+        if lay.gate:
+            out[f"{p}{lay.gate.module}.weight"] = (lay.gate.width(s), s.hidden_size)
         if self.parallel:
             out.update(lay.ffn.tensors(p, s, self.cfg))
+        return out
+
+    def columns(self) -> dict[str, tuple[int, int] | None]:
+        """residual | q | k | v, then the attention gate's column when declared."""
+        out = super().columns()
+        if self.layout.gate:
+            start = max(span[1] for span in out.values() if span)
+            out["gate"] = (start, start + self.layout.gate.width(self.spec))
         return out
 
     def kept(self) -> tuple[str, ...]:
@@ -435,6 +463,8 @@ class Declared(Recipe):
         h = lay.input_norm.apply(w, a, p, cfg, s) if lay.input_norm else a
         out = {"residual": h if value(cfg, lay.norm_is_residual) else raw if lay.embedding_norm_in_model else x,
                **self.project(w, h)}
+        if lay.gate:
+            out["gate"] = ops.linear(h, w(f"{p}{lay.gate.module}.weight"), None)
         if self.qk_norm:
             for n in "qk":
                 out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
@@ -488,7 +518,8 @@ class Declared(Recipe):
         qk = [mem.qk_norm.path(n) for n in "qk"] if self.qk_norm and mem.qk_norm else []
         return RuntimePatch(
             layer=mem.prefix.removesuffix("."),
-            projections={"qkv": mem.qkv.module} if mem.qkv.layout else {n: mem.qkv.module.format(n) for n in "qkv"},
+            projections={"qkv": mem.qkv.module} if mem.qkv.layout else {
+                **{n: mem.qkv.module.format(n) for n in "qkv"}, **({"gate": mem.gate.module} if mem.gate else {})},
             identities=tuple(dict.fromkeys([*(n.module for n in norms if n), *qk])),
             zeros=(mem.ffn.module,) if self.parallel else (),
             embedding_transforms=(mem.embedding_norm.module,) if mem.embedding_norm and not

@@ -7,6 +7,8 @@ q, k, v = W h (+ b); then, by type:
   use_qk_norm, mellum, exaone_moe, hy_v3, flint); q_norm/k_norm over the whole projection (minimax_m2);
   hunyuan_v1_*: query_layernorm/key_layernorm act AFTER RoPE, so the table holds the raw q, k and their weights
   stay in the model, which applies RoPE then the norm to the table's columns.
+Gated attention (afmoe, beam, laguna): the gate's projection of h is a table column of its own; the sigmoid or
+softplus, beam's gate_bias and the product with the attention output act after the table.
 Doge's dynamic mask (dt_proj over the values, A) and its learnt residual scales act after the table and stay.
 Attention sinks (granite_swa, granitemoe_swa; flint's softmax_offset) are read after the table: they stay.
 What differs and needs no table work: NoPE layers (smollm3, exaone4's full layers), interleaved or partial RoPE
@@ -18,10 +20,11 @@ and 1.5625e-7 (glm, glm4) are real; head_dim is read where the attention reads i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from precompute_cli.recipes.base import register
-from precompute_cli.recipes.declare import Declared, Key, Layout, Norm, Sizes, fused, layer_norm, rms, separate
+from precompute_cli.recipes.declare import Declared, Gate, Key, Layout, Norm, Sizes, fused, layer_norm, rms, separate
 from precompute_cli.spec import Config, heads
 
 BIAS = Key("attention_bias", default=False)
@@ -47,6 +50,14 @@ def hunyuan_experts(cfg: Config, known: dict[str, Any]) -> int:
 def doge_experts(cfg: Config, known: dict[str, Any]) -> int:
     """Doge's FFN is a mixture of num_experts only with is_moe."""
     return cfg.int("num_experts", default=16384) if cfg.get("is_moe", default=False) else 1
+
+
+def laguna_heads(cfg: Config, known: dict[str, Any]) -> int:
+    """Laguna's heads may differ by layer (num_attention_heads_per_layer): layer 0's."""
+    per_layer = cfg.data.get("num_attention_heads_per_layer")
+    if isinstance(per_layer, list) and per_layer:
+        return Config({"num_attention_heads_per_layer": per_layer[0]}, cfg.path).int("num_attention_heads_per_layer")
+    return cfg.int("num_attention_heads")
 
 
 def head_norm(e: Key, **kind: Any) -> Norm:
@@ -199,4 +210,27 @@ class LlamaLike(Declared):
         "nanochat": Layout(sizes=Sizes(num_kv_heads=kv(None)),
                            embedding_norm=rms("model.norm", eps=eps(1e-6), weight=False), embedding_norm_in_model=True,
                            input_norm=rms("input_layernorm", eps=eps(1e-6), weight=False), qkv=separate(bias=BIAS)),
+        # gated attention: the output gate's projection of h is one more table column
+        "afmoe": Layout(sizes=Sizes(num_kv_heads=kv(None), head_dim=Key("head_dim", default=128),
+                                    num_experts=Key("num_experts", default=64), intermediate_size=MOE_WIDTH),
+                        input_norm=rms("input_layernorm", eps=eps(1e-5)), qkv=separate(bias=BIAS),
+                        qk_norm=head_norm(eps(1e-5)), gate=Gate("self_attn.gate_proj")),
+        "beam": Layout(sizes=Sizes(num_kv_heads=kv(8), head_dim=Key("head_dim", default=128),
+                                   num_experts=Key("num_experts", default=256), intermediate_size=MOE_WIDTH),
+                       input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS),
+                       qk_norm=head_norm(eps(1e-6)), gate=Gate("self_attn.gate_proj"), keep=("self_attn.gate_bias",)),
+        "laguna": Layout(sizes=Sizes(num_heads=laguna_heads, num_kv_heads=kv(8), head_dim=Key("head_dim", default=128),
+                                     num_experts=Key("num_experts", default=256), intermediate_size=MOE_WIDTH),
+                         input_norm=rms("input_layernorm", eps=eps(1e-6)), qkv=separate(bias=BIAS),
+                         qk_norm=head_norm(eps(1e-6)), gate=Gate("self_attn.g_proj", per="head")),
     }
+
+    def declare(self) -> Layout:
+        """afmoe with mup_enabled multiplies the looked-up embedding by sqrt(hidden_size), outside the module;
+        laguna's gating says whether its gate is one per head (true, "per-head") or one per channel."""
+        layout = super().declare()
+        if self.cfg.model_type == "afmoe" and self.cfg.get("mup_enabled", default=False):
+            return replace(layout, embedding_multiplier=Key(default=self.cfg.int("hidden_size") ** 0.5))
+        if self.cfg.model_type == "laguna" and self.cfg.data.get("gating", True) not in (True, "per-head"):
+            return replace(layout, gate=Gate("self_attn.g_proj", per="channel"))  # "per-element" (or false)
+        return layout

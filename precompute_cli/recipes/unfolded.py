@@ -40,13 +40,10 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 _TOKEN_ONLY_BUT = "no recipe written and tested yet; layer 0 is token-only but {}"
 
 NOT_WRITTEN: dict[str, str] = {
-    **{t: _TOKEN_ONLY_BUT.format(
-        "its attention is gated by a fourth projection of the normed input (" + gate + "), which would be a table "
-        "column beside q, k and v: the declared layouts, the runtime patch and the report know only those three")
-       for t, gate in (("afmoe", "gate_proj, a sigmoid gate per channel of the attention output"),
-                       ("beam", "gate_proj plus gate_bias, per channel"),
-                       ("laguna", "g_proj, a softplus gate per head"),
-                       ("dory", "gate_proj scaled by s_gate, in an nGPT-style unit-norm residual stream"))},
+    "dory": _TOKEN_ONLY_BUT.format(
+        "it is an nGPT-style model: layer 0's input norm is an L2 normalisation (DoryL2Norm, x / |x|, no weight), "
+        "which the declared norms (RMS, LayerNorm) cannot say yet; its attention gate (g_proj) would fold as a column "
+        "as afmoe's does, and the unit-norm q/k scaling (sqk) and interpolating residual act after the table"),
     "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
         "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
         "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
