@@ -41,9 +41,10 @@ _TOKEN_ONLY_BUT = "no recipe written and tested yet; layer 0 is token-only but {
 
 NOT_WRITTEN: dict[str, str] = {
     "dory": _TOKEN_ONLY_BUT.format(
-        "it is an nGPT-style model: layer 0's input norm is an L2 normalisation (DoryL2Norm, x / |x|, no weight), "
-        "which the declared norms (RMS, LayerNorm) cannot say yet; its attention gate (g_proj) would fold as a column "
-        "as afmoe's does, and the unit-norm q/k scaling (sqk) and interpolating residual act after the table"),
+        "only while it is one of the n_input_layers (with none, layer 0 is a recurrent layer rerun in every loop on "
+        "context-dependent states); its input norm is an L2 normalisation (DoryL2Norm, x / |x|, no weight), which "
+        "the declared norms (RMS, LayerNorm) cannot say yet; its attention gate (g_proj) would fold as a column as "
+        "afmoe's does, and the unit-norm q/k scaling (sqk) and interpolating residual act after the table"),
     "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
         "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
         "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
