@@ -59,6 +59,10 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     table = replace(plan.table, columns=_columns_as_parallel(recipe)) if assume_parallel else plan.table
     table_width = table.width
     new_columns = spec.q_dim + 2 * spec.kv_dim
+    gate = plan.table.columns.get("gate")  # an attention output gate projected beside q, k, v (afmoe, beam)
+    if gate:
+        new_columns += gate[1] - gate[0]
+        eliminated_linear += (gate[1] - gate[0]) * spec.hidden_size
     if isinstance(recipe, Mixed):  # a mixer layer 0: its own projections, not Q, K, V
         eliminated_linear, new_columns, table_width = recipe.linear_weights(), recipe.new_columns(), plan.table.width
     table_params = table_width * spec.vocab_size

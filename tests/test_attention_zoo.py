@@ -18,6 +18,8 @@ from precompute_cli.spec import Config, value
 
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+# Cohere Compass: RoPE on its sliding layers, none on its full ones (rope_parameters per layer type)
+COMPASS_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "full_attention": None}
 
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
 CASES = {
@@ -66,6 +68,62 @@ CASES = {
     "nemotron": (dict(model_type="nemotron", attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
     "persimmon": (dict(model_type="persimmon", num_key_value_heads=None, **IDS), ("serial", "MHA", 64, 64)),
     "persimmon-no-qk-norm": (dict(model_type="persimmon", qk_layernorm=False, **IDS), ("serial", "MHA", 64, 64)),
+    "internlm3": (dict(model_type="internlm3", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "internlm3-bias": (dict(model_type="internlm3", head_dim=16, qkv_bias=True, bias=True, **IDS),
+                       ("serial", "GQA", 64, 32)),
+    "iquestcoder": (dict(model_type="iquestcoder", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "cwm": (dict(model_type="cwm", head_dim=16, sliding_window=4, **IDS), ("serial", "GQA", 64, 32)),
+    "hyperclovax": (dict(model_type="hyperclovax", embedding_multiplier=2.5, attention_bias=True, **IDS),
+                    ("serial", "GQA", 64, 32)),
+    "jais2": (dict(model_type="jais2", **IDS), ("serial", "GQA", 64, 32)),
+    "solar_open": (dict(model_type="solar_open", head_dim=16, n_routed_experts=4, n_group=1, topk_group=1,
+                        attention_bias=True, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "mellum": (dict(model_type="mellum", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "exaone_moe": (dict(model_type="exaone_moe", num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "hy_v3": (dict(model_type="hy_v3", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "flint": (dict(model_type="flint", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "granite_swa": (dict(model_type="granite_swa", embedding_multiplier=3.0, sliding_window=4, **IDS),
+                    ("serial", "GQA", 64, 32)),
+    "granitemoe_swa": (dict(model_type="granitemoe_swa", num_local_experts=4, num_experts_per_tok=2,
+                            embedding_multiplier=2.0, attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    "vaultgemma": (dict(model_type="vaultgemma", head_dim=16, **IDS), ("serial", "GQA", 64, 32)),
+    "diffllama": (dict(model_type="diffllama", **IDS), ("serial", "GQA", 64, 32)),
+    "exaone": (dict(model_type="exaone", **IDS), ("serial", "GQA", 64, 32)),
+    "sarvam_moe": (dict(model_type="sarvam_moe", head_dim=16, n_routed_experts=4, n_group=1, topk_group=1,
+                        use_qkv_bias=True, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "sarvam_moe-no-qk-norm": (dict(model_type="sarvam_moe", head_dim=32, n_routed_experts=4, n_group=1,
+                                   topk_group=1, use_qk_norm=False, **MOE, **IDS), ("serial", "GQA", 128, 64)),
+    "aria_text": (dict(model_type="aria_text", moe_num_experts=4, moe_topk=2, moe_intermediate_size=32,
+                       attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    "apertus1p5_text": (dict(model_type="apertus1p5_text", **IDS), ("serial", "GQA", 64, 32)),
+    "kolibri1": (dict(model_type="kolibri1", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "cohere_compass_text": (dict(model_type="cohere_compass_text", layer_types=["sliding_attention", "full_attention"],
+                                 sliding_window=4, rope_parameters=COMPASS_ROPE, **IDS), ("parallel", "GQA", 64, 32)),
+    "cohere_compass_text-bias-untied": (dict(model_type="cohere_compass_text", attention_bias=True,
+                                             tie_word_embeddings=False, rope_parameters=COMPASS_ROPE, **IDS),
+                                        ("parallel", "GQA", 64, 32)),
+    "modernbert-decoder": (dict(model_type="modernbert-decoder", layer_types=["sliding_attention", "full_attention"],
+                                local_attention=4, **IDS), ("serial", "MHA", 64, 64)),
+    "modernbert-decoder-untied-biases": (dict(model_type="modernbert-decoder", tie_word_embeddings=False,
+                                              norm_bias=True, attention_bias=True, **IDS), ("serial", "MHA", 64, 64)),
+    "doge": (dict(model_type="doge", keep_window_size=4, attention_bias=True, **IDS), ("serial", "GQA", 64, 32)),
+    # a large eps, so that norming the embedding twice (or not at all) shows in the logits
+    "nanochat": (dict(model_type="nanochat", rms_norm_eps=1e-2, **IDS), ("serial", "GQA", 64, 32)),
+    "nanochat-tied-bias": (dict(model_type="nanochat", tie_word_embeddings=True, attention_bias=True, **IDS),
+                           ("serial", "GQA", 64, 32)),
+    "gpt_neox_japanese": (dict(model_type="gpt_neox_japanese", attention_dropout=0.0, **IDS),
+                          ("serial", "MHA", 64, 64)),
+    "gpt_neox_japanese-untied": (dict(model_type="gpt_neox_japanese", tie_word_embeddings=False, **IDS),
+                                 ("serial", "MHA", 64, 64)),
+    "afmoe": (dict(model_type="afmoe", head_dim=16, num_experts=4, num_shared_experts=1, num_dense_layers=1, **MOE,
+                   **IDS), ("serial", "GQA", 64, 32)),
+    "afmoe-mup": (dict(model_type="afmoe", head_dim=16, num_experts=4, num_dense_layers=1, mup_enabled=True, **MOE,
+                       **IDS), ("serial", "GQA", 64, 32)),
+    "beam": (dict(model_type="beam", head_dim=16, num_experts=4, **MOE, **IDS), ("serial", "GQA", 64, 32)),
+    "laguna": (dict(model_type="laguna", head_dim=16, num_experts=4, num_attention_heads_per_layer=[8, 4],
+                    mlp_layer_types=["dense", "sparse"], **MOE, **IDS), ("serial", "GQA", 128, 32)),
+    "laguna-per-element": (dict(model_type="laguna", head_dim=16, num_experts=4, gating="per-element", **MOE, **IDS),
+                           ("serial", "GQA", 64, 32)),
     "dbrx": (dict(model_type="dbrx", d_model=64, attn_config=dict(kv_n_heads=2, clip_qkv=0.4, rope_theta=1e4),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2), **IDS),
              ("serial", "GQA", 64, 32)),
@@ -94,7 +152,8 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
     assert_equivalent(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3", "olmo3", "starcoder2"])
+@pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3", "olmo3", "starcoder2",
+                                  "cohere_compass_text", "sarvam_moe"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -166,30 +225,56 @@ DEFAULTS_EXTRA = {
     "nemotron": dict(num_key_value_heads=2),  # transformers cannot build these without the key
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1),
     "glm4_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
+    "sarvam_moe": dict(n_routed_experts=4, n_group=1, topk_group=1),
+    # their default of 8 KV heads must divide the heads
+    "beam": dict(num_attention_heads=8), "laguna": dict(num_attention_heads=8),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=1, attn_config=dict(rope_theta=1e4, clip_qkv=8.0)),
 }
 
 
 @pytest.mark.parametrize("model_type", sorted({c[0]["model_type"] for c in CASES.values()}))
-def test_declared_defaults_are_the_config_classes(model_type):
+def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     """A config.json that leaves out eps, KV heads, head_dim, biases and tying (the tiny models above write every
     key) must read as transformers reads it: the folded tensors' names and shapes, the input and q/k norms' eps and
-    the tying equal those of the model transformers builds from the same json."""
+    the tying equal those of the model transformers builds from the same json. Types whose checkpoints name tensors
+    otherwise than the loaded model (Layout.memory) are compared with the checkpoint transformers saves."""
     data = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211,
             "num_hidden_layers": 1, "intermediate_size": 32, "pad_token_id": 0, **DEFAULTS_EXTRA.get(model_type, {})}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
     recipe = recipe_for(Config(data))
-    on_model = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    lay = recipe.layout
+    mem = lay.memory or lay
+    if lay.memory:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+        model.save_pretrained(tmp_path)
+        with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+            on_model = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+        on_model = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: on_model.get(k) for k in recipe.folded()} == recipe.folded()
-    layer, lay = model.get_submodule(recipe.prefix.rstrip(".")), recipe.layout
+    layer = model.get_submodule(mem.prefix.rstrip("."))
     biases = {k for k in on_model if k.startswith(recipe.prefix) and k.endswith("bias") and "proj" in k
               and not any(s in k for s in ("o_proj", "mlp", "dense", "out_proj"))}
     assert biases <= set(recipe.folded())  # a bias transformers builds is folded, none is invented (above)
-    norms = [(lay.input_norm, "")] if lay.input_norm else []
+    norms = [(lay.input_norm, mem.input_norm, "")] if lay.input_norm else []
     if lay.qk_norm and value(recipe.cfg, lay.qk_norm.when):
-        norms.append((lay.qk_norm, "q"))
-    for norm, which in norms:
-        module = layer.get_submodule(norm.path(which))
+        norms.append((lay.qk_norm, mem.qk_norm, "q"))
+    for norm, in_memory, which in norms:
+        module = layer.get_submodule(in_memory.path(which))
         assert getattr(module, "variance_epsilon", getattr(module, "eps", None)) == float(value(recipe.cfg, norm.eps))
     assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("case, gate_width", [("afmoe", 64), ("laguna", 8), ("laguna-per-element", 64)])
+def test_attention_gate_is_a_column_and_counted(tmp_path, capsys, case, gate_width):
+    """A gated attention's gate projection folds into its own column (per channel or per head), the report counts it
+    among the new columns and the eliminated weights, and its weight leaves the checkpoint."""
+    src = build(tmp_path / "src", **CASES[case][0])
+    info = inspect_json(capsys, src)
+    d, qkv = info["hidden_size"], info["q_dim"] + 2 * info["kv_dim"]
+    assert info["folds"] == {"q": info["q_dim"], "k": info["kv_dim"], "v": info["kv_dim"], "gate": gate_width}
+    assert info["eliminated_linear_params"] == d * (qkv + gate_width)
+    gate = "model.layers.0.self_attn." + ("gate_proj" if case == "afmoe" else "g_proj") + ".weight"
+    assert {r["name"]: r for r in info["removed"]}[gate]["shape"] == [gate_width, d]

@@ -51,7 +51,11 @@ How to add a model type
    folds whole, a Moe's experts streamed (never held whole in float).
    Sizes (spec.Sizes) read transformers' common keys; a Key without names is a value the model fixes whatever the
    config says (spec.mha() for the older MHA families). Also: clamp=Clamp(key), embedding_multiplier=Key(...),
-   embedding_scale=sqrt_hidden, embedding_norm=..., norm_is_residual=Key(...), base_prefix="transformer.".
+   embedding_scale=sqrt_hidden, embedding_norm=... (embedding_norm_in_model=True when the model must keep applying
+   it: nanochat), norm_is_residual=Key(...), base_prefix="transformer.".
+   A gated attention's gate projection of h folds into a column of its own: gate=Gate(module, per="channel"|"head").
+   Names are those on disk; when transformers renames or splits them on loading (its conversion_mapping.py),
+   memory=Layout(...) says how the loaded model names the same modules (exaone, sarvam_moe), for the runtime.
 3. Add one row to the equivalence tests (tests/test_serial_families.py or test_parallel_families.py): a tiny
    random model of the type, converted and compared with transformers' own logits and generations.
 4. Only what the skeleton cannot say is code: override `declare()` to build the Layout from config flags (Falcon),
@@ -71,8 +75,8 @@ from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
-__all__ = ["Clamp", "Declared", "Ffn", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu", "layer_norm",
-           "mlp", "rms", "separate", "sqrt_hidden"]
+__all__ = ["Clamp", "Declared", "Ffn", "Gate", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu",
+           "layer_norm", "mlp", "rms", "separate", "sqrt_hidden"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,18 @@ class Clamp:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A gate on the attention output projected from h (afmoe, beam, laguna): a fourth per-token projection, so a
+    table column "gate" after v. `per` says its width: "channel" (heads * head_dim) or "head" (heads)."""
+
+    module: str = "self_attn.gate_proj"
+    per: str = "channel"
+
+    def width(self, spec: ModelSpec) -> int:
+        return spec.q_dim if self.per == "channel" else spec.num_heads
+
+
+@dataclass(frozen=True)
 class Ffn:
     """Layer 0's FFN under `module`: two matrices (up, down) a plain MLP, three (gate, up, down) a GLU. It folds
     only in a parallel block, where it reads `norm`(x), or, without a norm of its own, the attention's h."""
@@ -334,6 +350,14 @@ class Layout:
     parallel: Key | bool = False  # attention and FFN both read the block's input
     positional: str = "rope"
     embedding_norm: Norm | None = None  # a model-level norm of the embedding before layer 0 (BLOOM)
+    # the model applies embedding_norm itself, so the residual columns hold the raw row: nanochat's weightless
+    # model.norm before layer 0 is also its final norm and cannot pass through
+    embedding_norm_in_model: bool = False
+    gate: Gate | None = None  # an attention output gate projected from h, separate q/k/v only
+
+    def __post_init__(self) -> None:
+        if self.gate and self.qkv.layout:
+            raise ValueError("an attention gate beside a fused QKV projection is not one the runtime can swap")
     embedding_scale: Callable[[ModelSpec], float] | None = None  # inside the embedding module, in its dtype (Gemma)
     embedding_multiplier: Key | None = None  # after the embedding module, outside the residual columns (Granite)
     input_norm: Norm | None = field(default_factory=lambda: rms("input_layernorm"))
@@ -343,6 +367,10 @@ class Layout:
     clamp: Clamp | None = None
     ffn: Ffn | Moe = field(default_factory=Ffn)
     keep: tuple[str, ...] = ()  # layer 0's tensors read after the table (sinks): they stay
+    # The same layer as transformers holds it after loading, when its checkpoint conversion renames or splits the
+    # tensors on disk (exaone's transformer.h.0.attn.attention.*, sarvam_moe's fused query_key_value): the runtime
+    # swaps the modules named here. None: memory and disk agree.
+    memory: Layout | None = None
 
 
 class Declared(Recipe):
@@ -414,7 +442,7 @@ class Declared(Recipe):
         return self.unknown_activation(value(cfg, lay.ffn.act), (*lay.ffn.act.names, "activation")[0])
 
     def embedding_transforms(self) -> dict[str, Shape]:
-        norm = self.layout.embedding_norm
+        norm = None if self.layout.embedding_norm_in_model else self.layout.embedding_norm
         return norm.tensors("", self.spec) if norm else {}
 
     def folded(self) -> dict[str, Shape]:
@@ -428,6 +456,8 @@ class Declared(Recipe):
                 out[f"{p}{module}.bias"] = (width,)
         if self.qk_norm:
             out.update({**self.qk_norm.tensors(p, s, "q"), **self.qk_norm.tensors(p, s, "k")})
+        if lay.gate:
+            out[f"{p}{lay.gate.module}.weight"] = (lay.gate.width(s), s.hidden_size)
         if self.parallel:
             out.update(lay.ffn.tensors(p, s, self.cfg))
         return out
@@ -436,6 +466,14 @@ class Declared(Recipe):
         """A parallel MoE's expert matrices (the router is small and read whole)."""
         ffn = self.layout.ffn
         return ffn.streamed(self.prefix, self.spec, self.cfg) if self.parallel and isinstance(ffn, Moe) else ()
+
+    def columns(self) -> dict[str, tuple[int, int] | None]:
+        """residual | q | k | v, then the attention gate's column when declared."""
+        out = super().columns()
+        if self.layout.gate:
+            start = max(span[1] for span in out.values() if span)
+            out["gate"] = (start, start + self.layout.gate.width(self.spec))
+        return out
 
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors the attention still reads after the table: declared ones and q/k norms after RoPE."""
@@ -453,14 +491,17 @@ class Declared(Recipe):
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         lay, s, p, cfg = self.layout, self.spec, self.prefix, self.cfg
-        x = ops.upcast(x)
+        x = raw = ops.upcast(x)
         if lay.embedding_norm:
             x = lay.embedding_norm.apply(w, x, "", cfg, s)
         a = self.scale_embedding(x) if lay.embedding_scale else x
         if lay.embedding_multiplier:  # the embedding module's output (the residual) stays unscaled
             a = a * float(value(cfg, lay.embedding_multiplier))
         h = lay.input_norm.apply(w, a, p, cfg, s) if lay.input_norm else a
-        out = {"residual": h if value(cfg, lay.norm_is_residual) else x, **self.project(w, h)}
+        out = {"residual": h if value(cfg, lay.norm_is_residual) else raw if lay.embedding_norm_in_model else x,
+               **self.project(w, h)}
+        if lay.gate:
+            out["gate"] = ops.linear(h, w(f"{p}{lay.gate.module}.weight"), None)
         if self.qk_norm:
             for n in "qk":
                 out[n] = self.qk_norm.apply(w, out[n], p, cfg, s, n)
@@ -508,15 +549,19 @@ class Declared(Recipe):
 
     def runtime_patch(self) -> RuntimePatch:
         lay = self.layout
-        norms = [lay.input_norm if lay.input_norm and not self.keeps_input_norm else None, self.ffn_norm]
-        qk = [self.qk_norm.path(n) for n in "qk"] if self.qk_norm else []
+        mem = lay.memory or lay  # module paths as transformers names them in memory
+        norms = [mem.input_norm if mem.input_norm and not self.keeps_input_norm else None,
+                 mem.ffn.norm if self.parallel else None]
+        qk = [mem.qk_norm.path(n) for n in "qk"] if self.qk_norm and mem.qk_norm else []
         return RuntimePatch(
-            layer=self.prefix.removesuffix("."),
-            projections={"qkv": lay.qkv.module} if lay.qkv.layout else {n: lay.qkv.module.format(n) for n in "qkv"},
+            layer=mem.prefix.removesuffix("."),
+            projections={"qkv": mem.qkv.module} if mem.qkv.layout else {
+                **{n: mem.qkv.module.format(n) for n in "qkv"}, **({"gate": mem.gate.module} if mem.gate else {})},
             identities=tuple(dict.fromkeys([*(n.module for n in norms if n), *qk])),
-            zeros=(lay.ffn.module,) if self.parallel else (),
-            embedding_transforms=(lay.embedding_norm.module,) if lay.embedding_norm else (),
-            fused_groups=self.fused_groups if lay.qkv.layout else None,
-            fused_order=lay.qkv.order,
+            zeros=(mem.ffn.module,) if self.parallel else (),
+            embedding_transforms=(mem.embedding_norm.module,) if mem.embedding_norm and not
+            lay.embedding_norm_in_model else (),
+            fused_groups=self.fused_groups if mem.qkv.layout else None,
+            fused_order=mem.qkv.order,
             embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
         )

@@ -1,4 +1,4 @@
-"""Gemma: gemma, gemma2, gemma3_text (serial; only Q, K, V fold).
+"""Gemma: gemma, gemma2, gemma3_text, vaultgemma (serial; only Q, K, V fold).
 
 x = embed_tokens[t] * sqrt(hidden_size), the scale cast to the run dtype and the product taken in that dtype.
 In transformers 5 the scale sits inside the embedding module (GemmaTextScaledWordEmbedding), so it depends on the
@@ -31,4 +31,4 @@ def gemma(kv_heads: int, qk_norm: bool = False) -> Layout:
 
 @register
 class Gemma(Declared):
-    layouts = {"gemma": gemma(16), "gemma2": gemma(4), "gemma3_text": gemma(4, qk_norm=True)}
+    layouts = {"gemma": gemma(16), "gemma2": gemma(4), "gemma3_text": gemma(4, qk_norm=True), "vaultgemma": gemma(4)}

@@ -31,25 +31,49 @@ REFUSED: dict[str, str] = {
     "cpmant": "adds segment embeddings (an input besides the token) before layer 0",
     "roformer": "is a BERT-style encoder: it adds token-type embeddings (an input besides the token) before layer 0",
     "xlnet": "is a permutation LM: its query stream into layer 0 is a learned mask embedding, not the token",
+    "hrm_text": ("is a hierarchical recurrent model: its first layer's input is the token's embedding plus a learnt "
+                 "state only in the first cycle; the same layers run again in every cycle on states that depend on "
+                 "the context, so their weights cannot give way to a per-token table"),
 }
 
 _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
+_TOKEN_ONLY_BUT = "no recipe written and tested yet; layer 0 is token-only but {}"
 
 NOT_WRITTEN: dict[str, str] = {
-    **{t: _NOT_WRITTEN.format("attention on a Llama-like skeleton") for t in (
-        "afmoe", "apertus1p5_text", "aria_text", "beam", "cohere_compass_text", "cwm", "doge", "dory", "exaone",
-        "exaone_moe", "flint", "hrm_text", "hy_v3", "hyperclovax", "inkling_text", "internlm3", "iquestcoder",
-        "jais2", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "nanochat", "solar_open", "vaultgemma", "youtu",
-        "zaya", "granite_swa", "granitemoe_swa", "sarvam_moe")},
-    "diffllama": _NOT_WRITTEN.format("differential attention: two Q/K sets per head"),
+    "dory": _TOKEN_ONLY_BUT.format(
+        "only while it is one of the n_input_layers (with none, layer 0 is a recurrent layer rerun in every loop on "
+        "context-dependent states); its input norm is an L2 normalisation (DoryL2Norm, x / |x|, no weight), which "
+        "the declared norms (RMS, LayerNorm) cannot say yet; its attention gate (g_proj) would fold as a column as "
+        "afmoe's does, and the unit-norm q/k scaling (sqk) and interpolating residual act after the table"),
+    "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
+        "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
+        "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
+    "youtu": _TOKEN_ONLY_BUT.format(
+        "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
+        "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),
+    "zaya": _TOKEN_ONLY_BUT.format(
+        "its compressed convolutional attention mixes tokens after the projections: q and k go through causal "
+        "convolutions over the sequence (conv_qk_depthwise, conv_qk_grouped) and v joins v_proj_current of this "
+        "token to v_proj_delayed of the previous one, so the table would hold the four raw projections as columns "
+        "(under qkv_proj) and the runtime keep the convolutions: a new kind of layout"),
+    "inkling_text": _TOKEN_ONLY_BUT.format(
+        "the embedding module applies its own RMSNorm (embed_tokens.embed_norm), k and v pass through short "
+        "convolutions over the sequence (k_sconv, v_sconv) after their projections, and a fourth projection of the "
+        "normed input (r_proj) feeds relative-position logits: r_proj would be a column beside q, k, v"),
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
-    "modernbert-decoder": _NOT_WRITTEN.format("a LayerNorm over the embedding, then attention"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
         "dots3_note_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
-    **{t: _NOT_WRITTEN.format("attention, not read in detail") for t in (
-        "gpt_neox_japanese", "hy_v4", "inkling2_text", "inkling2_loop_text")},
+    "hy_v4": _TOKEN_ONLY_BUT.format(
+        "hyper-connections (hc_pre) build the attention's input from several residual streams with weights computed "
+        "from them, and the attention is multi-head latent attention with a sparse indexer and a gate (linear_gate)"),
+    **{t: _TOKEN_ONLY_BUT.format(
+        "the embedding module applies its own RMSNorm, the queries pass through a position-dependent log-scaled L2 "
+        "clip, and the keys and values through short convolutions over the sequence (dynamic ones computed from the "
+        "layer's input) after their projections" + loop)
+       for t, loop in (("inkling2_text", ""),
+                       ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
     # Token-only, but each needs more than a declaration:
     "jetmoe": ("no recipe written and tested yet; layer 0 is token-only but its attention is routed (a mixture of "
                "attention heads): q comes from the top-k of the attention experts chosen per token and the outputs "
