@@ -60,13 +60,30 @@ class RuntimePatch:
     dtype_identities: tuple[str, ...] = ()
 
 
+def spans(widths: list[tuple[str, int]]) -> dict[str, tuple[int, int] | None]:
+    """Column groups laid side by side in this order: [start, stop) each, None for a width of 0."""
+    out: dict[str, tuple[int, int] | None] = {}
+    start = 0
+    for name, width in widths:
+        out[name] = (start, start + width) if width else None
+        start += width
+    return out
+
+
 @dataclass
 class Recipe:
-    """Base class: one instance per config. Subclasses set `model_types` and fill in the hooks."""
+    """Base class: one instance per config. Subclasses set `model_types` (or, declared families, `layouts`: one per
+    model type) and fill in the hooks."""
 
     cfg: Config
     spec: ModelSpec = field(init=False)
     model_types: ClassVar[tuple[str, ...]] = ()
+    layouts: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.layouts:
+            cls.model_types = tuple(cls.layouts)
     prefix: ClassVar[str] = "model.layers.0."  # layer 0's tensors on disk
     base_prefix: ClassVar[str] = ""  # a prefix some checkpoints of the family leave out of every tensor name
 
@@ -151,13 +168,8 @@ class Recipe:
     def columns(self) -> dict[str, tuple[int, int] | None]:
         """[start, stop) column ranges of the table, in the order residual | q | k | v."""
         s = self.spec
-        widths = {"residual": s.hidden_size if self.stores_residual else 0, "q": s.q_dim, "k": s.kv_dim, "v": s.kv_dim}
-        out: dict[str, tuple[int, int] | None] = {}
-        start = 0
-        for name, width in widths.items():
-            out[name] = (start, start + width) if width else None
-            start += width
-        return out
+        return spans([("residual", s.hidden_size if self.stores_residual else 0), ("q", s.q_dim), ("k", s.kv_dim),
+                      ("v", s.kv_dim)])
 
 
 REGISTRY: dict[str, type[Recipe]] = {}

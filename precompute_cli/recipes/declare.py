@@ -379,11 +379,6 @@ class Declared(Recipe):
     layouts: ClassVar[dict[str, Layout]] = {}
     layout: Layout
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.layouts:
-            cls.model_types = tuple(cls.layouts)
-
     def __post_init__(self) -> None:
         self.layout = self.declare()
         super().__post_init__()

@@ -31,7 +31,7 @@ import numpy as np
 from precompute_cli.block import MLA_TABLE
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register
+from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register, spans
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
 from precompute_cli.spec import Config, ModelSpec, heads
 
@@ -229,12 +229,7 @@ class Mla(Declared):
     def columns(self) -> dict[str, tuple[int, int] | None]:
         """residual | q | kv (| index_k | index_w | index_q), in that order."""
         widths = {"residual": self.spec.hidden_size if self.stores_residual else 0, **self.dims.widths(self.table)}
-        out: dict[str, tuple[int, int] | None] = {}
-        start = 0
-        for name, width in widths.items():
-            out[name] = (start, start + width) if width else None
-            start += width
-        return out
+        return spans(list(widths.items()))
 
     def runtime_patch(self) -> RuntimePatch:
         d, full = self.dims, self.table == "full"

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import MaskedProjection, Recipe, RuntimePatch, Shape, Weights
+from precompute_cli.recipes.base import MaskedProjection, Recipe, RuntimePatch, Shape, Weights, spans
 from precompute_cli.recipes.declare import Norm, rms
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 
@@ -161,11 +161,6 @@ class Mixed(Recipe):
     layouts: ClassVar[dict[str, MixerLayout]] = {}
     layout: MixerLayout
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.layouts:
-            cls.model_types = tuple(cls.layouts)
-
     def __post_init__(self) -> None:
         self.layout = self.layouts[self.cfg.model_type]
         text = self.cfg.data.get("text_config")
@@ -238,13 +233,7 @@ class Mixed(Recipe):
 
     def columns(self) -> dict[str, tuple[int, int] | None]:
         widths = [("residual", self.spec.hidden_size if self.stores_residual else 0)]
-        widths += [col for proj in self.projections() for col in self.stored(proj)]
-        out: dict[str, tuple[int, int] | None] = {}
-        start = 0
-        for name, width in widths:
-            out[name] = (start, start + width) if width else None
-            start += width
-        return out
+        return spans(widths + [col for proj in self.projections() for col in self.stored(proj)])
 
     def new_columns(self) -> int:
         """Table columns beyond the residual: what layer 0 reads per token besides x."""
