@@ -172,6 +172,20 @@ class Recipe:
                       ("v", s.kv_dim)])
 
 
+class FromLayout(Recipe):
+    """A recipe whose names come from its model type's layout (declare.Layout, projection.MixerLayout)."""
+
+    layout: object
+
+    @property
+    def prefix(self) -> str:  # type: ignore[override]
+        return self.layout.prefix
+
+    @property
+    def embedding(self) -> str:  # type: ignore[override]
+        return self.layout.embedding
+
+
 REGISTRY: dict[str, type[Recipe]] = {}
 
 

@@ -71,7 +71,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, Weights
+from precompute_cli.recipes.base import FromLayout, RuntimePatch, Shape, Weights
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
@@ -373,7 +373,7 @@ class Layout:
     memory: Layout | None = None
 
 
-class Declared(Recipe):
+class Declared(FromLayout):
     """A recipe computed from its model type's Layout. Subclasses set `layouts` (model_type -> Layout)."""
 
     layouts: ClassVar[dict[str, Layout]] = {}
@@ -392,14 +392,6 @@ class Declared(Recipe):
         return None
 
     # -- what the Layout answers ---------------------------------------------------------------------------------
-    @property
-    def prefix(self) -> str:  # type: ignore[override]
-        return self.layout.prefix
-
-    @property
-    def embedding(self) -> str:  # type: ignore[override]
-        return self.layout.embedding
-
     @property
     def base_prefix(self) -> str:  # type: ignore[override]
         return self.layout.base_prefix

@@ -26,7 +26,7 @@ import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import MaskedProjection, Recipe, RuntimePatch, Shape, Weights, spans
+from precompute_cli.recipes.base import FromLayout, MaskedProjection, RuntimePatch, Shape, Weights, spans
 from precompute_cli.recipes.declare import Norm, rms
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 
@@ -155,7 +155,7 @@ class MixerLayout:
     ffn_matrices: int = 3
 
 
-class Mixed(Recipe):
+class Mixed(FromLayout):
     """A recipe computed from its model type's MixerLayout. Subclasses set `layouts` (model_type -> MixerLayout)."""
 
     layouts: ClassVar[dict[str, MixerLayout]] = {}
@@ -167,14 +167,6 @@ class Mixed(Recipe):
         if self.layout.text_config and isinstance(text, dict):  # the decoder's keys win; the model type stays
             self.cfg = Config({**self.cfg.data, **text, "model_type": self.cfg.model_type}, self.cfg.path)
         super().__post_init__()
-
-    @property
-    def prefix(self) -> str:  # type: ignore[override]
-        return self.layout.prefix
-
-    @property
-    def embedding(self) -> str:  # type: ignore[override]
-        return self.layout.embedding
 
     def describe(self) -> ModelSpec:
         lay = self.layout
