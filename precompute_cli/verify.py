@@ -11,8 +11,9 @@ Tolerances depend on the precision in play (the run's dtype or the table's, whic
 converted model must match the original's float32 run to FLOAT32_LOGIT_TOL and generate the same greedy text.
 In bfloat16/float16 the table must not cost precision the model did not already lose: the converted model may be
 no further from the original's float32 run than the original itself is when run in that precision. Lower precision
-also flips discontinuities (MoE routing) at a few positions by chance, so those criteria set aside the worst
-LOSSY_OUTLIERS of positions; the float64 row check, which covers every token the runs used, keeps them honest.
+also flips discontinuities (MoE routing) at a few positions by chance, so those criteria leave out every position
+from a routing flip (read with hooks on the routers) to the end of its row, and set aside the worst LOSSY_OUTLIERS
+of the rest; the float64 row check, which covers every token the runs used, keeps them honest.
 Models load one at a time, so verifying needs the memory of one model.
 """
 
@@ -51,6 +52,11 @@ LOSSY_MAX_RATIO = 2.0  # ... and the largest such error <= 2 x the original's ow
 # in 60 positions against the original's none: scripts/faults.py false-alarms). The table-row check, exact, is what
 # catches damage to a few rows.
 LOSSY_OUTLIERS = 0.10
+# MoE: the error criteria compare only positions where every router picked the same experts in the converted run as
+# in the original's own low-precision run, here and at every earlier position of the same row (a flip is a jump in
+# one run's error that attention carries to the row's later positions). When fewer than a quarter of the positions
+# are left, the routing is too far apart for rounding: then every position is compared.
+ROUTED_ALIKE_MIN = 0.25
 # Rounding unit (machine epsilon) of each table dtype: a stored value may differ from the exact one by half of it,
 # relative to its row's scale; the other half is room for the float32 arithmetic of the fold.
 ROUNDING_UNIT = {"F64": 2.0**-52, "F32": 2.0**-23, "BF16": 2.0**-7, "F16": 2.0**-10}
@@ -98,7 +104,8 @@ class VerifyResult:
     table_dtype: str
     criterion: str  # "float32", or the lower precision whose own error the converted model may have
     positions: int  # logit positions compared (both probe batches, padding left out)
-    outliers: int  # positions the lower-precision criteria set aside (0 in float32)
+    outliers: int  # decisive top-1 flips allowed (0 in float32)
+    routing_differs: int  # positions left out: MoE routing differs from the own run's there or earlier in the row
     max_abs_diff: float
     max_rel_diff: float  # max_abs_diff / the largest |logit| of the original's float32 run
     mean_abs_diff: float
@@ -177,17 +184,61 @@ def make_probe(vocab: int, seed: int, prompt_ids: torch.Tensor | None = None, pa
 class Run:
     logits: torch.Tensor  # (positions, vocab) float32: the unpadded batch, then the padded batch's real tokens
     greedy: list[int]  # new tokens
+    routing: torch.Tensor | None = None  # (positions, choices): every MoE router's experts per position, sorted
+    sequence: torch.Tensor | None = None  # (positions,): the probe row each position belongs to, in order
 
 
 def run_model(model: torch.nn.Module, probe: Probe, tokens: int) -> Run:
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), _routing(model) as routes:
         plain = model(probe.ids).logits.float().flatten(0, 1)
+        plain_routes = _positions(routes, probe.ids.shape, None)
         padded = model(probe.padded, attention_mask=probe.mask).logits.float()[probe.mask.bool()]
+        padded_routes = _positions(routes, probe.padded.shape, probe.mask.bool())
+    with torch.no_grad():
         out = model.generate(probe.prompt_ids, attention_mask=torch.ones_like(probe.prompt_ids),
                              max_new_tokens=tokens, do_sample=False, pad_token_id=probe.pad_id)
-    return Run(torch.cat([plain, padded]), out[0, probe.prompt_ids.shape[1]:].tolist())
+    routing = torch.cat([plain_routes, padded_routes]) if plain_routes is not None else None
+    rows = torch.arange(probe.ids.shape[0] + probe.padded.shape[0])
+    sequence = torch.cat([rows[:probe.ids.shape[0], None].expand(probe.ids.shape).flatten(),
+                          rows[probe.ids.shape[0]:, None].expand(probe.padded.shape)[probe.mask.bool()]])
+    return Run(torch.cat([plain, padded]), out[0, probe.prompt_ids.shape[1]:].tolist(), routing, sequence)
+
+
+@contextmanager
+def _routing(model: torch.nn.Module):
+    """The experts every MoE router (transformers' *Router modules, which the runtime never replaces) picks: a
+    routing flip is a discontinuity low precision causes at random positions, so the criteria compare positions
+    where the converted model and the original routed alike."""
+    import torch
+
+    routes: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        for value in output if isinstance(output, tuple) else (output,):
+            if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() >= 1:
+                routes.append(value.detach().sort(-1).values)
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if type(m).__name__.endswith("Router")]
+    try:
+        yield routes
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _positions(routes: list, shape: tuple[int, ...], mask) -> torch.Tensor | None:
+    """The recorded routes of one forward pass as (positions, choices), padding left out; emptied for the next."""
+    import torch
+
+    tokens = shape[0] * shape[1]
+    kept = [r.reshape(tokens, -1) for r in routes if r.numel() % tokens == 0 and r.numel() > 0]
+    routes.clear()
+    if not kept:
+        return None
+    flat = torch.cat(kept, dim=-1)
+    return flat if mask is None else flat.reshape(*shape, -1)[mask]
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
@@ -448,14 +499,27 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
 
 def _compare(ref: Run, conv: Run, own: Run | None, criterion: str) -> tuple[dict[str, Any], list[Check]]:
     """Logit numbers and checks: exact in float32, relative to the original's own error in lower precision."""
+    import torch
+
     positions = ref.logits.shape[0]
     outliers = 0 if own is None else max(1, math.ceil(LOSSY_OUTLIERS * positions))
     scale = ref.logits.abs().max().item() or 1.0
     slack = FLOAT32_LOGIT_TOL * scale
+    alike = torch.ones(positions, dtype=torch.bool)
+    if own is not None and conv.routing is not None and own.routing is not None \
+            and conv.routing.shape == own.routing.shape:
+        differs = (conv.routing != own.routing).any(-1)
+        for row in conv.sequence.unique():  # attention carries a flip's jump to the row's later positions
+            at = conv.sequence == row
+            alike[at] = differs[at].cumsum(0) == 0
+        if alike.sum() < ROUTED_ALIKE_MIN * positions:  # routing this far apart is damage: judge every position
+            alike[:] = True
+    compared = int(alike.sum())
+    trim = 0 if own is None else max(1, math.ceil(LOSSY_OUTLIERS * compared))
 
     def trimmed(run: Run) -> tuple[float, float]:
-        err = (run.logits - ref.logits).abs()
-        keep = positions - outliers
+        err = (run.logits - ref.logits).abs()[alike]
+        keep = compared - trim
         return err.mean(-1).sort().values[:keep].mean().item(), err.amax(-1).sort().values[keep - 1].item()
 
     err = (conv.logits - ref.logits).abs()
@@ -468,7 +532,8 @@ def _compare(ref: Run, conv: Run, own: Run | None, criterion: str) -> tuple[dict
     margin = (ref.logits.gather(-1, top_ref[:, None]) - ref.logits.gather(-1, top_conv[:, None]))[:, 0]
     decisive = int(((top_ref != top_conv) & (margin > flip_room)).sum())
     numbers = dict(
-        positions=positions, outliers=outliers, max_abs_diff=err.max().item(), max_rel_diff=err.max().item() / scale,
+        positions=positions, outliers=outliers, routing_differs=positions - compared,
+        max_abs_diff=err.max().item(), max_rel_diff=err.max().item() / scale,
         mean_abs_diff=err.mean().item(), trimmed_mean_abs_diff=t_mean, trimmed_max_abs_diff=t_max,
         own_trimmed_mean_abs_diff=o_mean, own_trimmed_max_abs_diff=o_max,
         top1_agreement=(top_ref == top_conv).float().mean().item(),
@@ -481,7 +546,8 @@ def _compare(ref: Run, conv: Run, own: Run | None, criterion: str) -> tuple[dict
         rel, diff = numbers["max_rel_diff"], numbers["max_abs_diff"]
         return numbers, [Check("logits", rel <= FLOAT32_LOGIT_TOL, f"max rel diff {rel:.3g} (abs {diff:.3g})",
                                f"{FLOAT32_LOGIT_TOL:g} of the largest logit", rel, FLOAT32_LOGIT_TOL), top1]
-    aside = f"worst {outliers} of {positions} positions aside"
+    aside = f"worst {trim} of {compared} positions aside" + (
+        f", {positions - compared} after routing unlike the original's own" if compared < positions else "")
     return numbers, [
         Check("logits, mean error", t_mean <= LOSSY_MEAN_RATIO * o_mean + slack,
               f"{t_mean:.3g} vs the original's own {o_mean:.3g} in {criterion} ({aside})",

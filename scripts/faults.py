@@ -460,9 +460,11 @@ def false_alarms(seeds: int, cases: dict[str, tuple[dict, tuple[str, ...]]], log
                                                seed=seed)
                 rows, runs = margins(result)
                 results.append(dict(case=name, dtype=dtype, seed=seed, passed=result.passed, rows_margin=rows,
-                                    runs_margin=runs, failure=result.failure))
+                                    runs_margin=runs, routing_differs=result.routing_differs,
+                                    failure=result.failure))
                 log(f"{name:28} {dtype:9} seed {seed}: {'pass' if result.passed else 'FALSE ALARM'} "
-                    f"(rows {rows:.2f}, runs {runs:.2f} of the limit)")
+                    f"(rows {rows:.2f}, runs {runs:.2f} of the limit; routing differs at "
+                    f"{result.routing_differs} of {result.positions} positions)")
     return results
 
 

@@ -21,6 +21,8 @@ from precompute_cli.st_io import read_header
 from precompute_cli.verify import (
     FLOAT32_LOGIT_TOL,
     LOSSY_MEAN_RATIO,
+    Run,
+    _compare,
     _near_tie,
     criterion_dtype,
     make_probe,
@@ -217,3 +219,41 @@ def test_verify_refuses_bad_arguments(llama32, llama_bf16, capsys):
     assert "no tokenizer" in capsys.readouterr().err
     assert verify(src, out, "--dtype", "float64") == 2
     assert "--dtype" in capsys.readouterr().err
+
+
+def _runs_with_a_jump(routed_apart: bool) -> tuple[Run, Run, Run]:
+    """Two rows of 20 positions: the own run is noise, the converted run the same noise with a jump at position 5
+    and a carried-over one at 6-9 (a routing flip and what attention makes of it); its routing differs from the
+    own run's at 5 or nowhere."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(40, 32, generator=g)
+    noise = 0.01 * torch.randn(40, 32, generator=g)
+    own_logits, conv_logits = ref + noise, ref + noise.roll(1, 0)
+    conv_logits[5] += 1.0
+    conv_logits[6:10] += 0.2
+    sequence = torch.arange(2).repeat_interleave(20)
+    routing = torch.zeros(40, 2, dtype=torch.long)
+    conv_routing = routing.clone()
+    if routed_apart:
+        conv_routing[5] = torch.tensor([0, 1])
+    return (Run(ref, [], routing, sequence), Run(conv_logits, [], conv_routing, sequence),
+            Run(own_logits, [], routing, sequence))
+
+
+@pytest.mark.parametrize("routed_apart", [True, False])
+def test_lossy_criteria_leave_out_a_routing_flip_and_its_row_after_it(routed_apart):
+    ref, conv, own = _runs_with_a_jump(routed_apart)
+    numbers, checks = _compare(ref, conv, own, "bfloat16")
+    by_name = {c.name: c for c in checks}
+    assert numbers["routing_differs"] == (15 if routed_apart else 0)  # position 5 to the row's end
+    # five jumping positions are more than the 10% set aside: only the routing explains them away
+    assert by_name["logits, max error"].passed is routed_apart
+    assert all(c.passed for c in checks) is routed_apart
+
+
+def test_routing_apart_at_most_positions_is_judged_everywhere():
+    ref, conv, own = _runs_with_a_jump(True)
+    conv.routing[:] = 1  # every position routed unlike the own run: no rounding accident
+    numbers, checks = _compare(ref, conv, own, "bfloat16")
+    assert numbers["routing_differs"] == 0
+    assert not all(c.passed for c in checks)
