@@ -11,7 +11,8 @@ SIZES = dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False}, {"num_experts_per_tok": 1},
-                                       {"num_experts_per_tok": 3, "num_local_experts": 5}])
+                                       {"num_experts_per_tok": 3, "num_local_experts": 5},
+                                       {"rms_norm_eps": 0.5}])  # layer 0's norm ignores it: eps stays 1e-6
 def test_equivalent_float32(tmp_path, overrides):
     src = build(tmp_path / "src", "jetmoe", **{**SIZES, **overrides})
     assert convert(src, tmp_path / "out") == 0

@@ -69,7 +69,8 @@ class JetMoe(Recipe):
         x = ops.upcast(x)
         h = ops.rms_norm(x, w(f"{p}{NORM}.weight"), EPS)
         logits = ops.linear(h, w(f"{p}{ROUTER}.weight"))
-        # torch.topk's order: largest first (a tie goes to the lower index, as a stable sort of -logits gives)
+        # torch.topk's order: largest first. Exact ties (an all-zero h) it breaks in an unspecified order; here the
+        # lower index wins, so a token whose router logits tie may be routed otherwise than transformers routes it
         chosen = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
         top = np.take_along_axis(logits, chosen, axis=-1)
         gates = np.exp(top - top.max(-1, keepdims=True))
