@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.tiny import assert_equivalent, build, convert
+from tiny import assert_equivalent, build, convert
 
 SIZES = dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2)
 
