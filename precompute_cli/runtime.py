@@ -182,6 +182,34 @@ class PassThroughNorm(PassThrough):
         self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
 
 
+class RoutedMap(nn.Module):
+    """Stands in for a routed attention's experts (JetMoeMoA): `map` returns the table's q, laid out as map lays it,
+    and the topology reduce needs, rebuilt from the stored experts and gates as the router builds it; `reduce` is
+    the original's (its output_linear and bias stay). No router logits: layer 0's router is gone."""
+
+    def __init__(self, table: TableEmbedding, spans: dict[str, tuple[int, int]], original: nn.Module, top_k: int):
+        super().__init__()
+        self.spans, self.top_k, self._table = spans, top_k, [table]
+        self.num_experts, self.input_size = original.num_experts, original.input_size
+        self.output_linear, self.bias = original.output_linear, original.bias
+        self._reduce = type(original).reduce
+
+    def map(self, layer_input: torch.Tensor) -> tuple[torch.Tensor, None, tuple]:
+        t, (bsz, length, _) = self._table[0], layer_input.shape
+        q = t.columns(self.spans["q"], layer_input).reshape(bsz, length, self.top_k, -1)
+        indices = t.columns(self.spans["experts"], layer_input).reshape(-1, self.top_k).round().long()
+        gates = t.columns(self.spans["gates"], layer_input).reshape(-1, self.top_k).to(layer_input.dtype)
+        chosen = torch.zeros(len(indices), self.num_experts, dtype=gates.dtype, device=gates.device)
+        expert_size = chosen.scatter(1, indices, 1).long().sum(0).tolist()
+        _, index_sorted_experts = indices.flatten().sort(0)
+        batch_index = index_sorted_experts.div(self.top_k, rounding_mode="trunc")
+        batch_gates = gates.flatten()[index_sorted_experts]
+        return q, None, (index_sorted_experts, batch_index, batch_gates, expert_size)
+
+    def reduce(self, layer_input: torch.Tensor, topo_info: tuple) -> torch.Tensor:
+        return self._reduce(self, layer_input, topo_info)
+
+
 def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
                revision: str | None = None, offline: bool = False, token: str | None = None,
                **from_pretrained: Any) -> nn.Module:
@@ -301,6 +329,11 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
     _patch_mixer(layer, patch, embedding, spans, table.dtype)
+    if patch.routed:
+        routed = patch.routed
+        layer.set_submodule(routed.experts, RoutedMap(embedding, spans, layer.get_submodule(routed.experts),
+                                                      routed.top_k))
+        layer.set_submodule(routed.kv, TableColumns(embedding, (spans["k"][0], spans["v"][1])))
 
 
 def _patch_mixer(layer: nn.Module, patch, embedding: TableEmbedding, spans: dict, dtype: torch.dtype) -> None:

@@ -76,6 +76,7 @@ def one_model_per_family() -> dict[str, dict]:
     import test_attention_zoo
     import test_falcon_bloom_mpt
     import test_gpt_oss
+    import test_jetmoe
     import test_llama_family
     import test_mixer_families
     import test_mla
@@ -91,6 +92,7 @@ def one_model_per_family() -> dict[str, dict]:
                 cases.setdefault(kwargs["model_type"], kwargs)
     cases["gpt_oss"] = dict(model_type="gpt_oss", **test_gpt_oss.OSS)
     cases["deepseek_v3"] = {**test_mla.MLA, **test_mla.CASES["deepseek_v3"]}
+    cases["jetmoe"] = dict(model_type="jetmoe", **test_jetmoe.SIZES)
     chosen: dict[str, dict] = {}
     for model_type in supported():
         family = REGISTRY[model_type].__module__

@@ -34,6 +34,17 @@ class MaskedProjection:
 
 
 @dataclass(frozen=True)
+class Routed:
+    """A routed attention's layer 0 (JetMoE's mixture of attention heads): `experts` (under RuntimePatch.layer)
+    has map and reduce; the runtime's map returns the table's q, and the topology reduce needs rebuilt from the
+    "experts" and "gates" columns; `kv` (the shared k | v projection) returns the k and v columns joined."""
+
+    experts: str
+    kv: str
+    top_k: int
+
+
+@dataclass(frozen=True)
 class RuntimePatch:
     """What the runtime replaces in a transformers model (module paths in memory, relative to the model)."""
 
@@ -58,6 +69,7 @@ class RuntimePatch:
     masked: tuple[MaskedProjection, ...] = ()  # mixer projections (recipes/projection.py)
     # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
     dtype_identities: tuple[str, ...] = ()
+    routed: Routed | None = None  # a routed attention (recipes/jetmoe.py)
 
 
 def spans(widths: list[tuple[str, int]]) -> dict[str, tuple[int, int] | None]:

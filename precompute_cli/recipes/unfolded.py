@@ -75,11 +75,6 @@ NOT_WRITTEN: dict[str, str] = {
        for t, loop in (("inkling2_text", ""),
                        ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
     # Token-only, but each needs more than a declaration:
-    "jetmoe": ("no recipe written and tested yet; layer 0 is token-only but its attention is routed (a mixture of "
-               "attention heads): q comes from the top-k of the attention experts chosen per token and the outputs "
-               "are recombined with the same per-token gates after attention, so the table must also carry the "
-               "routing (top-k indices and gates) and the runtime a stand-in for JetMoeMoA.map that rebuilds its "
-               "topology from them: a new kind of column and of runtime patch"),
     **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
                               "the per-layer embedding") for t in ("gemma3n", "gemma4", "gemma3n_text", "gemma4_text")},
     **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in (
