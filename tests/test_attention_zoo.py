@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import assert_equivalent, build, convert
+from tiny import assert_case, assert_equivalent, build, convert, inspect_json
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from precompute_cli.cli import main
 from precompute_cli.recipes import recipe_for
 from precompute_cli.spec import Config, value
 
@@ -134,22 +133,9 @@ CASES = {
 }
 
 
-def inspect_json(capsys, path) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", "--json", str(path)])
-    assert exit_info.value.code == 0
-    return json.loads(capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
-    overrides, (block, attention, q_dim, kv_dim) = CASES[case]
-    src = build(tmp_path / "src", **overrides)
-    info = inspect_json(capsys, src)
-    assert (info["block"], info["attention"], info["q_dim"], info["kv_dim"]) == (block, attention, q_dim, kv_dim)
-    assert info["precomputable"] and info["model_type"] == overrides["model_type"]
-    assert convert(src, tmp_path / "out") == 0
-    assert_equivalent(src, tmp_path / "out")
+    assert_case(tmp_path, capsys, *CASES[case])
 
 
 @pytest.mark.parametrize("case", ["glm4_moe", "minimax_m2", "seed_oss", "ernie4_5", "smollm3", "olmo3", "starcoder2",

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import assert_equivalent, build, convert
+from tiny import assert_case, assert_equivalent, build, convert, inspect_json
 from transformers import AutoModelForCausalLM
 
 from precompute_cli import load_model
@@ -38,13 +38,6 @@ CASES = {
 }
 
 
-def inspect_json(capsys, path) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", "--json", str(path)])
-    assert exit_info.value.code == 0
-    return json.loads(capsys.readouterr().out)
-
-
 def table_of(out) -> tuple[torch.Tensor, dict]:
     with safe_open(out / "model.safetensors", framework="pt") as f:
         table = f.get_tensor("precompute.table")
@@ -53,13 +46,7 @@ def table_of(out) -> tuple[torch.Tensor, dict]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
-    overrides, (block, attention, q_dim, kv_dim) = CASES[case]
-    src = build(tmp_path / "src", **overrides)
-    info = inspect_json(capsys, src)
-    assert (info["block"], info["attention"], info["q_dim"], info["kv_dim"]) == (block, attention, q_dim, kv_dim)
-    assert info["precomputable"] and info["model_type"] == overrides["model_type"]
-    assert convert(src, tmp_path / "out") == 0
-    assert_equivalent(src, tmp_path / "out")
+    assert_case(tmp_path, capsys, *CASES[case])
 
 
 @pytest.mark.parametrize("case, extra", [

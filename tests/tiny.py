@@ -148,3 +148,21 @@ def _held(model) -> int:
     """Parameters and persistent buffers (deepseek's e_score_correction_bias is on disk too)."""
     saved = model.state_dict().keys()
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers() if n in saved)
+
+
+def inspect_json(capsys, path) -> dict:
+    """`precompute inspect --json PATH`, run in-process: the JSON it prints."""
+    code, out, err = run_cli(capsys, "inspect", "--json", path)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def assert_case(tmp_path: Path, capsys, overrides: dict, expected: tuple[str, str, int, int]) -> None:
+    """One row of an equivalence table: inspect reports (block, attention, q_dim, kv_dim) as `expected`, and the
+    converted model equals transformers' own (assert_equivalent, float32)."""
+    src = build(tmp_path / "src", **overrides)
+    info = inspect_json(capsys, src)
+    assert (info["block"], info["attention"], info["q_dim"], info["kv_dim"]) == expected
+    assert info["precomputable"] and info["model_type"] == overrides["model_type"]
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out")
