@@ -58,7 +58,6 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         eliminated_linear += chosen["eliminated_linear_params"] - linear_weights(spec, False)
     table = replace(plan.table, columns=_columns_as_parallel(recipe)) if assume_parallel else plan.table
     table_width = table.width
-    new_columns = spec.q_dim + 2 * spec.kv_dim
     gate = plan.table.columns.get("gate")  # an attention output gate projected beside q, k, v (afmoe, beam)
     if gate:
         new_columns += gate[1] - gate[0]

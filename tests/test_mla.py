@@ -153,3 +153,10 @@ def test_inspect_shows_both_tables_for_the_hub_configs(capsys, config):
     assert data["table_choice"] == {"mla_table": "latent"} and data["table_width"] == 7168 + 2112
     code, out, err = run_cli(capsys, "inspect", f"configs/{config}.json")
     assert code == 0 and "--mla-table" in out + err
+
+
+def test_inspect_reads_per_token_are_the_latent_table_s(capsys):
+    """inspect's per-token reads for the chosen (latent) table: x plus the latent columns, not q_dim + 2 kv_dim."""
+    code, out, _ = run_cli(capsys, "inspect", "--json", "configs/deepseek-v3.json")
+    data = json.loads(out)
+    assert code == 0 and data["reads_per_token"] == 7168 + 2112 == data["table_width"]
