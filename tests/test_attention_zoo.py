@@ -193,7 +193,7 @@ def test_olmoe_table_is_normed_then_clamped(tmp_path):
     ("glm-4.5.json", ("glm4_moe", "serial", "GQA", 12288, 1024, 14336, 73_400_320)),
 ])
 def test_flagship_configs(capsys, config, expect):
-    """What a user of OLMo-3-7B and GLM-4.5 gets from inspect on the Hub config (configs/, values from memory)."""
+    """What a user of OLMo-3-7B and GLM-4.5 gets from inspect on the Hub config (configs/SOURCES.md: where from)."""
     info = inspect_json(capsys, Path(__file__).parent.parent / "configs" / config)
     new_columns = info["table_width"] - (0 if info["tied_embeddings"] else info["hidden_size"])
     assert (info["model_type"], info["block"], info["attention"], info["q_dim"], info["kv_dim"], new_columns,
