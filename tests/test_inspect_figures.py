@@ -90,8 +90,36 @@ def test_inspect_prints_the_pinned_figures(tmp_path, name):
     assert not moved, f"{name}: inspect's figures moved (pinned, now): {moved}"
 
 
+def test_every_pinned_analysis_reads_x_and_its_folded_columns():
+    """reads per token = hidden_size + the table's columns besides the residual, for every pinned analysis: the
+    paper's count and the table the recipe plans agree (jetmoe's experts and gates columns were left out before)."""
+    for name, pin in pinned().items():
+        f = pin["figures"]
+        if f.get("precomputable"):
+            assert f["reads_per_token"] == f["hidden_size"] + sum(f["folds"].values()), name
+
+
+def test_jetmoe_counts_its_routed_attention(tmp_path):
+    """The figures that changed on purpose: jetmoe's layer 0 eliminates its router, every attention expert's
+    input_linear and kv_proj, and its table holds q for the top_k slots, k, v, and the experts and gates chosen.
+    Before the recipe said so, inspect counted Q, K, V of a dense layer (16,777,216 weights, 10,240 reads)."""
+    config = default_config("jetmoe")
+    d, experts, top_k = config["hidden_size"], config["num_local_experts"], config["num_experts_per_tok"]
+    kv = config["kv_channels"] * config["num_key_value_heads"]
+    got = figures(config, [], tmp_path)
+    eliminated = experts * d + experts * kv * d + 2 * kv * d
+    assert got["layer0"] == "routed attention"
+    assert got["eliminated_linear_params"] == eliminated == 41_959_424
+    assert got["reads_per_token"] == d + top_k * kv + 2 * kv + 2 * top_k == 10_244
+    assert got["reads_without_precompute"]["1"] == d + eliminated
+    assert got["memory_increase_paper"] == (top_k * kv + 2 * kv + 2 * top_k) * config["vocab_size"] - eliminated
+    assert got == pinned()["default/jetmoe"]["figures"]
+
+
 if __name__ == "__main__" and "--write" in sys.argv:
     import tempfile
+
+    sys.path.insert(0, str(ROOT))  # this checkout's precompute_cli, not an installed one
 
     with tempfile.TemporaryDirectory() as tmp:
         write(Path(tmp))
