@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # torch is imported where models run: `convert` imports this 
     import torch
 
     from precompute_cli.recipes import Recipe
+    from precompute_cli.recipes.base import Routers
 
 # -- tolerances (the README quotes these) -------------------------------------------------------------------------
 FLOAT32_LOGIT_TOL = 1e-4  # float32: max |converted - original| / max |original logit|; granted in every mode
@@ -188,10 +189,12 @@ class Run:
     sequence: torch.Tensor | None = None  # (positions,): the probe row each position belongs to, in order
 
 
-def run_model(model: torch.nn.Module, probe: Probe, tokens: int) -> Run:
+def run_model(model: torch.nn.Module, probe: Probe, tokens: int, routers: Routers | None = None) -> Run:
+    """The model's logits on both probe batches and its greedy tokens; with `routers` (the recipe's
+    Recipe.routers), also the experts every router picked at every position."""
     import torch
 
-    with torch.no_grad(), _routing(model) as routes:
+    with torch.no_grad(), _routing(model, routers) as routes:
         plain = model(probe.ids).logits.float().flatten(0, 1)
         plain_routes = _positions(routes, probe.ids.shape, None)
         padded = model(probe.padded, attention_mask=probe.mask).logits.float()[probe.mask.bool()]
@@ -207,20 +210,27 @@ def run_model(model: torch.nn.Module, probe: Probe, tokens: int) -> Run:
 
 
 @contextmanager
-def _routing(model: torch.nn.Module):
-    """The experts every MoE router (transformers' *Router modules, which the runtime never replaces) picks: a
-    routing flip is a discontinuity low precision causes at random positions, so the criteria compare positions
-    where the converted model and the original routed alike."""
+def _routing(model: torch.nn.Module, routers: Routers | None):
+    """The experts every MoE router picks, where the recipe says its routers are (Recipe.routers; the runtime never
+    replaces one it names): a routing flip is a discontinuity low precision causes at random positions, so the
+    criteria compare positions where the converted model and the original routed alike."""
     import torch
 
     routes: list[torch.Tensor] = []
 
     def record(module, args, output):
-        for value in output if isinstance(output, tuple) else (output,):
+        values = output if isinstance(output, tuple) else (output,)
+        if routers.top_k is not None:  # logits: the experts are their top k
+            logits = [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            if logits:
+                routes.append(logits[-1].detach().topk(routers.top_k, dim=-1).indices.sort(-1).values)
+            return
+        for value in values:
             if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() >= 1:
                 routes.append(value.detach().sort(-1).values)
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if type(m).__name__.endswith("Router")]
+    handles = [] if routers is None else [
+        m.register_forward_hook(record) for path, m in model.named_modules() if routers.matches(path, type(m).__name__)]
     try:
         yield routes
     finally:
@@ -461,10 +471,11 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
     probe = make_probe(plan.recipe.spec.vocab_size, seed, prompt_ids, pad_id)
 
     with _quiet_loading():
-        conv = run_model(_load_converted(converted, dtype), probe, tokens)
+        routers = plan.recipe.routers()
+        conv = run_model(_load_converted(converted, dtype), probe, tokens, routers)
         gc.collect()
         model = _load_original(original, "float32")
-        ref = run_model(model, probe, tokens)
+        ref = run_model(model, probe, tokens, routers)
         tie = _near_tie(model, probe, ref.greedy, conv.greedy) if criterion == "float32" else None
         used = probe.tokens() | set(ref.greedy) | set(conv.greedy) | special_tokens(original, tokenizer)
         rows = sample_rows(plan.recipe.spec.vocab_size, seed, used)
@@ -472,7 +483,8 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
         exact = oracle_rows(model, plan.recipe, rows) if independent else fold_rows(plan, rows)  # last: see oracle
         del model
         gc.collect()
-        own = run_model(_load_original(original, criterion), probe, tokens) if criterion != "float32" else None
+        own = run_model(_load_original(original, criterion), probe, tokens, routers) if criterion != "float32" \
+            else None
 
     row_error, worst_row = table_row_error(table, plan.recipe.columns(), exact, rows)
     row_tol = table_tolerance(block.dtype)

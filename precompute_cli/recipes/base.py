@@ -8,6 +8,7 @@ of a token from them, and which modules the runtime replaces. Nothing outside re
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -71,6 +72,26 @@ class RuntimePatch:
     # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
     dtype_identities: tuple[str, ...] = ()
     routed: Routed | None = None  # a routed attention (recipes/jetmoe.py)
+
+
+@dataclass(frozen=True)
+class Routers:
+    """Where a model's MoE routers are in memory, for verify's record of the experts each picks at every position
+    (a routing flip is a discontinuity low precision causes by chance). A module is a router when its class name
+    matches `classes` or its path (from the model) matches one of `paths` (fnmatch patterns), and no `exclude`
+    pattern matches its path: routers the converted model no longer runs (a folded layer 0's) must be left out, or
+    the two runs' records would not line up. The experts are the router's integer outputs; with `top_k`, the router
+    returns logits instead (a plain Linear), and the experts are the top_k of its floating output."""
+
+    classes: str | None = "*Router"  # transformers' routers: *TopKRouter, *TopkRouter, DbrxRouter...
+    paths: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    top_k: int | None = None
+
+    def matches(self, path: str, class_name: str) -> bool:
+        named = (self.classes is not None and fnmatch.fnmatchcase(class_name, self.classes)) \
+            or any(fnmatch.fnmatchcase(path, p) for p in self.paths)
+        return named and not any(fnmatch.fnmatchcase(path, p) for p in self.exclude)
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,12 @@ class Recipe:
         s = self.spec
         return PaperCounts("attention", s.hidden_size * (s.q_dim + 2 * s.kv_dim) + self.parallel_ffn_weights(),
                            s.q_dim + 2 * s.kv_dim)
+
+    def routers(self) -> Routers:
+        """Where the MoE routers are (verify): transformers' *Router classes, less layer 0's when its FFN folds
+        (a parallel block's router is inside the table, and the converted model never runs it)."""
+        folded = f"{self.runtime_patch().layer}.*" if self.spec.block == "parallel" else None
+        return Routers(exclude=(folded,) if folded else ())
 
     def parallel_ffn_weights(self) -> int:
         """The FFN matrices (every expert's) that fold with a parallel block's table; 0 for a serial one."""

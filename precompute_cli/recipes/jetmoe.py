@@ -18,7 +18,17 @@ import dataclasses
 import numpy as np
 
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import PaperCounts, Recipe, Routed, RuntimePatch, Shape, Weights, register, spans
+from precompute_cli.recipes.base import (
+    PaperCounts,
+    Recipe,
+    Routed,
+    Routers,
+    RuntimePatch,
+    Shape,
+    Weights,
+    register,
+    spans,
+)
 from precompute_cli.spec import Key, ModelSpec, Sizes
 
 EPS = 1e-6  # JetMoeRMSNorm(hidden_size): the decoder layer leaves eps at its default
@@ -70,6 +80,14 @@ class JetMoe(Recipe):
         s = self.spec
         eliminated = s.hidden_size * (s.num_experts * (1 + s.kv_dim) + 2 * s.kv_dim) + self.parallel_ffn_weights()
         return PaperCounts("routed attention", eliminated, s.q_dim + 2 * s.kv_dim + 2 * self.top_k)
+
+    def routers(self) -> Routers:
+        """JetMoeTopKGating returns the tokens sorted by expert, not each token's experts: its Linear's logits, top
+        k, are. Every MoE FFN routes in both models; layer 0's attention router is in the table."""
+        k = self.top_k
+        layer0 = f"{self.runtime_patch().layer}.self_attention.*"
+        return Routers(classes=None, paths=("*.mlp.router.layer", "*.self_attention.experts.router.layer"),
+                       exclude=(layer0,), top_k=k)
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         s, p, k = self.spec, self.prefix, self.top_k
