@@ -290,13 +290,18 @@ class _Stop(Exception):
 
 
 def oracle_covers(recipe: Recipe) -> bool:
-    """Whether oracle_rows can read this recipe's columns off transformers' modules: q, k, v (or a fused qkv) and
-    the residual. A mixer's projections (Mamba, Gated DeltaNet, short conv) and MLA's latents it cannot yet; those
-    tables are checked against the recipe's own float64 fold (fold_rows), which catches a damaged table but not a
-    recipe bug: for them, the model runs (and the equivalence tests) are the independent check."""
+    """Whether oracle_rows reads every column of this recipe's table off transformers' modules: the residual, and
+    the outputs of the projections the runtime stands in for (RuntimePatch.projections and .masked: q/k/v or a
+    fused qkv, an attention gate, MLA's latents, a mixer's in_proj), after the pass-through modules that read them.
+    A routed attention (jetmoe: experts and gates a router picks) it cannot: its table is checked against the
+    recipe's own float64 fold (fold_rows), which catches a damaged table but not a recipe bug; there the model
+    runs (and the equivalence tests) are the independent check."""
     patch = recipe.runtime_patch()
-    return (not (patch.masked or patch.attributes or patch.contiguous)
-            and bool(patch.projections) and set(patch.projections) <= {"q", "k", "v", "qkv"})
+    read = set(patch.projections) | {c for m in patch.masked for c in m.columns}
+    if "qkv" in read:
+        read |= {"q", "k", "v"}
+    needed = {name for name, span in recipe.columns().items() if span and name != "residual"}
+    return patch.routed is None and bool(needed) and needed <= read
 
 
 def fold_rows(plan: Plan, rows: list[int]) -> dict[str, np.ndarray]:
@@ -312,11 +317,15 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
 
     Each token runs alone through the embedding and layer 0 (cast to float64; the model is not used afterwards)
     with hooks on the modules the runtime replaces (RuntimePatch), and the columns are read off as the runtime will
-    stand in for them. q/k/v: the projections' outputs, after the norms the runtime passes through (a pass-through
-    module whose input is a view of a projection's output) and any clamp of them. The residual: what layer 0 adds as
-    its residual, which is its input (the embedding's output after its transforms, without the scale the runtime
-    repeats) unless only a pass-through norm reads that input (BLOOM's post-LayerNorm residual: then that norm's
-    output), plus for a parallel block the outputs of the branches the runtime zeroes."""
+    stand in for them. A projection's columns: its output, after the modules the runtime passes through that read
+    it or a part of it (q/k norms of a per-head view; MLA's latent norms of a slice, and with the full table the
+    q_b_proj/kv_b_proj that read their outputs), and any clamp of it. A mixer's projection (RuntimePatch.masked):
+    its output cut into the table's column groups in order; where the mixer multiplies two parts of that output
+    (LFM2's B * x) and the runtime hands it 1 for the last (`ones`), the product stands in the first's place. The
+    residual: what layer 0 adds as its residual, which is its input (the embedding's output after its transforms,
+    without the scale the runtime repeats) unless only a pass-through norm reads that input (BLOOM's post-LayerNorm
+    residual, MiniMax's: then that norm's output), plus for a parallel block the outputs of the branches the runtime
+    zeroes."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -326,6 +335,7 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
     embedding = model.get_input_embeddings()
     transforms = [model.get_submodule(p) for p in patch.embedding_transforms]
     ids = torch.tensor(rows).reshape(-1, 1)
+    n = len(rows)
     stored = getattr(torch, spec.dtype, None)
     scaled = None
     if patch.embedding_scale != 1.0 and stored in (torch.bfloat16, torch.float16):
@@ -345,6 +355,8 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
 
     got: dict[str, torch.Tensor] = {}
     norms: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every pass-through module
+    products: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (a, b, a * b) of parts of a mixer's output
+    mixers = [f"masked:{i}" for i in range(len(patch.masked))]
     state = {"inside": 0, "input": None, "input_read": False}
 
     def embedded(module, args, output):  # the float32 lookup; layer 0 runs in float64
@@ -371,9 +383,14 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
     def stop(module, args, output):
         raise _Stop
 
+    def shares(part: torch.Tensor, whole: torch.Tensor | None) -> bool:
+        return isinstance(part, torch.Tensor) and whole is not None \
+            and part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+
     class Watch(TorchFunctionMode):
-        """Clamps of a projection's output (MPT's and OLMo's clip_qkv) belong to the table; and whether anything
-        but a pass-through module reads layer 0's input."""
+        """Clamps of a projection's output (MPT's and OLMo's clip_qkv) belong to the table; products of two parts of
+        a mixer's projection may (LFM2's B * x); and whether anything but a pass-through module reads layer 0's
+        input."""
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -381,10 +398,14 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
                     a is state["input"] for a in (*args, *kwargs.values())):
                 state["input_read"] = True
             out = func(*args, **kwargs)
-            if getattr(func, "__name__", "") in ("clamp", "clamp_", "clip", "clip_") and args:
-                for name in patch.projections:
-                    if args[0] is got.get(name):
-                        got[name] = out
+            name = getattr(func, "__name__", "")
+            if name in ("clamp", "clamp_", "clip", "clip_") and args:
+                for key in patch.projections:
+                    if args[0] is got.get(key):
+                        got[key] = out
+            if name in ("mul", "__mul__") and len(args) == 2 and any(
+                    shares(args[0], got.get(m)) and shares(args[1], got.get(m)) for m in mixers):
+                products.append((args[0], args[1], out))
             return out
 
     handles = [embedding.register_forward_hook(embedded), layer.register_forward_hook(stop),
@@ -393,7 +414,9 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
         handles.append(transforms[-1].register_forward_hook(keep("embedded")))
     for name, path in patch.projections.items():
         handles.append(layer.get_submodule(path).register_forward_hook(keep(name)))
-    for path in patch.identities:
+    for key, masked in zip(mixers, patch.masked, strict=True):
+        handles.append(layer.get_submodule(masked.module).register_forward_hook(keep(key)))
+    for path in (*patch.identities, *patch.dtype_identities):
         handles += [layer.get_submodule(path).register_forward_pre_hook(enter),
                     layer.get_submodule(path).register_forward_hook(leave)]
     for path in patch.zeros:
@@ -407,23 +430,78 @@ def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict
         for h in handles:
             h.remove()
 
+    def offset(part: torch.Tensor, whole: torch.Tensor) -> int:
+        """Where in each of whole's rows the view `part` starts (rows: one token each, laid out contiguously)."""
+        return (part.storage_offset() - whole.storage_offset()) % (whole.numel() // n)
+
+    def through(value: torch.Tensor, used: frozenset[int] = frozenset()) -> torch.Tensor | None:
+        """What the pass-through modules reading `value` or a part of each of its rows make of it, (rows, width)
+        in value's layout; None when none reads it. A module's output is followed in turn (MLA's full table:
+        kv_b_proj reads kv_a_layernorm's output)."""
+        whole, parts, normed_in_place = None, [], None
+        for i, (inp, normed) in enumerate(norms):
+            if i in used or not shares(inp, value):
+                continue
+            later = through(normed, used | {i})
+            if later is None and normed.shape == inp.shape:
+                # a norm of a view (q_norm per head, Persimmon's of a strided part of a fused output, MLA's of the
+                # latent slice): its output where its input was, in value's layout
+                if normed_in_place is None:
+                    normed_in_place = value.clone()
+                normed_in_place.as_strided(inp.shape, inp.stride(), inp.storage_offset() - value.storage_offset()) \
+                    .copy_(normed)
+                continue
+            later = (normed if later is None else later).reshape(n, -1)
+            if inp.numel() == value.numel():
+                whole = later
+            else:  # a module of another width reads a slice of each row (MLA's full table: kv_b_proj after the norm)
+                parts.append((offset(inp, value), offset(inp, value) + inp.numel() // n, later))
+        if whole is not None:
+            return whole
+        if normed_in_place is not None:
+            value = normed_in_place
+        if not parts:
+            return None if normed_in_place is None else value.reshape(n, -1)
+        flat, joined, at = value.reshape(n, -1), [], 0
+        for start, stop, later in sorted(parts, key=lambda p: p[0]):
+            joined += [flat[:, at:start], later]
+            at = stop
+        return torch.cat([*joined, flat[:, at:]], dim=1)
+
+    def read(value: torch.Tensor) -> torch.Tensor:
+        resolved = through(value)
+        return value.reshape(n, -1) if resolved is None else resolved
+
     out: dict[str, np.ndarray] = {}
     for name in patch.projections:
-        value = got[name]
-        for inp, normed in norms:  # q_norm(q_proj(h).view(...)): the norm's output, in the projection's layout
-            if inp.untyped_storage().data_ptr() == value.untyped_storage().data_ptr() and inp.numel() == value.numel():
-                back = torch.empty_like(value)
-                back.as_strided(inp.shape, inp.stride(), inp.storage_offset() - value.storage_offset()).copy_(normed)
-                value = back
-        out[name] = value.reshape(len(rows), -1).double().numpy()
+        out[name] = read(got[name]).double().numpy()
     if "qkv" in out:
-        out.update(zip("qkv", ops.split_qkv(out.pop("qkv"), patch.fused_groups, spec.q_dim, spec.kv_dim),
-                       strict=True))
+        out.update(zip(patch.fused_order, ops.split_qkv(out.pop("qkv"), patch.fused_groups, spec.q_dim, spec.kv_dim),
+                       strict=True))  # CodeGen's groups are [q | v | k]
+    columns = recipe.columns()
+    for key, masked in zip(mixers, patch.masked, strict=True):
+        value = got[key]
+        flat = read(value)
+        for a, b, product in products:
+            if not (shares(a, value) and shares(b, value)):
+                continue
+            # the runtime hands the mixer 1 for the factor that ends the row: the product takes the other's place
+            (kept, kept_stop), (dropped, dropped_stop) = sorted((offset(t, value), offset(t, value) + t.numel() // n)
+                                                                for t in (a, b))
+            if dropped_stop == flat.shape[1] and masked.ones == dropped_stop - dropped:
+                flat = torch.cat([flat[:, :kept], product.reshape(n, -1), flat[:, kept_stop:dropped]], dim=1)
+        widths = [columns[c][1] - columns[c][0] for c in masked.columns]
+        if sum(widths) != flat.shape[1]:  # the runtime's columns cannot stand for what transformers computes
+            flat = torch.full((n, sum(widths)), math.nan, dtype=torch.float64)
+        start = 0
+        for c, width in zip(masked.columns, widths, strict=True):
+            out[c] = flat[:, start:start + width].double().numpy()
+            start += width
     residual = got["embedded"] if state["input_read"] else next(o for i, o in norms if i is state["input"])
     residual = residual / patch.embedding_scale  # if not read, the residual is a pass-through norm's output
     for path in patch.zeros:
         residual = residual + got[f"zero:{path}"].double() / patch.embedding_scale
-    out["residual"] = residual.reshape(len(rows), -1).double().numpy()
+    out["residual"] = residual.reshape(n, -1).double().numpy()
     return out
 
 
