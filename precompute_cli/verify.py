@@ -68,6 +68,7 @@ DEFAULT_TOKENS = 16
 DEFAULT_PROMPT = "The first layer of a transformer"
 PROBE_SHAPE = (2, 16)  # each of the two probe batches
 TABLE_SAMPLE = 64  # random table rows checked besides the edges and every token the runs used
+ROW_CHUNK = 1024  # table rows recomputed at a time (--all-rows: the whole vocabulary, a chunk at a time)
 
 
 def table_tolerance(table_dtype: str) -> float:
@@ -265,11 +266,22 @@ def locate_table(plan: Plan, converted: Source, block: PrecomputeBlock) -> tuple
     return found
 
 
+def runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted `rows` as [start, stop) runs of consecutive ids, each read from a file at once."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
 def table_row_error(table: tuple[Path, TensorInfo], columns: dict[str, tuple[int, int] | None],
                     exact: dict[str, np.ndarray], rows: list[int]) -> tuple[float, int]:
     """Worst |stored - reference| / row scale over `rows` (each column group scaled on its own), and the row where
     it is. `exact` holds the reference columns for `rows` (oracle_rows: transformers' own modules, in float64)."""
-    stored = np.concatenate([read_array(*table, (r, r + 1), np.float64) for r in rows])
+    stored = np.concatenate([read_array(*table, run, np.float64) for run in runs(rows)])
     worst, worst_row = 0.0, rows[0]
     for name, span in columns.items():
         if span is None:
@@ -307,7 +319,7 @@ def oracle_covers(recipe: Recipe) -> bool:
 def fold_rows(plan: Plan, rows: list[int]) -> dict[str, np.ndarray]:
     """The table's columns for `rows` from the recipe's fold, in float64 from the original's weights."""
     recipe = plan.recipe
-    x = np.concatenate([read_array(*plan.inputs[recipe.embedding], (r, r + 1), np.float64) for r in rows])
+    x = np.concatenate([read_array(*plan.inputs[recipe.embedding], run, np.float64) for run in runs(rows)])
     return recipe.fold(plan.weights(np.float64), x)
 
 
@@ -527,8 +539,9 @@ def sample_rows(vocab: int, seed: int, used: set[int]) -> list[int]:
 
 # -- the proof ----------------------------------------------------------------------------------------------------
 def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32", tokens: int = DEFAULT_TOKENS,
-                      prompt: str | None = None, seed: int = 0) -> VerifyResult:
-    """Compare CONVERTED with ORIGINAL: the models' runs (one model in memory at a time), then the table's rows."""
+                      prompt: str | None = None, seed: int = 0, all_rows: bool = False) -> VerifyResult:
+    """Compare CONVERTED with ORIGINAL: the models' runs (one model in memory at a time), then the table's rows
+    (with `all_rows`, every row of the vocabulary, ROW_CHUNK at a time)."""
     if dtype not in RUN_DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(RUN_DTYPES)}")
     if tokens < 1:
@@ -556,15 +569,21 @@ def verify_checkpoint(original: Source, converted: Source, dtype: str = "float32
         ref = run_model(model, probe, tokens, routers)
         tie = _near_tie(model, probe, ref.greedy, conv.greedy) if criterion == "float32" else None
         used = probe.tokens() | set(ref.greedy) | set(conv.greedy) | special_tokens(original, tokenizer)
-        rows = sample_rows(plan.recipe.spec.vocab_size, seed, used)
+        vocab = plan.recipe.spec.vocab_size
+        rows = list(range(vocab)) if all_rows else sample_rows(vocab, seed, used)
         independent = oracle_covers(plan.recipe)
-        exact = oracle_rows(model, plan.recipe, rows) if independent else fold_rows(plan, rows)  # last: see oracle
+        row_error, worst_row = 0.0, rows[0]
+        for start in range(0, len(rows), ROW_CHUNK):  # the oracle runs the model's layer 0 in float64: last
+            chunk = rows[start:start + ROW_CHUNK]
+            exact = oracle_rows(model, plan.recipe, chunk) if independent else fold_rows(plan, chunk)
+            error, row = table_row_error(table, plan.recipe.columns(), exact, chunk)
+            if error > row_error:
+                row_error, worst_row = error, row
         del model
         gc.collect()
         own = run_model(_load_original(original, criterion), probe, tokens, routers) if criterion != "float32" \
             else None
 
-    row_error, worst_row = table_row_error(table, plan.recipe.columns(), exact, rows)
     row_tol = table_tolerance(block.dtype)
     numbers, checks = _compare(ref, conv, own, criterion)
     checks.insert(0, Check("table rows", row_error <= row_tol,

@@ -101,20 +101,25 @@ class Subject:
         return next((n for n in self.recipe.folded() if n.endswith(suffix)), None)
 
 
-def subject(root: Path, name: str, dtype: str, seed: int = 0) -> Subject:
-    src = build(root / "src", dtype=getattr(torch, dtype), seed=seed, **MODELS[name])
-    if quiet_convert(src, root / "out") != 0:
+def subject(root: Path, name: str, dtype: str, seed: int = 0, overrides: dict | None = None,
+            choices: dict[str, str] | None = None) -> Subject:
+    """A correct conversion of MODELS[name] (or of a tiny model with `overrides`), with the recipe's `choices`
+    passed to convert as flags (mla_table -> --mla-table)."""
+    src = build(root / "src", dtype=getattr(torch, dtype), seed=seed, **(overrides or MODELS[name]))
+    flags = [arg for key, choice in (choices or {}).items() for arg in (f"--{key.replace('_', '-')}", choice)]
+    if quiet_convert(src, root / "out", *flags) != 0:
         raise RuntimeError(f"{name} {dtype}: the conversion failed")
     recipe = recipe_for(Config.load(src / "config.json"))
+    recipe.choose(**(choices or {}))
     plan = make_plan(resolve(str(src)), recipe)
     table = resolve(str(root / "out")).tensors()[TABLE]
     return Subject(name, dtype, src, root / "out", recipe, table[1].dtype, read_array(*table),
                    read_array(*plan.inputs[recipe.embedding]), plan.weights(np.float32))
 
 
-def quiet_convert(src: Path, out: Path) -> int:
+def quiet_convert(src: Path, out: Path, *args: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return convert(src, out)
+        return convert(src, out, *args)
 
 
 # -- the catalogue ------------------------------------------------------------------------------------------------
