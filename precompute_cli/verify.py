@@ -3,9 +3,10 @@
 Two kinds of evidence. The model runs: the converted model (load_model) and the original (transformers) see the
 same inputs (ids covering the vocabulary's start, middle and end, a left-padded batch, a greedy generation) and
 their logits are compared. The table itself: rows are recomputed by the original model's own layer 0 in float64
-(transformers' modules, hooked where the runtime stands in for them: oracle_rows), never by the recipe's fold, so a
-recipe bug shows as a wrong row as surely as a damaged table does, whatever precision the runs had. The rows
-checked: every token the runs used, BOS/EOS/padding, the vocabulary's edges and a random sample.
+(transformers' modules, hooked where the runtime stands in for them: oracle_rows), never by the recipe's fold (a
+routed attention aside: oracle_covers), so a recipe bug shows as a wrong row as surely as a damaged table does,
+whatever precision the runs had. The rows checked: every token the runs used, BOS/EOS/padding, the vocabulary's
+edges and a random sample (or, with all_rows, every row).
 
 Tolerances depend on the precision in play (the run's dtype or the table's, whichever is lower). In float32 the
 converted model must match the original's float32 run to FLOAT32_LOGIT_TOL and generate the same greedy text.

@@ -428,8 +428,11 @@ def load_outcomes(path: Path) -> list[Outcome]:
 def equivalence_cases() -> dict[str, tuple[dict, tuple[str, ...]]]:
     """The equivalence tests' models (overrides of tiny.build), each in every dtype; with the parallel MoE model
     the tests define (registered here as its test module's fixture does)."""
+    import test_attention_zoo as zoo
     import test_falcon_bloom_mpt as fbm
     import test_llama_family as llama
+    import test_mixer_families as mixers
+    import test_mla as mla
     import test_parallel_families as par
     import test_parallel_moe as moe
     import test_serial_families as ser
@@ -446,8 +449,9 @@ def equivalence_cases() -> dict[str, tuple[dict, tuple[str, ...]]]:
     register_checkpoint_conversion_mapping(moe.MODEL_TYPE, get_checkpoint_conversion_mapping("qwen2_moe"),
                                            overwrite=True)
     register(moe.ParallelMoeRecipe)
-    cases = {name: value for module in (llama, par, fbm) for name, value in module.CASES.items()}
-    cases.update({name: value[0] for name, value in ser.CASES.items()})
+    cases = {name: value for module in (llama, par, fbm, mixers) for name, value in module.CASES.items()}
+    cases.update({name: value[0] for module in (ser, zoo) for name, value in module.CASES.items()})
+    cases.update({name: {**mla.MLA, **value} for name, value in mla.CASES.items()})  # the default (latent) table
     cases["parallel-moe"] = dict(model_type=moe.MODEL_TYPE, norm_topk_prob=True, **moe.SIZES)
     return {name: (overrides, DTYPES) for name, overrides in cases.items()}
 

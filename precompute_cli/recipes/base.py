@@ -101,7 +101,7 @@ class PaperCounts:
     the table, besides the embedding rows), and the table's columns beyond the residual (what it reads per token
     with the table, besides x)."""
 
-    layer0: str  # "attention", or a mixer's kind ("mamba2", "short conv"...)
+    layer0: str  # "attention", "routed attention", or a mixer's kind ("Mamba-2", "short conv"...)
     eliminated_linear: int
     new_columns: int
 

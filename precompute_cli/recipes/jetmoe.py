@@ -84,10 +84,9 @@ class JetMoe(Recipe):
     def routers(self) -> Routers:
         """JetMoeTopKGating returns the tokens sorted by expert, not each token's experts: its Linear's logits, top
         k, are. Every MoE FFN routes in both models; layer 0's attention router is in the table."""
-        k = self.top_k
         layer0 = f"{self.runtime_patch().layer}.self_attention.*"
         return Routers(classes=None, paths=("*.mlp.router.layer", "*.self_attention.experts.router.layer"),
-                       exclude=(layer0,), top_k=k)
+                       exclude=(layer0,), top_k=self.top_k)
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         s, p, k = self.spec, self.prefix, self.top_k
