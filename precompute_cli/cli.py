@@ -223,6 +223,8 @@ def verify(
     prompt: str | None = typer.Option(None, "--prompt", help="Text to generate from (needs ORIGINAL's tokenizer)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
     dtype: Dtype = typer.Option("float32", "--dtype", help="The dtype to run the converted model in."),
+    all_rows: bool = typer.Option(False, "--all-rows", help="Check every row of the table against transformers' "
+                                  "layer 0 in float64, not the rows the runs used, the edges and a sample."),
     offline: bool = OFFLINE,
     token: str | None = TOKEN,
     quiet: bool = QUIET,
@@ -230,7 +232,7 @@ def verify(
     """Prove CONVERTED computes what ORIGINAL does: logits, top-1, greedy text, and table rows against float64."""
     _be_quiet(quiet)
     result = _verify(resolve(original, offline=offline, token=token), resolve(converted, offline=offline, token=token),
-                     dtype=Dtype(dtype).value, tokens=tokens, prompt=prompt)
+                     dtype=Dtype(dtype).value, tokens=tokens, prompt=prompt, all_rows=all_rows)
     if json_path:
         json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     if not result.passed:

@@ -6,7 +6,6 @@ The paper's convention counts only Q, K, V (and for parallel blocks FFN) weight 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -15,8 +14,6 @@ from rich.table import Table
 
 from precompute_cli.execute import Result
 from precompute_cli.plan import Plan
-from precompute_cli.recipes import Recipe
-from precompute_cli.recipes.projection import Mixed
 from precompute_cli.spec import ModelSpec
 from precompute_cli.st_io import TensorRef
 
@@ -24,7 +21,8 @@ BATCHES = (1, 16, 256, 1024)
 
 
 def linear_weights(spec: ModelSpec, parallel: bool) -> int:
-    """The paper's num_weights_Q_K_V_FFN: layer 0's Q, K, V matrices, plus the FFN's when it folds too."""
+    """The paper's num_weights_Q_K_V_FFN of a plain attention layer 0: its Q, K, V matrices, plus the FFN's when it
+    folds too (scripts/bench_decode.py; inspect asks the recipe, Recipe.paper_counts)."""
     qkv = spec.hidden_size * (spec.q_dim + 2 * spec.kv_dim)
     ffn = spec.ffn_matrices * spec.hidden_size * spec.intermediate_size * spec.num_experts
     return qkv + (ffn if parallel else 0)
@@ -41,36 +39,26 @@ def estimated_params(spec: ModelSpec) -> int:
 
 
 def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
-    """inspect's figures: detected architecture, and what converting would gain or cost."""
+    """inspect's figures: detected architecture, and what converting would gain or cost. What layer 0 is, what its
+    table eliminates and how wide it is are the recipe's answers (Recipe.paper_counts); the rest is arithmetic."""
     recipe = plan.recipe
+    subject = recipe.assumed_parallel() if assume_parallel else recipe
     spec = replace(recipe.spec, block="parallel") if assume_parallel else recipe.spec
-    parallel = spec.block == "parallel"
-    eliminated_linear = linear_weights(spec, parallel)
+    counts = subject.paper_counts()
+    eliminated_linear, new_columns = counts.eliminated_linear, counts.new_columns
     eliminated = sum(r.numel for r in plan.removed)
     if assume_parallel and recipe.spec.block == "serial":
         ffn = linear_weights(spec, True) - linear_weights(spec, False)
         eliminated += ffn + (spec.hidden_size * spec.num_experts if spec.num_experts > 1 else 0)
-    new_columns = spec.q_dim + 2 * spec.kv_dim
     options = recipe.table_options()
-    if options:  # the recipe's own widths (MLA's latents are not q_dim + 2 kv_dim), for the table it will write
-        chosen = options[next(iter(recipe.choices().values()))]
-        new_columns = chosen["new_columns"]
-        eliminated_linear += chosen["eliminated_linear_params"] - linear_weights(spec, False)
-    table = replace(plan.table, columns=_columns_as_parallel(recipe)) if assume_parallel else plan.table
-    table_width = table.width
-    gate = plan.table.columns.get("gate")  # an attention output gate projected beside q, k, v (afmoe, beam)
-    if gate:
-        new_columns += gate[1] - gate[0]
-        eliminated_linear += (gate[1] - gate[0]) * spec.hidden_size
-    if isinstance(recipe, Mixed):  # a mixer layer 0: its own projections, not Q, K, V
-        eliminated_linear, new_columns, table_width = recipe.linear_weights(), recipe.new_columns(), plan.table.width
+    table_width = replace(plan.table, columns=subject.columns()).width if assume_parallel else plan.table.width
     table_params = table_width * spec.vocab_size
     total = plan.params_before if plan.params_before is not None else estimated_params(spec)
     delta = table_params - eliminated
     reads = spec.hidden_size + new_columns
     paper_increase = new_columns * spec.vocab_size - eliminated_linear
     return {
-        "layer0": recipe.kind() if isinstance(recipe, Mixed) else "attention",
+        "layer0": counts.layer0,
         "folds": {k: v[1] - v[0] for k, v in plan.table.columns.items() if v and k != "residual"},
         **{k: v for k, v in spec.as_dict().items() if k not in ("num_heads", "num_kv_heads", "head_dim")},
         "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
@@ -97,14 +85,6 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
         **({"table_choice": recipe.choices(), "table_options": options} if options else {}),
     }
-
-
-def _columns_as_parallel(recipe: Recipe) -> dict[str, tuple[int, int] | None]:
-    """The table columns the recipe would plan were its block parallel (--assume-parallel): its own rule, not ours,
-    says whether they hold the residual."""
-    hypothetical = copy.copy(recipe)
-    hypothetical.spec = replace(recipe.spec, block="parallel")
-    return hypothetical.columns()
 
 
 def refused(spec: ModelSpec, reason: str) -> dict[str, Any]:

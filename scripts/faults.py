@@ -101,20 +101,25 @@ class Subject:
         return next((n for n in self.recipe.folded() if n.endswith(suffix)), None)
 
 
-def subject(root: Path, name: str, dtype: str, seed: int = 0) -> Subject:
-    src = build(root / "src", dtype=getattr(torch, dtype), seed=seed, **MODELS[name])
-    if quiet_convert(src, root / "out") != 0:
+def subject(root: Path, name: str, dtype: str, seed: int = 0, overrides: dict | None = None,
+            choices: dict[str, str] | None = None) -> Subject:
+    """A correct conversion of MODELS[name] (or of a tiny model with `overrides`), with the recipe's `choices`
+    passed to convert as flags (mla_table -> --mla-table)."""
+    src = build(root / "src", dtype=getattr(torch, dtype), seed=seed, **(overrides or MODELS[name]))
+    flags = [arg for key, choice in (choices or {}).items() for arg in (f"--{key.replace('_', '-')}", choice)]
+    if quiet_convert(src, root / "out", *flags) != 0:
         raise RuntimeError(f"{name} {dtype}: the conversion failed")
     recipe = recipe_for(Config.load(src / "config.json"))
+    recipe.choose(**(choices or {}))
     plan = make_plan(resolve(str(src)), recipe)
     table = resolve(str(root / "out")).tensors()[TABLE]
     return Subject(name, dtype, src, root / "out", recipe, table[1].dtype, read_array(*table),
                    read_array(*plan.inputs[recipe.embedding]), plan.weights(np.float32))
 
 
-def quiet_convert(src: Path, out: Path) -> int:
+def quiet_convert(src: Path, out: Path, *args: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return convert(src, out)
+        return convert(src, out, *args)
 
 
 # -- the catalogue ------------------------------------------------------------------------------------------------
@@ -423,8 +428,11 @@ def load_outcomes(path: Path) -> list[Outcome]:
 def equivalence_cases() -> dict[str, tuple[dict, tuple[str, ...]]]:
     """The equivalence tests' models (overrides of tiny.build), each in every dtype; with the parallel MoE model
     the tests define (registered here as its test module's fixture does)."""
+    import test_attention_zoo as zoo
     import test_falcon_bloom_mpt as fbm
     import test_llama_family as llama
+    import test_mixer_families as mixers
+    import test_mla as mla
     import test_parallel_families as par
     import test_parallel_moe as moe
     import test_serial_families as ser
@@ -441,8 +449,9 @@ def equivalence_cases() -> dict[str, tuple[dict, tuple[str, ...]]]:
     register_checkpoint_conversion_mapping(moe.MODEL_TYPE, get_checkpoint_conversion_mapping("qwen2_moe"),
                                            overwrite=True)
     register(moe.ParallelMoeRecipe)
-    cases = {name: value for module in (llama, par, fbm) for name, value in module.CASES.items()}
-    cases.update({name: value[0] for name, value in ser.CASES.items()})
+    cases = {name: value for module in (llama, par, fbm, mixers) for name, value in module.CASES.items()}
+    cases.update({name: value[0] for module in (ser, zoo) for name, value in module.CASES.items()})
+    cases.update({name: {**mla.MLA, **value} for name, value in mla.CASES.items()})  # the default (latent) table
     cases["parallel-moe"] = dict(model_type=moe.MODEL_TYPE, norm_topk_prob=True, **moe.SIZES)
     return {name: (overrides, DTYPES) for name, overrides in cases.items()}
 

@@ -7,8 +7,10 @@ of a token from them, and which modules the runtime replaces. Nothing outside re
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -72,6 +74,38 @@ class RuntimePatch:
     routed: Routed | None = None  # a routed attention (recipes/jetmoe.py)
 
 
+@dataclass(frozen=True)
+class Routers:
+    """Where a model's MoE routers are in memory, for verify's record of the experts each picks at every position
+    (a routing flip is a discontinuity low precision causes by chance). A module is a router when its class name
+    matches `classes` or its path (from the model) matches one of `paths` (fnmatch patterns), and no `exclude`
+    pattern matches its path: routers the converted model no longer runs (a folded layer 0's) must be left out, or
+    the two runs' records would not line up. The experts are the router's integer outputs; with `top_k`, the router
+    returns logits instead (a plain Linear), and the experts are the top_k of its floating output."""
+
+    classes: str | None = "*Router"  # transformers' routers: *TopKRouter, *TopkRouter, DbrxRouter...
+    paths: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    top_k: int | None = None
+
+    def matches(self, path: str, class_name: str) -> bool:
+        named = (self.classes is not None and fnmatch.fnmatchcase(class_name, self.classes)) \
+            or any(fnmatch.fnmatchcase(path, p) for p in self.paths)
+        return named and not any(fnmatch.fnmatchcase(path, p) for p in self.exclude)
+
+
+@dataclass(frozen=True)
+class PaperCounts:
+    """The paper's figures for a recipe's layer 0 (report.analysis, inspect): what layer 0 is, the elements of the
+    weight matrices the table eliminates (the paper's num_weights_Q_K_V_FFN: what layer 0 reads per batch without
+    the table, besides the embedding rows), and the table's columns beyond the residual (what it reads per token
+    with the table, besides x)."""
+
+    layer0: str  # "attention", "routed attention", or a mixer's kind ("Mamba-2", "short conv"...)
+    eliminated_linear: int
+    new_columns: int
+
+
 def spans(widths: list[tuple[str, int]]) -> dict[str, tuple[int, int] | None]:
     """Column groups laid side by side in this order: [start, stop) each, None for a width of 0."""
     out: dict[str, tuple[int, int] | None] = {}
@@ -127,6 +161,31 @@ class Recipe:
         """Where the user can choose the table (MLA), each choice's figures for inspect: new_columns,
         extra_entries, eliminated_params, eliminated_linear_params, kept_linear_params, reads_per_token."""
         return {}
+
+    def paper_counts(self) -> PaperCounts:
+        """The paper's counts for this layer 0: Q, K, V (and the FFN of a parallel block) from the spec. Kinds whose
+        table holds other projections (mixers, MLA's latents, a routed attention, an attention gate) override it."""
+        s = self.spec
+        return PaperCounts("attention", s.hidden_size * (s.q_dim + 2 * s.kv_dim) + self.parallel_ffn_weights(),
+                           s.q_dim + 2 * s.kv_dim)
+
+    def routers(self) -> Routers:
+        """Where the MoE routers are (verify): transformers' *Router classes, less layer 0's when its FFN folds
+        (a parallel block's router is inside the table, and the converted model never runs it)."""
+        folded = f"{self.runtime_patch().layer}.*" if self.spec.block == "parallel" else None
+        return Routers(exclude=(folded,) if folded else ())
+
+    def parallel_ffn_weights(self) -> int:
+        """The FFN matrices (every expert's) that fold with a parallel block's table; 0 for a serial one."""
+        s = self.spec
+        return s.ffn_matrices * s.hidden_size * s.intermediate_size * s.num_experts if s.block == "parallel" else 0
+
+    def assumed_parallel(self) -> Recipe:
+        """This recipe as if layer 0's attention and FFN ran in parallel (inspect --assume-parallel, the paper's
+        section 3): a copy whose spec says so; its own rules, not the report's, then say what its table holds."""
+        hypothetical = copy.copy(self)
+        hypothetical.spec = replace(self.spec, block="parallel")
+        return hypothetical
 
     # -- what layer 0 reads --------------------------------------------------------------------------------------
     embedding: ClassVar[str] = "model.embed_tokens.weight"  # the input embedding on disk (a property where it varies)

@@ -65,13 +65,13 @@ How to add a model type
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import FromLayout, RuntimePatch, Shape, Weights
+from precompute_cli.recipes.base import FromLayout, PaperCounts, RuntimePatch, Shape, Weights
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
@@ -461,6 +461,15 @@ class Declared(FromLayout):
             start = max(span[1] for span in out.values() if span)
             out["gate"] = (start, start + self.layout.gate.width(self.spec))
         return out
+
+    def paper_counts(self) -> PaperCounts:
+        """Q, K, V (and a parallel FFN), and an attention gate's projection beside them: a fourth column group."""
+        counts = super().paper_counts()
+        if not self.layout.gate:
+            return counts
+        width = self.layout.gate.width(self.spec)
+        return replace(counts, eliminated_linear=counts.eliminated_linear + width * self.spec.hidden_size,
+                       new_columns=counts.new_columns + width)
 
     def kept(self) -> tuple[str, ...]:
         """Layer 0's tensors the attention still reads after the table: declared ones and q/k norms after RoPE."""

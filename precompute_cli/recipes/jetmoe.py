@@ -18,7 +18,17 @@ import dataclasses
 import numpy as np
 
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import Recipe, Routed, RuntimePatch, Shape, Weights, register, spans
+from precompute_cli.recipes.base import (
+    PaperCounts,
+    Recipe,
+    Routed,
+    Routers,
+    RuntimePatch,
+    Shape,
+    Weights,
+    register,
+    spans,
+)
 from precompute_cli.spec import Key, ModelSpec, Sizes
 
 EPS = 1e-6  # JetMoeRMSNorm(hidden_size): the decoder layer leaves eps at its default
@@ -63,6 +73,20 @@ class JetMoe(Recipe):
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0), ("q", s.q_dim),
                       ("k", s.kv_dim), ("v", s.kv_dim), ("experts", self.top_k), ("gates", self.top_k)])
+
+    def paper_counts(self) -> PaperCounts:
+        """Every matrix the table eliminates (the router, all experts' input_linear, kv_proj), and its columns: q of
+        the top_k slots, k, v, and the chosen experts and gates."""
+        s = self.spec
+        eliminated = s.hidden_size * (s.num_experts * (1 + s.kv_dim) + 2 * s.kv_dim) + self.parallel_ffn_weights()
+        return PaperCounts("routed attention", eliminated, s.q_dim + 2 * s.kv_dim + 2 * self.top_k)
+
+    def routers(self) -> Routers:
+        """JetMoeTopKGating returns the tokens sorted by expert, not each token's experts: its Linear's logits, top
+        k, are. Every MoE FFN routes in both models; layer 0's attention router is in the table."""
+        layer0 = f"{self.runtime_patch().layer}.self_attention.*"
+        return Routers(classes=None, paths=("*.mlp.router.layer", "*.self_attention.experts.router.layer"),
+                       exclude=(layer0,), top_k=self.top_k)
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         s, p, k = self.spec, self.prefix, self.top_k

@@ -31,7 +31,7 @@ import numpy as np
 from precompute_cli.block import MLA_TABLE
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register, spans
+from precompute_cli.recipes.base import PaperCounts, RuntimePatch, Shape, Weights, register, spans
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
 from precompute_cli.spec import Config, ModelSpec, heads
 
@@ -275,6 +275,12 @@ class Mla(Declared):
                 "reads_per_token": d.hidden + new,  # x and the new columns, as the analysis counts them
             }
         return out
+
+    def paper_counts(self) -> PaperCounts:
+        """The chosen table's widths and eliminated matrices (the latents are not q_dim + 2 kv_dim wide)."""
+        chosen = self.table_options()[self.table]
+        return PaperCounts("attention", chosen["eliminated_linear_params"] + self.parallel_ffn_weights(),
+                           chosen["new_columns"])
 
     def _kept_linear(self, table: str) -> int:
         d = self.dims

@@ -26,7 +26,7 @@ import numpy as np
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import FromLayout, MaskedProjection, RuntimePatch, Shape, Weights, spans
+from precompute_cli.recipes.base import FromLayout, MaskedProjection, PaperCounts, RuntimePatch, Shape, Weights, spans
 from precompute_cli.recipes.declare import Norm, rms
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 
@@ -234,6 +234,14 @@ class Mixed(FromLayout):
     def linear_weights(self) -> int:
         """The paper's count: the eliminated projection matrices."""
         return sum(proj.width for proj in self.projections()) * self.spec.hidden_size
+
+    def paper_counts(self) -> PaperCounts:
+        """Layer 0's own input projections and their stored columns, not Q, K, V."""
+        return PaperCounts(self.kind(), self.linear_weights(), self.new_columns())
+
+    def assumed_parallel(self) -> Mixed:
+        """A mixer layer 0 has no attention/FFN block to run in parallel: the analysis stays the layer's own."""
+        return self
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         lay, p = self.layout, self.prefix
