@@ -62,7 +62,7 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     if gate:
         new_columns += gate[1] - gate[0]
         eliminated_linear += (gate[1] - gate[0]) * spec.hidden_size
-    if isinstance(recipe, Mixed):  # a mixer layer 0: its own projections, not Q, K, V
+    if hasattr(recipe, "new_columns"):  # a mixer layer 0 (its own projections, not Q, K, V), or Gemma 3n's AltUp
         eliminated_linear, new_columns, table_width = recipe.linear_weights(), recipe.new_columns(), plan.table.width
     table_params = table_width * spec.vocab_size
     total = plan.params_before if plan.params_before is not None else estimated_params(spec)

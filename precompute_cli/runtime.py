@@ -210,6 +210,27 @@ class RoutedMap(nn.Module):
         return self._reduce(self, layer_input, topo_info)
 
 
+class TableStack:
+    """Stands in for a method (TableMethod): the token's column group cut into `parts` blocks, stacked on a new
+    first axis, whatever the method was given. Set on the module instance, so it shadows the class's method; not a
+    module (a submodule would not), and it holds the table in a list, so state_dict and deepcopy see it as
+    TableColumns is seen."""
+
+    def __init__(self, table: TableEmbedding, span: tuple[int, int], parts: int):
+        self.span, self.parts, self._table = span, parts, [table]
+
+    def __call__(self, stacked: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        columns = self._table[0].columns(self.span, stacked[0])
+        return columns.unflatten(-1, (self.parts, -1)).movedim(-2, 0).contiguous().to(stacked.dtype)
+
+
+class Removed(nn.Module):
+    """A module whose weights the conversion removed, left where only a method the table answers called it."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("this module's weights were folded into the precompute table; nothing should call it")
+
+
 def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
                revision: str | None = None, offline: bool = False, token: str | None = None,
                **from_pretrained: Any) -> nn.Module:
@@ -329,6 +350,14 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
     _patch_mixer(layer, patch, embedding, spans, table.dtype)
+    for method in patch.methods:
+        path, _, name = method.method.rpartition(".")
+        owner_of = layer.get_submodule(path) if path else layer
+        setattr(owner_of, name, TableStack(embedding, spans[method.column], method.parts))
+        for dropped in method.drops:
+            owner_of.set_submodule(dropped, Removed())
+    for path in patch.model_zeros:
+        model.set_submodule(path, Zero())
     if patch.routed:
         routed = patch.routed
         layer.set_submodule(routed.experts, RoutedMap(embedding, spans, layer.get_submodule(routed.experts),
@@ -355,7 +384,8 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
         setattr(module, name, value)
 
 
-IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds")
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds",
+                "input_features")  # the last: audio (gemma3n)
 
 
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
@@ -372,6 +402,10 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+        start = text_only.multimodal_ids_from
+        if start is not None and isinstance(ids, torch.Tensor) and bool((ids >= start).any()):
+            raise InputError(f"{why}: input_ids hold {int(ids[ids >= start][0])}, and from {start} up ids stand for "
+                             f"images or audio (the {source} model embeds them with its vision or audio embedder)")
 
     model.register_forward_pre_hook(check, with_kwargs=True)
 

@@ -45,6 +45,18 @@ class Routed:
 
 
 @dataclass(frozen=True)
+class TableMethod:
+    """A method of a module under RuntimePatch.layer that the table answers (Gemma 3n's AltUp predict): it returns
+    the column group `column`, cut into `parts` equal blocks stacked on a new first axis ([parts, batch, seq, width]),
+    whatever its input. `drops`: the module's submodules that only this method used, whose weights are gone."""
+
+    method: str  # "path.to.module.method_name", under `layer`
+    column: str
+    parts: int
+    drops: tuple[str, ...] = ()  # under the method's module
+
+
+@dataclass(frozen=True)
 class RuntimePatch:
     """What the runtime replaces in a transformers model (module paths in memory, relative to the model)."""
 
@@ -70,6 +82,10 @@ class RuntimePatch:
     # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
     dtype_identities: tuple[str, ...] = ()
     routed: Routed | None = None  # a routed attention (recipes/jetmoe.py)
+    methods: tuple[TableMethod, ...] = ()  # methods the table answers (recipes/gemma3n.py)
+    # model-level modules (paths relative to the model) whose output only feeds what the table now answers: they
+    # return zeros (Gemma 3n's altup_projections, read only by layer 0's AltUp predict)
+    model_zeros: tuple[str, ...] = ()
 
 
 def spans(widths: list[tuple[str, int]]) -> dict[str, tuple[int, int] | None]:

@@ -1,0 +1,170 @@
+"""Gemma 3n's text decoder (gemma3n_text; the multimodal gemma3n converts to it with --text-only): serial attention
+behind AltUp and LAuReL. Layer 0 folds everything it computes before attention, which is all per token:
+
+    e = embed_tokens[t] * sqrt(d)      (the scale cast to the weight dtype, the product in it: scaled_as_stored)
+    AltUp streams (Gemma3nTextModel.forward): s_0 = e, s_i = altup_projections[i-1](e) * rms(e) / rms'(.), where
+        rms' clamps the mean square at 1e-5 before its root (AltUp's clamp)
+    layer 0's altup.predict: m = tanh(modality_router(router_norm(s_a) / d)), P = prediction_coefs(m) as n x n,
+        pred_i = s_i + sum_j P[i, j] s_j                                       (a = altup_active_idx)
+    h = input_layernorm(pred_a); laurel = h + post_laurel_norm(linear_right(linear_left(h)))
+    q = q_norm(q_proj h), k = k_norm(k_proj h), v = v_norm(v_proj h): per head, before RoPE; v_norm has no weight
+Every norm here is Gemma3nRMSNorm: plain w (not Gemma's 1 + w), eps rms_norm_eps, computed in float32.
+
+The table is [residual (untied only) | predictions (n * d) | laurel (d) | q | k | v], and why it is the narrowest
+exact one: the decoder layer reads all n predictions after attention (altup.correct adds each to its correction,
+and reads pred_a again for the innovation), so they cannot be summed with anything; the AltUp streams themselves
+are read only by predict, so they need no columns of their own. LAuReL's output is added to the attention's as
+(pred_a + attn + laurel) / sqrt 2, in that order: storing pred_a + laurel instead would change the rounding of the
+sum, and pred_a is needed alone anyway, so laurel keeps its own d columns.
+
+Removed: altup_projections (model level), layer 0's prediction_coefs, input_layernorm, LAuReL's linears and post
+norm, q/k/v and their norms. Kept although the fold reads them: layer 0's router_norm and modality_router, which
+altup.correct reads again on the layer's output. Layer 0's correct, the MLP (activation sparsity included), the
+per-layer input gate, the per-layer inputs (per_layer_model_projection, computed from e at run time) and every
+later layer run unchanged in the model; the runtime makes altup_projections return zeros, answers layer 0's
+predict from the table (runtime.TableStack), and laurel and q/k/v with their columns. KV sharing
+(num_kv_shared_layers) affects only the last layers; a config whose layer 0 would reuse another layer's keys and
+values is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from precompute_cli.recipes import ops
+from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, TableMethod, Weights, register, spans
+from precompute_cli.recipes.declare import scaled_as_stored
+from precompute_cli.spec import TIED, Config, Key, ModelSpec, Sizes
+
+LAYER = "model.layers.0"
+ALTUP_PROJECTIONS = "model.altup_projections.{}"  # model level, one per stream after the first
+PREDICT = "altup.predict"
+PREDICTION_COEFS, ROUTER_NORM, ROUTER = "altup.prediction_coefs", "altup.router_norm", "altup.modality_router"
+INPUT_NORM, LAUREL = "input_layernorm", "laurel"
+LAUREL_LEFT, LAUREL_RIGHT, LAUREL_NORM = "laurel.linear_left", "laurel.linear_right", "laurel.post_laurel_norm"
+QKV, QK_NORM, V_NORM = "self_attn.{}_proj", "self_attn.{}_norm", "self_attn.v_norm"
+MAGNITUDE_FLOOR = 1e-5  # AltUp clamps the new stream's mean square at this before its square root
+
+
+def layer0_intermediate(cfg: Config, known: dict) -> int:
+    """intermediate_size is one width for all layers, or a list of one per layer (then layer 0's)."""
+    sizes = cfg.data.get("intermediate_size")
+    if isinstance(sizes, list) and sizes:
+        return Config({"intermediate_size": sizes[0]}, cfg.path).int("intermediate_size")
+    return cfg.int("intermediate_size", default=16_384)
+
+
+@register
+class Gemma3n(Recipe):
+    model_types = ("gemma3n_text",)
+    prefix = LAYER + "."
+    sizes = Sizes(hidden_size=Key("hidden_size", default=2048), num_heads=Key("num_attention_heads", default=8),
+                  num_kv_heads=Key("num_key_value_heads", default=2), head_dim=Key("head_dim", default=256),
+                  intermediate_size=layer0_intermediate, vocab_size=Key("vocab_size", default=262_400),
+                  num_layers=Key("num_hidden_layers", default=35), tied_embeddings=TIED)
+
+    def describe(self) -> ModelSpec:
+        return self.sizes.read(self.cfg, model_type=self.cfg.model_type, positional="rope", block="serial",
+                               ffn_matrices=3)
+
+    @property
+    def streams(self) -> int:
+        return self.cfg.int("altup_num_inputs", default=4)
+
+    @property
+    def active(self) -> int:
+        return self.cfg.int("altup_active_idx", default=0)
+
+    @property
+    def eps(self) -> float:
+        return float(self.cfg.get("rms_norm_eps", default=1e-6))
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.cfg.get("attention_bias", default=False))
+
+    def refusal(self) -> str | None:
+        n, layers = self.streams, self.spec.num_layers
+        if n < 1:
+            return f"altup_num_inputs {n} must be at least 1"
+        if self.active >= n:
+            return f"altup_active_idx {self.active} must be below altup_num_inputs {n}"
+        if self.cfg.int("num_kv_shared_layers", default=15) >= layers:
+            return (f"num_kv_shared_layers {self.cfg.int('num_kv_shared_layers')} leaves no layer of the "
+                    f"{layers} computing its own keys and values, so layer 0 has none to fold")
+        return None
+
+    # -- tensors ---------------------------------------------------------------------------------------------------
+    def folded(self) -> dict[str, Shape]:
+        s, p, n, d = self.spec, self.prefix, self.streams, self.spec.hidden_size
+        rank = self.cfg.int("laurel_rank", default=64)
+        out: dict[str, Shape] = {f"{ALTUP_PROJECTIONS.format(i)}.weight": (d, d) for i in range(n - 1)}
+        out |= {f"{p}{PREDICTION_COEFS}.weight": (n * n, n), f"{p}{INPUT_NORM}.weight": (d,),
+                f"{p}{LAUREL_LEFT}.weight": (rank, d), f"{p}{LAUREL_RIGHT}.weight": (d, rank),
+                f"{p}{LAUREL_NORM}.weight": (d,)}
+        for name, width in zip("qkv", (s.q_dim, s.kv_dim, s.kv_dim), strict=True):
+            out[f"{p}{QKV.format(name)}.weight"] = (width, d)
+            if self.has_bias:
+                out[f"{p}{QKV.format(name)}.bias"] = (width,)
+        out |= {f"{p}{QK_NORM.format(name)}.weight": (s.head_dim,) for name in "qk"}
+        return out
+
+    def kept_inputs(self) -> dict[str, Shape]:
+        """The router predict reads, which correct reads again after attention."""
+        d, n = self.spec.hidden_size, self.streams
+        return {f"{self.prefix}{ROUTER_NORM}.weight": (d,), f"{self.prefix}{ROUTER}.weight": (n, d)}
+
+    def columns(self) -> dict[str, tuple[int, int] | None]:
+        s = self.spec
+        return spans([("residual", s.hidden_size if self.stores_residual else 0),
+                      ("predictions", self.streams * s.hidden_size), ("laurel", s.hidden_size),
+                      ("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)])
+
+    # -- inspect's figures -----------------------------------------------------------------------------------------
+    def new_columns(self) -> int:
+        """Table columns beyond the residual: what layer 0 reads per token besides x."""
+        return sum(span[1] - span[0] for name, span in self.columns().items() if name != "residual" and span)
+
+    def linear_weights(self) -> int:
+        """The paper's count, widened to every matrix the fold eliminates: the AltUp projections and prediction
+        coefficients, LAuReL's two linears, and Q, K, V."""
+        return sum(rows * cols for rows, cols in (s for s in self.folded().values() if len(s) == 2))
+
+    # -- the fold --------------------------------------------------------------------------------------------------
+    def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
+        s, p, n, eps = self.spec, self.prefix, self.streams, self.eps
+        x = ops.upcast(x)
+        e = scaled_as_stored(x, s.hidden_size ** 0.5, s.dtype)
+        target = np.sqrt(ops.mean_square(e))
+        streams = [e]
+        for i in range(n - 1):
+            y = ops.linear(e, w(f"{ALTUP_PROJECTIONS.format(i)}.weight"))
+            streams.append(y * target / np.sqrt(np.maximum(ops.mean_square(y), MAGNITUDE_FLOOR)))
+        stack = np.stack(streams)  # [n, rows, d]
+        routed = ops.rms_norm(stack[self.active], w(f"{p}{ROUTER_NORM}.weight"), eps) * (1.0 / s.hidden_size)
+        modalities = np.tanh(ops.linear(routed, w(f"{p}{ROUTER}.weight")))
+        coefs = ops.linear(modalities, w(f"{p}{PREDICTION_COEFS}.weight")).reshape(-1, n, n)  # [rows, i, j]
+        predictions = np.einsum("rij,jrd->ird", coefs, stack) + stack
+        h = ops.rms_norm(predictions[self.active], w(f"{p}{INPUT_NORM}.weight"), eps)
+        lora = ops.linear(ops.linear(h, w(f"{p}{LAUREL_LEFT}.weight")), w(f"{p}{LAUREL_RIGHT}.weight"))
+        out = {"predictions": predictions.transpose(1, 0, 2).reshape(len(x), -1),
+               "laurel": h + ops.rms_norm(lora, w(f"{p}{LAUREL_NORM}.weight"), eps)}
+        for name in "qkv":
+            module = f"{p}{QKV.format(name)}"
+            y = ops.linear(h, w(f"{module}.weight"), w(f"{module}.bias") if self.has_bias else None)
+            norm = w(f"{p}{QK_NORM.format(name)}.weight") if name in "qk" else None
+            out[name] = ops.per_head_rms_norm(y, norm, eps, s.head_dim) if norm is not None else \
+                ops.rms_norm(ops.heads(y, s.head_dim), None, eps).reshape(y.shape)
+        if self.stores_residual:
+            out["residual"] = x
+        return out
+
+    def runtime_patch(self) -> RuntimePatch:
+        return RuntimePatch(
+            layer=LAYER,
+            projections={**{n: QKV.format(n) for n in "qkv"}, "laurel": LAUREL},
+            identities=(INPUT_NORM, *(QK_NORM.format(n) for n in "qk"), V_NORM),
+            embedding_scale=self.spec.hidden_size ** 0.5,
+            methods=(TableMethod(PREDICT, "predictions", self.streams, drops=("prediction_coefs",)),),
+            model_zeros=tuple(ALTUP_PROJECTIONS.format(i) for i in range(self.streams - 1)),
+        )
