@@ -350,6 +350,9 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
     _patch_mixer(layer, patch, embedding, spans, table.dtype)
+    if patch.per_layer:
+        _patch_per_layer(model.get_submodule(patch.per_layer.model), patch.per_layer, embedding,
+                         spans[patch.per_layer.column])
     for method in patch.methods:
         path, _, name = method.method.rpartition(".")
         owner_of = layer.get_submodule(path) if path else layer
@@ -363,6 +366,48 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
         layer.set_submodule(routed.experts, RoutedMap(embedding, spans, layer.get_submodule(routed.experts),
                                                       routed.top_k))
         layer.set_submodule(routed.kv, TableColumns(embedding, (spans["k"][0], spans["v"][1])))
+
+
+class PerLayerTable(nn.Module):
+    """Stands in for the per-layer embedding (recipes/per_layer.py): the folded per-layer inputs of this call's tokens,
+    the table's per_layer columns, as [..., layers, width]. Holds no parameter. Its two methods replace the text
+    model's get_per_layer_inputs and project_per_layer_inputs."""
+
+    def __init__(self, table: TableEmbedding, span: tuple[int, int], layers: int, width: int):
+        super().__init__()
+        self.span, self.layers, self.width = span, layers, width
+        self._table = [table]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        columns = self._table[0].columns(self.span, input_ids[..., None])
+        return columns.reshape(*input_ids.shape, self.layers, self.width)
+
+    def get_per_layer_inputs(self, input_ids: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The table's rows whole: no clamp of the ids, as a token's folded row already holds what its clamped
+        per-layer row gave it."""
+        if input_ids is None:
+            raise RuntimeError("a precomputed model reads its per-layer inputs from the table: pass input_ids, not "
+                               "inputs_embeds")
+        return self(input_ids)
+
+    def project_per_layer_inputs(self, inputs_embeds: torch.Tensor,
+                                 per_layer_inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows already hold the projection of inputs_embeds: returned unchanged."""
+        if per_layer_inputs is None:
+            raise RuntimeError("a precomputed model reads its per-layer inputs from the table: pass input_ids")
+        return per_layer_inputs
+
+
+def _patch_per_layer(text: nn.Module, per_layer, embedding: TableEmbedding, span: tuple[int, int]) -> None:
+    """Per-layer inputs read from the table: the per-layer embedding becomes a lookup of its folded columns, the
+    projection and its norm go, and the text model's two per-layer methods are replaced on the instance."""
+    lookup = PerLayerTable(embedding, span, per_layer.layers, per_layer.width)
+    embedding_module, *others = per_layer.dropped
+    for name in others:
+        setattr(text, name, None)
+    setattr(text, embedding_module, lookup)
+    text.get_per_layer_inputs = lookup.get_per_layer_inputs
+    text.project_per_layer_inputs = lookup.project_per_layer_inputs
 
 
 def _patch_mixer(layer: nn.Module, patch, embedding: TableEmbedding, spans: dict, dtype: torch.dtype) -> None:

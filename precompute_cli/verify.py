@@ -285,7 +285,7 @@ def oracle_covers(recipe: Recipe) -> bool:
     tables are checked against the recipe's own float64 fold (fold_rows), which catches a damaged table but not a
     recipe bug: for them, the model runs (and the equivalence tests) are the independent check."""
     patch = recipe.runtime_patch()
-    return (not (patch.masked or patch.attributes or patch.contiguous)
+    return (not (patch.masked or patch.attributes or patch.contiguous or patch.per_layer)
             and bool(patch.projections) and set(patch.projections) <= {"q", "k", "v", "qkv"})
 
 
@@ -293,7 +293,7 @@ def fold_rows(plan: Plan, rows: list[int]) -> dict[str, np.ndarray]:
     """The table's columns for `rows` from the recipe's fold, in float64 from the original's weights."""
     recipe = plan.recipe
     x = np.concatenate([read_array(*plan.inputs[recipe.embedding], (r, r + 1), np.float64) for r in rows])
-    return recipe.fold(plan.weights(np.float64), x)
+    return recipe.fold_tokens(plan.weights(np.float64), x, np.array(rows))
 
 
 def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict[str, np.ndarray]:

@@ -45,6 +45,20 @@ class Routed:
 
 
 @dataclass(frozen=True)
+class PerLayerPatch:
+    """Per-layer inputs folded into the table (recipes/per_layer.py: Gemma 3n, Gemma 4): the text model at `model`
+    gets get_per_layer_inputs returning the "per_layer" columns as [..., layers, width] and project_per_layer_inputs
+    returning them unchanged; `dropped` (modules of that model: the per-layer embedding first, which the runtime's
+    lookup replaces, then the projection and its norm) are removed from it."""
+
+    model: str  # the module whose get_per_layer_inputs / project_per_layer_inputs are replaced, e.g. "model"
+    layers: int
+    width: int  # hidden_size_per_layer_input
+    dropped: tuple[str, ...]
+    column: str = "per_layer"
+
+
+@dataclass(frozen=True)
 class TableMethod:
     """A method of a module under RuntimePatch.layer that the table answers (Gemma 3n's AltUp predict): it returns
     the column group `column`, cut into `parts` equal blocks stacked on a new first axis ([parts, batch, seq, width]),
@@ -82,6 +96,7 @@ class RuntimePatch:
     # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
     dtype_identities: tuple[str, ...] = ()
     routed: Routed | None = None  # a routed attention (recipes/jetmoe.py)
+    per_layer: PerLayerPatch | None = None  # per-layer inputs read from the table (recipes/per_layer.py)
     methods: tuple[TableMethod, ...] = ()  # methods the table answers (recipes/gemma3n.py)
     # model-level modules (paths relative to the model) whose output only feeds what the table now answers: they
     # return zeros (Gemma 3n's altup_projections, read only by layer 0's AltUp predict)
@@ -174,6 +189,11 @@ class Recipe:
         Given float64 `x` and weights, the columns must come out in float64 (verify recomputes rows so):
         upcast with ops.upcast, never .astype(np.float32)."""
         raise NotImplementedError
+
+    def fold_tokens(self, w: Weights, x: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """fold() for the rows of `tokens` (their ids, in x's order): what execute and verify call. Only a recipe
+        whose columns read more than the embedding row (per-layer inputs: recipes/per_layer.py) needs the ids."""
+        return self.fold(w, x)
 
     def runtime_patch(self) -> RuntimePatch:
         raise NotImplementedError

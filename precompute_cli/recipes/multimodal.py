@@ -1,6 +1,6 @@
 """Multimodal checkpoints whose text decoder folds: gemma3 (Gemma 3 4B/12B/27B), mistral3 (Mistral Small 3.1),
-llama4 (Llama 4 Scout, Maverick), gemma3n (Gemma 3n E2B/E4B: vision and audio). They convert to a text-only
-checkpoint, and only behind `--text-only`.
+llama4 (Llama 4 Scout, Maverick), gemma3n (Gemma 3n E2B/E4B) and gemma4 (Gemma 4), whose vision and audio towers
+are both left out. They convert to a text-only checkpoint, and only behind `--text-only`.
 
 At an image position layer 0 reads a vision feature, not a token's embedding, so the table cannot serve it. Keeping
 layer 0's norm and Q/K/V for those positions would leave the checkpoint no smaller than before (the table added on
@@ -42,6 +42,7 @@ WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
     "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
     "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
+    "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880),
     "gemma3n": Wrapper("gemma3n_text", "Gemma3nForCausalLM", tied=True, image_token=262_145,
                        embedded_from=(("vision_config.vocab_offset", 262_144), ("audio_config.vocab_offset", 262_272))),
 }

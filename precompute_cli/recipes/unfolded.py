@@ -75,8 +75,6 @@ NOT_WRITTEN: dict[str, str] = {
        for t, loop in (("inkling2_text", ""),
                        ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
     # Token-only, but each needs more than a declaration:
-    **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
-                              "the per-layer embedding") for t in ("gemma4", "gemma4_text")},
     **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in (
         "deepseek_v4", "glm_moe_dsa", "longcat_flash", "sarvam_mla", "axk1", "axk2", "minicpm3")},
 }
