@@ -1,5 +1,6 @@
 """Gemma 3n (gemma3n_text, and the multimodal gemma3n behind --text-only): layer 0's AltUp predictions, LAuReL
-output and q, k, v fold into the table; the converted model equals transformers' own.
+output and q, k, v, and every layer's per-layer inputs fold into the table; the converted model equals
+transformers' own.
 
 The multimodal model's vision tower is a timm MobileNet (TimmWrapperModel), and timm is not a dependency here; the
 text path never runs it, and --text-only drops whatever tensors it has, so the tests build the multimodal model with
@@ -39,6 +40,7 @@ PREFIX = "model.layers.0."
     {"attention_bias": True},
     {"activation_sparsity_pattern": [0.95, 0.0, 0.95, 0.0]},  # layer 0's MLP is sparse: it stays in the model
     {"altup_num_inputs": 2, "rms_norm_eps": 0.1, "intermediate_size": [80, 96, 112, 96]},
+    {"hidden_size_per_layer_input": 0},  # no per-layer inputs at all
 ])
 def test_text_equivalent_float32(tmp_path, overrides):
     src = build(tmp_path / "src", "gemma3n_text", **{**TEXT, **overrides})
@@ -73,9 +75,12 @@ def test_what_folds_and_what_stays(tmp_path):
     block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
     d, n = TEXT["hidden_size"], 4
     widths = {k: v[1] - v[0] for k, v in block["columns"].items() if v}
-    assert widths == {"predictions": n * d, "laurel": d, "q": 4 * 16, "k": 2 * 16, "v": 2 * 16}  # tied: no x
+    assert widths == {"predictions": n * d, "laurel": d, "q": 4 * 16, "k": 2 * 16, "v": 2 * 16,
+                      "per_layer": 4 * 8}  # tied: no x
     removed = set(block["removed"])
     assert {f"model.altup_projections.{i}.weight" for i in range(n - 1)} <= removed
+    assert {f"model.{m}.weight" for m in ("embed_tokens_per_layer", "per_layer_model_projection",
+                                          "per_layer_projection_norm")} <= removed
     assert {PREFIX + n for n in ("altup.prediction_coefs.weight", "input_layernorm.weight",
                                  "laurel.linear_left.weight", "laurel.linear_right.weight",
                                  "laurel.post_laurel_norm.weight", "self_attn.q_proj.weight",
@@ -83,10 +88,11 @@ def test_what_folds_and_what_stays(tmp_path):
                                  "self_attn.k_norm.weight")} == {n for n in removed if n.startswith(PREFIX)}
     converted = load_model(tmp_path / "out")
     names = {n for n, _ in converted.named_parameters()}
-    # altup.correct reads the router again on the layer's output; the per-layer inputs are computed as before
+    # altup.correct reads the router again on the layer's output; each layer gates its per-layer input itself
     assert {PREFIX + "altup.router_norm.weight", PREFIX + "altup.modality_router.weight",
-            PREFIX + "altup.correction_coefs.weight", "model.per_layer_model_projection.weight"} <= names
-    assert not any(n.startswith(("model.altup_projections.", PREFIX + "altup.prediction_coefs")) for n in names)
+            PREFIX + "altup.correction_coefs.weight", PREFIX + "per_layer_input_gate.weight"} <= names
+    assert not any(n.startswith(("model.altup_projections.", PREFIX + "altup.prediction_coefs",
+                                 "model.embed_tokens_per_layer", "model.per_layer_model_projection")) for n in names)
     assert "model.layers.1.altup.prediction_coefs.weight" in names
 
 
@@ -200,14 +206,17 @@ def test_inspect_gemma_3n_e4b(capsys):
     code, out, err = run_cli(capsys, "inspect", "--json", "configs/gemma-3n-e4b.json")
     assert code == 0, err
     data = json.loads(out)
-    d, n, rank, q, kv, vocab = 2048, 4, 64, 8 * 256, 2 * 256, 262_400
+    d, n, rank, q, kv, vocab, per_layer = 2048, 4, 64, 8 * 256, 2 * 256, 262_400, 35 * 256
     assert data["model_type"] == "gemma3n_text" and data["multimodal"]["converts_with"] == "--text-only"
-    assert data["folds"] == {"predictions": n * d, "laurel": d, "q": q, "k": kv, "v": kv}
-    assert data["table_width"] == n * d + d + q + 2 * kv == 13_312  # tied: no x
-    linear = (n - 1) * d * d + n * n * n + 2 * rank * d + d * (q + 2 * kv)
-    assert data["eliminated_linear_params"] == linear == 19_136_576
-    assert data["eliminated_params"] == linear + 2 * d + 2 * 256  # input, post-LAuReL and q/k norms
-    assert data["reads_per_token"] == d + data["table_width"] == 15_360
+    assert data["folds"] == {"predictions": n * d, "laurel": d, "q": q, "k": kv, "v": kv, "per_layer": per_layer}
+    new = n * d + d + q + 2 * kv
+    assert data["table_width"] == new + per_layer == 22_272  # tied: no x
+    linear = (n - 1) * d * d + n * n * n + 2 * rank * d + d * (q + 2 * kv) + d * per_layer
+    assert data["eliminated_linear_params"] == linear == 37_486_656
+    # and the input, post-LAuReL, q/k and per-layer projection norms, and the per-layer embedding
+    assert data["eliminated_params"] == linear + 2 * d + 2 * 256 + 256 + 262_144 * per_layer
+    # the per_layer columns stand in for the per-layer embedding row, read per token before as after
+    assert data["reads_per_token"] == d + new == 15_360
     assert data["reads_without_precompute"]["1"] == d + linear
-    assert round(data["reduction_factor"]["1"]) == 1_246
-    assert data["table"]["shape"] == [vocab, 13_312]
+    assert round(data["reduction_factor"]["1"]) == 2_441
+    assert data["table"]["shape"] == [vocab, 22_272]

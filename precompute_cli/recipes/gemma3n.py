@@ -10,19 +10,23 @@ behind AltUp and LAuReL. Layer 0 folds everything it computes before attention, 
     q = q_norm(q_proj h), k = k_norm(k_proj h), v = v_norm(v_proj h): per head, before RoPE; v_norm has no weight
 Every norm here is Gemma3nRMSNorm: plain w (not Gemma's 1 + w), eps rms_norm_eps, computed in float32.
 
-The table is [residual (untied only) | predictions (n * d) | laurel (d) | q | k | v], and why it is the narrowest
-exact one: the decoder layer reads all n predictions after attention (altup.correct adds each to its correction,
-and reads pred_a again for the innovation), so they cannot be summed with anything; the AltUp streams themselves
-are read only by predict, so they need no columns of their own. LAuReL's output is added to the attention's as
-(pred_a + attn + laurel) / sqrt 2, in that order: storing pred_a + laurel instead would change the rounding of the
-sum, and pred_a is needed alone anyway, so laurel keeps its own d columns.
+The table is [residual (untied only) | predictions (n * d) | laurel (d) | q | k | v | per_layer], and why it is
+the narrowest exact one: the decoder layer reads all n predictions after attention (altup.correct adds each to its
+correction, and reads pred_a again for the innovation), so they cannot be summed with anything; the AltUp streams
+themselves are read only by predict, so they need no columns of their own. LAuReL's output is added to the
+attention's as (pred_a + attn + laurel) / sqrt 2, in that order: storing pred_a + laurel instead would change the
+rounding of the sum, and pred_a is needed alone anyway, so laurel keeps its own d columns. The per-layer inputs every
+layer reads (per_layer_model_projection of e, its norm, plus the per-layer embedding of the token, clamped to row 0
+from vocab_size_per_layer_input up) are per token too: recipes/per_layer.py folds them into the per_layer columns, as
+wide as the per-layer embedding they replace.
 
 Removed: altup_projections (model level), layer 0's prediction_coefs, input_layernorm, LAuReL's linears and post
-norm, q/k/v and their norms. Kept although the fold reads them: layer 0's router_norm and modality_router, which
+norm, q/k/v and their norms; with per-layer inputs, the per-layer embedding, per_layer_model_projection and
+per_layer_projection_norm. Kept although the fold reads them: layer 0's router_norm and modality_router, which
 altup.correct reads again on the layer's output. Layer 0's correct, the MLP (activation sparsity included), the
-per-layer input gate, the per-layer inputs (per_layer_model_projection, computed from e at run time) and every
-later layer run unchanged in the model; the runtime makes altup_projections return zeros, answers layer 0's
-predict from the table (runtime.TableStack), and laurel and q/k/v with their columns. KV sharing
+layer's own per-layer gate (per_layer_input_gate, per_layer_projection), and every later layer run unchanged; the
+runtime makes altup_projections return zeros, answers layer 0's predict from the table (runtime.TableStack), laurel
+and q/k/v with their columns, and the per-layer inputs with theirs (runtime.PerLayerTable). KV sharing
 (num_kv_shared_layers) affects only the last layers; a config whose layer 0 would reuse another layer's keys and
 values is refused.
 """
@@ -34,6 +38,7 @@ import numpy as np
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import Recipe, RuntimePatch, Shape, TableMethod, Weights, register, spans
 from precompute_cli.recipes.declare import scaled_as_stored
+from precompute_cli.recipes.per_layer import COLUMN, PerLayerInputs
 from precompute_cli.spec import TIED, Config, Key, ModelSpec, Sizes
 
 LAYER = "model.layers.0"
@@ -44,6 +49,7 @@ INPUT_NORM, LAUREL = "input_layernorm", "laurel"
 LAUREL_LEFT, LAUREL_RIGHT, LAUREL_NORM = "laurel.linear_left", "laurel.linear_right", "laurel.post_laurel_norm"
 QKV, QK_NORM, V_NORM = "self_attn.{}_proj", "self_attn.{}_norm", "self_attn.v_norm"
 MAGNITUDE_FLOOR = 1e-5  # AltUp clamps the new stream's mean square at this before its square root
+PER_LAYER = PerLayerInputs(clamp=True)  # ids from vocab_size_per_layer_input up read per-layer row 0
 
 
 def layer0_intermediate(cfg: Config, known: dict) -> int:
@@ -92,7 +98,7 @@ class Gemma3n(Recipe):
         if self.cfg.int("num_kv_shared_layers", default=15) >= layers:
             return (f"num_kv_shared_layers {self.cfg.int('num_kv_shared_layers')} leaves no layer of the "
                     f"{layers} computing its own keys and values, so layer 0 has none to fold")
-        return None
+        return PER_LAYER.refusal(self.cfg, self.spec)
 
     # -- tensors ---------------------------------------------------------------------------------------------------
     def folded(self) -> dict[str, Shape]:
@@ -107,7 +113,10 @@ class Gemma3n(Recipe):
             if self.has_bias:
                 out[f"{p}{QKV.format(name)}.bias"] = (width,)
         out |= {f"{p}{QK_NORM.format(name)}.weight": (s.head_dim,) for name in "qk"}
-        return out
+        return out | PER_LAYER.tensors(self.cfg, s)
+
+    def streamed(self) -> tuple[str, ...]:
+        return PER_LAYER.streamed(self.cfg)
 
     def kept_inputs(self) -> dict[str, Shape]:
         """The router predict reads, which correct reads again after attention."""
@@ -118,20 +127,30 @@ class Gemma3n(Recipe):
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0),
                       ("predictions", self.streams * s.hidden_size), ("laurel", s.hidden_size),
-                      ("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim)])
+                      ("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim), (COLUMN, PER_LAYER.width(self.cfg))])
 
     # -- inspect's figures -----------------------------------------------------------------------------------------
     def new_columns(self) -> int:
-        """Table columns beyond the residual: what layer 0 reads per token besides x."""
-        return sum(span[1] - span[0] for name, span in self.columns().items() if name != "residual" and span)
+        """Table columns beyond the residual that layer 0 reads per token besides x. Not the per_layer columns: they
+        stand in for the per-layer embedding row, as wide, which the model read per token before."""
+        return sum(span[1] - span[0] for name, span in self.columns().items() if name not in ("residual", COLUMN)
+                   and span)
 
     def linear_weights(self) -> int:
         """The paper's count, widened to every matrix the fold eliminates: the AltUp projections and prediction
-        coefficients, LAuReL's two linears, and Q, K, V."""
-        return sum(rows * cols for rows, cols in (s for s in self.folded().values() if len(s) == 2))
+        coefficients, LAuReL's two linears, Q, K, V, and per_layer_model_projection (not the per-layer embedding,
+        whose rows the table's replace)."""
+        embedding = PER_LAYER.names()[0]
+        return sum(rows * cols for name, (rows, cols) in ((n, s) for n, s in self.folded().items() if len(s) == 2)
+                   if name != embedding)
 
     # -- the fold --------------------------------------------------------------------------------------------------
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
+        if PER_LAYER.enabled(self.cfg):
+            raise TypeError("gemma3n with per-layer inputs folds by token id: call fold_tokens")
+        return self.fold_tokens(w, x, np.arange(len(x)))
+
+    def fold_tokens(self, w: Weights, x: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
         s, p, n, eps = self.spec, self.prefix, self.streams, self.eps
         x = ops.upcast(x)
         e = scaled_as_stored(x, s.hidden_size ** 0.5, s.dtype)
@@ -152,11 +171,12 @@ class Gemma3n(Recipe):
         for name in "qkv":
             module = f"{p}{QKV.format(name)}"
             y = ops.linear(h, w(f"{module}.weight"), w(f"{module}.bias") if self.has_bias else None)
-            norm = w(f"{p}{QK_NORM.format(name)}.weight") if name in "qk" else None
-            out[name] = ops.per_head_rms_norm(y, norm, eps, s.head_dim) if norm is not None else \
-                ops.rms_norm(ops.heads(y, s.head_dim), None, eps).reshape(y.shape)
+            norm = w(f"{p}{QK_NORM.format(name)}.weight") if name in "qk" else None  # v_norm: no weight
+            out[name] = ops.per_head_rms_norm(y, norm, eps, s.head_dim)
         if self.stores_residual:
             out["residual"] = x
+        if PER_LAYER.enabled(self.cfg):
+            out[COLUMN] = PER_LAYER.fold(w, e, tokens, self.cfg, s)
         return out
 
     def runtime_patch(self) -> RuntimePatch:
@@ -167,4 +187,5 @@ class Gemma3n(Recipe):
             embedding_scale=self.spec.hidden_size ** 0.5,
             methods=(TableMethod(PREDICT, "predictions", self.streams, drops=("prediction_coefs",)),),
             model_zeros=tuple(ALTUP_PROJECTIONS.format(i) for i in range(self.streams - 1)),
+            per_layer=PER_LAYER.patch(self.cfg),
         )
