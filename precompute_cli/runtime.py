@@ -400,7 +400,8 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
         setattr(module, name, value)
 
 
-IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds")
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds",
+                "input_features")
 
 
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
@@ -417,6 +418,10 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+        media = [t for t in text_only.media_tokens if isinstance(ids, torch.Tensor) and bool((ids == t).any())]
+        if media:
+            raise InputError(f"{why}: input_ids hold the media token {media[0]}, which stands for a video or audio "
+                             "clip")
 
     model.register_forward_pre_hook(check, with_kwargs=True)
 

@@ -30,13 +30,17 @@ class Wrapper:
     architecture: str  # the text-only model class of the output's config
     tied: bool  # the outer config class's tie_word_embeddings default (the outer key ties the LM head)
     image_token: int  # the config class's image_token_index default
+    # other placeholder tokens (key, the config class's default) that the model replaces by its pad token's embedding
+    # when no media comes with them (Gemma 4's video and audio): the text-only output refuses them as it does images
+    media_tokens: tuple[tuple[str, int], ...] = ()
 
 
 WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
     "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
     "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
-    "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880),
+    "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880,
+                      media_tokens=(("video_token_id", 258_884), ("audio_token_id", 258_881))),
 }
 
 # the language model's prefix on disk -> the text model's prefix; any other tensor (vision, projector) is dropped
@@ -55,6 +59,11 @@ class TextConfig(Config):
     @property
     def image_token(self) -> int:
         return int(self.outer.get("image_token_index", "image_token_id", default=self.wrapper.image_token))
+
+    @property
+    def media_tokens(self) -> tuple[int, ...]:
+        """The wrapper's other placeholder tokens (video, audio) as this config sets them."""
+        return tuple(int(self.outer.get(key, default=default)) for key, default in self.wrapper.media_tokens)
 
 
 def is_multimodal(cfg: Config) -> bool:
