@@ -69,7 +69,8 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         eliminated_linear += per_layer["width"] * spec.hidden_size
         per_token = per_layer["width"]
     table_params = table_width * spec.vocab_size
-    total = plan.params_before if plan.params_before is not None else estimated_params(spec)
+    total = plan.params_before if plan.params_before is not None else estimated_params(spec) + (
+        per_layer["eliminated_params"] if per_layer else 0)  # the per-layer embedding and projection, which exist
     delta = table_params - eliminated
     reads = spec.hidden_size + new_columns + per_token
     paper_increase = new_columns * spec.vocab_size - eliminated_linear

@@ -10,6 +10,7 @@ for k and v) and on a sliding one (no effect), a per_layer_config override of la
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,23 @@ def test_gemma4_text_only_refuses_images(tmp_path):
             prompt[:, 3] = media
             with pytest.raises(InputError, match=f"media token {media}"):
                 converted(prompt)
+
+
+def test_inspect_gemma_4_e2b_config(capsys):
+    """configs/gemma-4-e2b.json (the multimodal Hub config, read as --text-only gives it): the per-layer columns
+    replace the per-layer embedding column for column, and the projection counts among the eliminated weights."""
+    path = Path(__file__).parent.parent / "configs" / "gemma-4-e2b.json"
+    text = json.loads(path.read_text())["text_config"]
+    d, layers, hpl, vocab = (text[k] for k in ("hidden_size", "num_hidden_layers", "hidden_size_per_layer_input",
+                                               "vocab_size"))
+    info = inspect_json(capsys, path)
+    assert info["model_type"] == "gemma4_text" and info["multimodal"]["converts_with"] == "--text-only"
+    qkv = info["q_dim"] + 2 * info["kv_dim"]
+    assert info["head_dim"] == text["head_dim"]  # layer 0 is sliding: not global_head_dim
+    assert info["per_layer"] == {"width": layers * hpl, "layers": layers, "hidden_size_per_layer_input": hpl,
+                                 "extra_width": 0,
+                                 "replaces": {"name": PER_LAYER_EMBEDDING, "shape": [vocab, layers * hpl]},
+                                 "eliminated_params": vocab * layers * hpl + layers * hpl * d + hpl}
+    assert info["table_width"] == qkv + layers * hpl  # tied: no residual
+    assert info["eliminated_linear_params"] == d * qkv + d * layers * hpl
+    assert info["reads_per_token"] == d + qkv + layers * hpl
