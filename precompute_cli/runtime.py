@@ -430,7 +430,7 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
 
 
 IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds",
-                "input_features")  # the last: audio (gemma3n)
+                "input_features")
 
 
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
@@ -447,6 +447,10 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+        media = [t for t in text_only.media_tokens if isinstance(ids, torch.Tensor) and bool((ids == t).any())]
+        if media:
+            raise InputError(f"{why}: input_ids hold the media token {media[0]}, which stands for a video or audio "
+                             "clip")
         start = text_only.multimodal_ids_from
         if start is not None and isinstance(ids, torch.Tensor) and bool((ids >= start).any()):
             raise InputError(f"{why}: input_ids hold {int(ids[ids >= start][0])}, and from {start} up ids stand for "

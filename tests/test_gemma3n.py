@@ -216,7 +216,8 @@ def test_inspect_gemma_3n_e4b(capsys):
     # and the input, post-LAuReL, q/k and per-layer projection norms, and the per-layer embedding
     assert data["eliminated_params"] == linear + 2 * d + 2 * 256 + 256 + 262_144 * per_layer
     # the per_layer columns stand in for the per-layer embedding row, read per token before as after
-    assert data["reads_per_token"] == d + new == 15_360
-    assert data["reads_without_precompute"]["1"] == d + linear
-    assert round(data["reduction_factor"]["1"]) == 2_441
+    assert data["reads_per_token"] == d + new + per_layer == 24_320
+    assert data["reads_without_precompute"]["1"] == d + per_layer + linear
+    assert round(data["reduction_factor"]["1"]) == 1_542
+    assert data["per_layer"]["extra_width"] == 0
     assert data["table"]["shape"] == [vocab, 22_272]

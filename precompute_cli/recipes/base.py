@@ -56,6 +56,7 @@ class PerLayerPatch:
     width: int  # hidden_size_per_layer_input
     dropped: tuple[str, ...]
     column: str = "per_layer"
+    tensors: tuple[str, ...] = ()  # on disk: the per-layer embedding, the projection, its norm (the report's)
 
 
 @dataclass(frozen=True)

@@ -131,18 +131,17 @@ class Gemma3n(Recipe):
 
     # -- inspect's figures -----------------------------------------------------------------------------------------
     def new_columns(self) -> int:
-        """Table columns beyond the residual that layer 0 reads per token besides x. Not the per_layer columns: they
-        stand in for the per-layer embedding row, as wide, which the model read per token before."""
+        """Table columns beyond the residual that layer 0 reads per token besides x; not the per_layer columns,
+        which stand in for the per-layer embedding row, as wide (report.analysis counts those)."""
         return sum(span[1] - span[0] for name, span in self.columns().items() if name not in ("residual", COLUMN)
                    and span)
 
     def linear_weights(self) -> int:
-        """The paper's count, widened to every matrix the fold eliminates: the AltUp projections and prediction
-        coefficients, LAuReL's two linears, Q, K, V, and per_layer_model_projection (not the per-layer embedding,
-        whose rows the table's replace)."""
-        embedding = PER_LAYER.names()[0]
-        return sum(rows * cols for name, (rows, cols) in ((n, s) for n, s in self.folded().items() if len(s) == 2)
-                   if name != embedding)
+        """The paper's count, widened to every matrix layer 0's fold eliminates: the AltUp projections and
+        prediction coefficients, LAuReL's two linears, and Q, K, V (per_layer_model_projection: report.analysis)."""
+        per_layer = set(PER_LAYER.names())
+        return sum(shape[0] * shape[1] for name, shape in self.folded().items()
+                   if len(shape) == 2 and name not in per_layer)
 
     # -- the fold --------------------------------------------------------------------------------------------------
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -33,6 +33,9 @@ class Wrapper:
     architecture: str  # the text-only model class of the output's config
     tied: bool  # the outer config class's tie_word_embeddings default (the outer key ties the LM head)
     image_token: int  # the config class's image_token_index default
+    # other placeholder tokens (key, the config class's default) that the model replaces by its pad token's embedding
+    # when no media comes with them (Gemma 4's video and audio): the text-only output refuses them as it does images
+    media_tokens: tuple[tuple[str, int], ...] = ()
     # the sub-config keys (with their defaults) of the offsets from which ids are embedded by a multimodal embedder,
     # not the text embedding (gemma3n's embed_vision and embed_audio): the text decoder refuses ids from the lowest
     embedded_from: tuple[tuple[str, int], ...] = ()
@@ -42,7 +45,8 @@ WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
     "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
     "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
-    "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880),
+    "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880,
+                      media_tokens=(("video_token_id", 258_884), ("audio_token_id", 258_881))),
     "gemma3n": Wrapper("gemma3n_text", "Gemma3nForCausalLM", tied=True, image_token=262_145,
                        embedded_from=(("vision_config.vocab_offset", 262_144), ("audio_config.vocab_offset", 262_272))),
 }
@@ -63,6 +67,11 @@ class TextConfig(Config):
     @property
     def image_token(self) -> int:
         return int(self.outer.get("image_token_index", "image_token_id", default=self.wrapper.image_token))
+
+    @property
+    def media_tokens(self) -> tuple[int, ...]:
+        """The wrapper's other placeholder tokens (video, audio) as this config sets them."""
+        return tuple(int(self.outer.get(key, default=default)) for key, default in self.wrapper.media_tokens)
 
     @property
     def multimodal_ids_from(self) -> int | None:

@@ -120,7 +120,8 @@ class PerLayerInputs:
         if not self.enabled(cfg):
             return None
         return PerLayerPatch(model=self.model, layers=cfg.int("num_hidden_layers"), width=self.hidden(cfg),
-                             dropped=(self.embedding, self.projection, self.norm), column=COLUMN)
+                             dropped=(self.embedding, self.projection, self.norm), column=COLUMN,
+                             tensors=self.names())
 
 
 def _rows(w: Weights, name: str, ids: np.ndarray) -> np.ndarray:
