@@ -259,3 +259,50 @@ def test_inspect_gemma_4_e2b_config(capsys):
     assert info["table_width"] == qkv + layers * hpl  # tied: no residual
     assert info["eliminated_linear_params"] == d * qkv + d * layers * hpl
     assert info["reads_per_token"] == d + qkv + layers * hpl
+
+
+# -- gemma4_unified: the same layer 0 without per-layer inputs or the MoE block ---------------------------------------
+UNIFIED = dict(model_type="gemma4_unified_text", head_dim=16, global_head_dim=32, num_global_key_value_heads=1)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(attention_k_eq_v=True, num_hidden_layers=3, layer_types=FULL_FIRST),
+                                       dict(tie_word_embeddings=False)], ids=["sliding", "k_eq_v full", "untied"])
+def test_gemma4_unified_text_equals_transformers(tmp_path, capsys, overrides):
+    src = build(tmp_path / "src", **{**UNIFIED, **overrides})
+    info = inspect_json(capsys, src)
+    assert info["precomputable"] and info["columns"]["per_layer"] is None and "per_layer" not in info
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out")
+
+
+def test_gemma4_unified_text_only(tmp_path):
+    """The multimodal gemma4_unified, its vision embedder tiny, converts to gemma4_unified_text."""
+    text = {k: v for k, v in UNIFIED.items() if k != "model_type"}
+    config = AutoConfig.for_model(
+        "gemma4_unified", text_config={**text, "vocab_size": 211, "hidden_size": 64, "intermediate_size": 96,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "max_position_embeddings": 128},
+        vision_config=dict(patch_size=4, pooling_kernel_size=1, mm_embed_dim=32, mm_posemb_size=16,
+                           output_proj_dims=64),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, audio_token_id=AUDIO_TOKEN, boi_token_id=200,
+        eoi_token_id=201, boa_token_id=204, eoa_token_index=205)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma4_unified_text" and cfg["precompute"]["text_only"]["dropped"]
+    assert cfg["precompute"]["text_only"]["media_tokens"] == [VIDEO_TOKEN, AUDIO_TOKEN]
+    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids())
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
+def test_assistants_are_refused(tmp_path, capsys, model_type):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    code, _, err = run_cli(capsys, "convert", tmp_path / "src", tmp_path / "out")
+    assert code == 2 and "cannot be precomputed" in err and "target model's last hidden state" in err

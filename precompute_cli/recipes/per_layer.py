@@ -56,12 +56,18 @@ class PerLayerInputs:
     projection: str = "per_layer_model_projection"
     norm: str = "per_layer_projection_norm"
     eps_default: float = 1e-6
+    # the config classes' defaults (Gemma 3n and Gemma 4 agree): per-layer inputs are on unless the config says 0
+    hidden_default: int = 256
+    vocab_default: int = 262_144
+    absent: bool = False  # a type without per-layer inputs whatever its config says (gemma4_unified_text)
 
     # -- the config ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def hidden(cfg: Config) -> int:
-        """hidden_size_per_layer_input; 0 (or null) turns per-layer inputs off."""
-        return cfg.int("hidden_size_per_layer_input", default=0)
+    def hidden(self, cfg: Config) -> int:
+        """hidden_size_per_layer_input; 0 (or null, which transformers' model reads as off) turns them off."""
+        key = "hidden_size_per_layer_input"
+        if self.absent or (key in cfg.data and cfg.data[key] is None):
+            return 0
+        return cfg.int(key, default=self.hidden_default)
 
     def enabled(self, cfg: Config) -> bool:
         return self.hidden(cfg) > 0
@@ -70,9 +76,8 @@ class PerLayerInputs:
         """The table's per_layer columns: num_hidden_layers * hpl (0 when off)."""
         return cfg.int("num_hidden_layers") * self.hidden(cfg) if self.enabled(cfg) else 0
 
-    @staticmethod
-    def vocab(cfg: Config, spec: ModelSpec) -> int:
-        return cfg.int("vocab_size_per_layer_input", default=spec.vocab_size)
+    def vocab(self, cfg: Config, spec: ModelSpec) -> int:
+        return cfg.int("vocab_size_per_layer_input", default=self.vocab_default)
 
     def refusal(self, cfg: Config, spec: ModelSpec) -> str | None:
         """Without the clamp, a token at or above vocab_size_per_layer_input has no per-layer row (the model's
