@@ -41,6 +41,9 @@ CASES = {
     "moe block": (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
                   (64, 32, 32, 16)),
     "larger per-layer vocabulary": (dict(vocab_size_per_layer_input=256), (64, 32, 32, 16)),
+    # Gemma-4-E2B's shape: the last layers reuse earlier layers' k/v, and their MLPs are twice as wide
+    "kv-shared layers": (dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                              num_kv_shared_layers=2, use_double_wide_mlp=True), (64, 32, 32, 32)),
 }
 
 
@@ -156,14 +159,21 @@ def test_inputs_embeds_are_refused(tmp_path):
         model(inputs_embeds=model.get_input_embeddings()(ids))
 
 
-def test_verify_passes(tmp_path, capsys):
-    """precompute verify recomputes table rows by token id (the per-layer embedding's rows) in float64."""
-    src = build(tmp_path / "src", **TEXT)
+@pytest.mark.parametrize("overrides, against", [
+    ({}, "the recipe's fold"),  # per-layer rows, recomputed by token id in float64
+    (dict(hidden_size_per_layer_input=0), "transformers' layer 0"),  # v_norm passed through: read off the modules
+    (dict(hidden_size_per_layer_input=0, attention_k_eq_v=True, num_hidden_layers=3, layer_types=FULL_FIRST),
+     "transformers' layer 0"),  # k_norm kept: the raw projection
+], ids=["per-layer", "oracle", "oracle k_eq_v"])
+def test_verify_passes(tmp_path, capsys, overrides, against):
+    src = build(tmp_path / "src", **{**TEXT, **overrides})
     assert convert(src, tmp_path / "out") == 0
     code, out, err = run_cli(capsys, "verify", src, tmp_path / "out", "--tokens", "4", "--json", tmp_path / "v.json")
     assert code == 0, out + err
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["table_row_error"] < 1e-5
+    rows = next(c for c in result["checks"] if c["name"] == "table rows")
+    assert against in rows["value"]
 
 
 # -- the multimodal gemma4 -----------------------------------------------------------------------------------------
