@@ -40,7 +40,7 @@ OVERRIDES_AFTER = ("sliding_window", "rope_parameters", "intermediate_size", "mo
 
 def layer_types(cfg: Config) -> list[str]:
     """transformers' rule: every 6th layer full, the rest sliding; the last layer always full."""
-    count = cfg.int("num_hidden_layers")
+    count = cfg.int("num_hidden_layers", default=30)
     given = cfg.data.get("layer_types")
     types = list(given) if isinstance(given, list) and given else [
         "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(count)]
@@ -94,8 +94,8 @@ class Gemma4(Declared):
 
     @property
     def shares_kv(self) -> bool:
-        """attention_k_eq_v on a full-attention layer 0: no v_proj, v = v_norm(k_proj h)."""
-        return bool(self.cfg.get("attention_k_eq_v", default=False)) and layer_types(self.cfg)[0] == "full_attention"
+        """attention_k_eq_v on a layer 0 that is not sliding: no v_proj, v = v_norm(k_proj h)."""
+        return bool(self.cfg.get("attention_k_eq_v", default=False)) and layer_types(self.cfg)[0] != "sliding_attention"
 
     @property
     def bias(self) -> bool:
@@ -108,7 +108,7 @@ class Gemma4(Declared):
         if odd:
             return (f"per_layer_config overrides {', '.join(odd)} for layer 0, which precompute does not know how "
                     "the table would follow")
-        if cfg.int("num_kv_shared_layers", default=0) >= cfg.int("num_hidden_layers"):
+        if cfg.int("num_kv_shared_layers", default=0) >= self.spec.num_layers:
             return "num_kv_shared_layers covers layer 0, which then has no k and v projections of its own to fold"
         return self.per_layer.refusal(cfg, self.spec)
 
@@ -140,7 +140,7 @@ class Gemma4(Declared):
         """residual | q | k | v (none when k = v: the k column is the raw projection both read) | per_layer."""
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0), ("q", s.q_dim), ("k", s.kv_dim),
-                      ("v", 0 if self.shares_kv else s.kv_dim), (COLUMN, self.per_layer.width(self.cfg))])
+                      ("v", 0 if self.shares_kv else s.kv_dim), (COLUMN, self.per_layer.width(self.cfg, s))])
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.per_layer.enabled(self.cfg):
@@ -175,5 +175,5 @@ class Gemma4(Declared):
             projections={n: f"{ATTN}{n}_proj" for n in self._projections()},
             identities=norms,
             embedding_scale=sqrt_hidden(self.spec),
-            per_layer=self.per_layer.patch(self.cfg),
+            per_layer=self.per_layer.patch(self.cfg, self.spec),
         )
