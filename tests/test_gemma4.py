@@ -12,14 +12,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import assert_equivalent, build, convert, inspect_json, probe_ids, run_cli
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from precompute_cli import load_model
 from precompute_cli.errors import InputError
+from precompute_cli.plan import make_plan
+from precompute_cli.recipes import recipe_for
+from precompute_cli.source import resolve
+from precompute_cli.spec import Config
+from precompute_cli.st_io import read_array
+from precompute_cli.verify import oracle_covers, oracle_rows
 
 TEXT = dict(model_type="gemma4_text", head_dim=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=211,
             global_head_dim=32, num_global_key_value_heads=1)
@@ -316,3 +323,25 @@ def test_assistants_are_refused(tmp_path, capsys, model_type):
     (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": model_type}))
     code, _, err = run_cli(capsys, "convert", tmp_path / "src", tmp_path / "out")
     assert code == 2 and "cannot be precomputed" in err and "target model's last hidden state" in err
+
+
+@pytest.mark.parametrize("overrides, dtype", [
+    (dict(hidden_size_per_layer_input=0), torch.float32),  # v_norm passed through a view of v_proj's output
+    (dict(hidden_size_per_layer_input=0, attention_k_eq_v=True, num_hidden_layers=3, layer_types=FULL_FIRST),
+     torch.float32),  # the raw k projection, read by the kept k_norm and v_norm
+    (dict(hidden_size_per_layer_input=0, tie_word_embeddings=False, hidden_size=48), torch.bfloat16),  # sqrt(48)
+], ids=["v_norm", "k_eq_v", "untied-bf16"])
+def test_oracle_agrees_with_the_fold(tmp_path, overrides, dtype):
+    """verify's oracle (transformers' own layer 0, hooked) and the recipe's fold give the same rows."""
+    src = build(tmp_path / "src", dtype=dtype, **{**TEXT, **overrides})
+    recipe = recipe_for(Config.load(src / "config.json"))
+    assert oracle_covers(recipe)
+    plan = make_plan(resolve(str(src)), recipe)
+    rows = list(range(0, recipe.spec.vocab_size, 5))
+    x = np.concatenate([read_array(*plan.inputs[recipe.embedding], (r, r + 1), np.float64) for r in rows])
+    fold = recipe.fold_tokens(plan.weights(np.float64), x, np.array(rows))
+    oracle = oracle_rows(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), recipe, rows)
+    for name, span in recipe.columns().items():
+        if span is not None:
+            err = np.abs(oracle[name] - fold[name]).max() / np.abs(fold[name]).max()
+            assert err < 1e-6, (name, err)
