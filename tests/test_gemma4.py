@@ -345,3 +345,25 @@ def test_oracle_agrees_with_the_fold(tmp_path, overrides, dtype):
         if span is not None:
             err = np.abs(oracle[name] - fold[name]).max() / np.abs(fold[name]).max()
             assert err < 1e-6, (name, err)
+
+
+def test_load_model_never_builds_the_removed_per_layer_embedding(tmp_path, monkeypatch):
+    """transformers would build (and fill at random) the V x L*hpl per-layer embedding the conversion removed:
+    load_model has it built one row tall, and the config tells the checkpoint's vocabulary again afterwards."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    src = build(tmp_path / "src", **TEXT)
+    assert convert(src, tmp_path / "out") == 0
+    built = []
+    original = modeling_gemma4.Gemma4TextScaledWordEmbedding.__init__
+
+    def record(self, num_embeddings, embedding_dim, *args, **kwargs):
+        built.append((num_embeddings, embedding_dim))
+        original(self, num_embeddings, embedding_dim, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_gemma4.Gemma4TextScaledWordEmbedding, "__init__", record)
+    model = load_model(tmp_path / "out")
+    assert built == [(211, 64), (1, 16)]  # the token embedding (tied: it stays), the per-layer one
+    assert model.config.vocab_size_per_layer_input == 211
+    with torch.no_grad():
+        model(probe_ids(211))

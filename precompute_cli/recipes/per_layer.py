@@ -126,7 +126,7 @@ class PerLayerInputs:
             return None
         return PerLayerPatch(model=self.model, layers=spec.num_layers, width=self.hidden(cfg),
                              dropped=(self.embedding, self.projection, self.norm), column=COLUMN,
-                             tensors=self.names())
+                             tensors=self.names(), shrink=(("vocab_size_per_layer_input", self.vocab(cfg, spec)),))
 
 
 def _rows(w: Weights, name: str, ids: np.ndarray) -> np.ndarray:
