@@ -260,12 +260,16 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design; checked below instead
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    per_layer = recipe.runtime_patch().per_layer
+    shrunk = dict(per_layer.shrink) if per_layer else {}  # config keys sizing a removed module: built small
     try:
         model, info = causal_lm_class(cfg, AutoModelForCausalLM).from_pretrained(
             src.root, dtype=dtype or from_pretrained.pop("torch_dtype", None) or "auto", trust_remote_code=False,
-            output_loading_info=True, **from_pretrained)
+            output_loading_info=True, **{**from_pretrained, **{k: 1 for k in shrunk}})
     finally:
         hf_logging.set_verbosity(level)
+    for key, true in shrunk.items():  # the model's config tells the checkpoint's values again
+        setattr(model.config, key, true)
     unloaded = {name: _tensor(model, name) for name in info["missing_keys"]}
     embedding = model.get_input_embeddings().weight
     table = _read_table(src, block.table, "cpu" if embedding.device.type == "meta" else embedding.device)

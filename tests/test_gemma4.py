@@ -12,14 +12,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import assert_equivalent, build, convert, inspect_json, probe_ids, run_cli
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from precompute_cli import load_model
 from precompute_cli.errors import InputError
+from precompute_cli.plan import make_plan
+from precompute_cli.recipes import recipe_for
+from precompute_cli.source import resolve
+from precompute_cli.spec import Config
+from precompute_cli.st_io import read_array
+from precompute_cli.verify import oracle_covers, oracle_rows
 
 TEXT = dict(model_type="gemma4_text", head_dim=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=211,
             global_head_dim=32, num_global_key_value_heads=1)
@@ -41,6 +48,9 @@ CASES = {
     "moe block": (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
                   (64, 32, 32, 16)),
     "larger per-layer vocabulary": (dict(vocab_size_per_layer_input=256), (64, 32, 32, 16)),
+    # Gemma-4-E2B's shape: the last layers reuse earlier layers' k/v, and their MLPs are twice as wide
+    "kv-shared layers": (dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                              num_kv_shared_layers=2, use_double_wide_mlp=True), (64, 32, 32, 32)),
 }
 
 
@@ -156,14 +166,21 @@ def test_inputs_embeds_are_refused(tmp_path):
         model(inputs_embeds=model.get_input_embeddings()(ids))
 
 
-def test_verify_passes(tmp_path, capsys):
-    """precompute verify recomputes table rows by token id (the per-layer embedding's rows) in float64."""
-    src = build(tmp_path / "src", **TEXT)
+@pytest.mark.parametrize("overrides, against", [
+    ({}, "the recipe's fold"),  # per-layer rows, recomputed by token id in float64
+    (dict(hidden_size_per_layer_input=0), "transformers' layer 0"),  # v_norm passed through: read off the modules
+    (dict(hidden_size_per_layer_input=0, attention_k_eq_v=True, num_hidden_layers=3, layer_types=FULL_FIRST),
+     "transformers' layer 0"),  # k_norm kept: the raw projection
+], ids=["per-layer", "oracle", "oracle k_eq_v"])
+def test_verify_passes(tmp_path, capsys, overrides, against):
+    src = build(tmp_path / "src", **{**TEXT, **overrides})
     assert convert(src, tmp_path / "out") == 0
     code, out, err = run_cli(capsys, "verify", src, tmp_path / "out", "--tokens", "4", "--json", tmp_path / "v.json")
     assert code == 0, out + err
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["table_row_error"] < 1e-5
+    rows = next(c for c in result["checks"] if c["name"] == "table rows")
+    assert against in rows["value"]
 
 
 # -- the multimodal gemma4 -----------------------------------------------------------------------------------------
@@ -259,3 +276,94 @@ def test_inspect_gemma_4_e2b_config(capsys):
     assert info["table_width"] == qkv + layers * hpl  # tied: no residual
     assert info["eliminated_linear_params"] == d * qkv + d * layers * hpl
     assert info["reads_per_token"] == d + qkv + layers * hpl
+
+
+# -- gemma4_unified: the same layer 0 without per-layer inputs or the MoE block ---------------------------------------
+UNIFIED = dict(model_type="gemma4_unified_text", head_dim=16, global_head_dim=32, num_global_key_value_heads=1)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(attention_k_eq_v=True, num_hidden_layers=3, layer_types=FULL_FIRST),
+                                       dict(tie_word_embeddings=False)], ids=["sliding", "k_eq_v full", "untied"])
+def test_gemma4_unified_text_equals_transformers(tmp_path, capsys, overrides):
+    src = build(tmp_path / "src", **{**UNIFIED, **overrides})
+    info = inspect_json(capsys, src)
+    assert info["precomputable"] and info["columns"]["per_layer"] is None and "per_layer" not in info
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out")
+
+
+def test_gemma4_unified_text_only(tmp_path):
+    """The multimodal gemma4_unified, its vision embedder tiny, converts to gemma4_unified_text."""
+    text = {k: v for k, v in UNIFIED.items() if k != "model_type"}
+    config = AutoConfig.for_model(
+        "gemma4_unified", text_config={**text, "vocab_size": 211, "hidden_size": 64, "intermediate_size": 96,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "max_position_embeddings": 128},
+        vision_config=dict(patch_size=4, pooling_kernel_size=1, mm_embed_dim=32, mm_posemb_size=16,
+                           output_proj_dims=64),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, audio_token_id=AUDIO_TOKEN, boi_token_id=200,
+        eoi_token_id=201, boa_token_id=204, eoa_token_index=205)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma4_unified_text" and cfg["precompute"]["text_only"]["dropped"]
+    assert cfg["precompute"]["text_only"]["media_tokens"] == [VIDEO_TOKEN, AUDIO_TOKEN]
+    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids())
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_assistant", "gemma4_unified_assistant"])
+def test_assistants_are_refused(tmp_path, capsys, model_type):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    code, _, err = run_cli(capsys, "convert", tmp_path / "src", tmp_path / "out")
+    assert code == 2 and "cannot be precomputed" in err and "target model's last hidden state" in err
+
+
+@pytest.mark.parametrize("overrides, dtype", [
+    (dict(hidden_size_per_layer_input=0), torch.float32),  # v_norm passed through a view of v_proj's output
+    (dict(hidden_size_per_layer_input=0, attention_k_eq_v=True, num_hidden_layers=3, layer_types=FULL_FIRST),
+     torch.float32),  # the raw k projection, read by the kept k_norm and v_norm
+    (dict(hidden_size_per_layer_input=0, tie_word_embeddings=False, hidden_size=48), torch.bfloat16),  # sqrt(48)
+], ids=["v_norm", "k_eq_v", "untied-bf16"])
+def test_oracle_agrees_with_the_fold(tmp_path, overrides, dtype):
+    """verify's oracle (transformers' own layer 0, hooked) and the recipe's fold give the same rows."""
+    src = build(tmp_path / "src", dtype=dtype, **{**TEXT, **overrides})
+    recipe = recipe_for(Config.load(src / "config.json"))
+    assert oracle_covers(recipe)
+    plan = make_plan(resolve(str(src)), recipe)
+    rows = list(range(0, recipe.spec.vocab_size, 5))
+    x = np.concatenate([read_array(*plan.inputs[recipe.embedding], (r, r + 1), np.float64) for r in rows])
+    fold = recipe.fold_tokens(plan.weights(np.float64), x, np.array(rows))
+    oracle = oracle_rows(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), recipe, rows)
+    for name, span in recipe.columns().items():
+        if span is not None:
+            err = np.abs(oracle[name] - fold[name]).max() / np.abs(fold[name]).max()
+            assert err < 1e-6, (name, err)
+
+
+def test_load_model_never_builds_the_removed_per_layer_embedding(tmp_path, monkeypatch):
+    """transformers would build (and fill at random) the V x L*hpl per-layer embedding the conversion removed:
+    load_model has it built one row tall, and the config tells the checkpoint's vocabulary again afterwards."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    src = build(tmp_path / "src", **TEXT)
+    assert convert(src, tmp_path / "out") == 0
+    built = []
+    original = modeling_gemma4.Gemma4TextScaledWordEmbedding.__init__
+
+    def record(self, num_embeddings, embedding_dim, *args, **kwargs):
+        built.append((num_embeddings, embedding_dim))
+        original(self, num_embeddings, embedding_dim, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_gemma4.Gemma4TextScaledWordEmbedding, "__init__", record)
+    model = load_model(tmp_path / "out")
+    assert built == [(211, 64), (1, 16)]  # the token embedding (tied: it stays), the per-layer one
+    assert model.config.vocab_size_per_layer_input == 211
+    with torch.no_grad():
+        model(probe_ids(211))

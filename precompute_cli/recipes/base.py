@@ -57,6 +57,9 @@ class PerLayerPatch:
     dropped: tuple[str, ...]
     column: str = "per_layer"
     tensors: tuple[str, ...] = ()  # on disk: the per-layer embedding, the projection, its norm (the report's)
+    # config keys that size the per-layer embedding, with their values: load_model builds it 1 row tall (it is
+    # removed; transformers would fill V x layers * width random values first), then restores the values
+    shrink: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

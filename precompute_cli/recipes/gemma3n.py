@@ -127,7 +127,7 @@ class Gemma3n(Recipe):
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0),
                       ("predictions", self.streams * s.hidden_size), ("laurel", s.hidden_size),
-                      ("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim), (COLUMN, PER_LAYER.width(self.cfg))])
+                      ("q", s.q_dim), ("k", s.kv_dim), ("v", s.kv_dim), (COLUMN, PER_LAYER.width(self.cfg, self.spec))])
 
     # -- inspect's figures -----------------------------------------------------------------------------------------
     def new_columns(self) -> int:
@@ -186,5 +186,5 @@ class Gemma3n(Recipe):
             embedding_scale=self.spec.hidden_size ** 0.5,
             methods=(TableMethod(PREDICT, "predictions", self.streams, drops=("prediction_coefs",)),),
             model_zeros=tuple(ALTUP_PROJECTIONS.format(i) for i in range(self.streams - 1)),
-            per_layer=PER_LAYER.patch(self.cfg),
+            per_layer=PER_LAYER.patch(self.cfg, self.spec),
         )

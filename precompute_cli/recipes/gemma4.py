@@ -1,5 +1,6 @@
 """Gemma 4's text decoder (gemma4_text; the multimodal gemma4 converts to it with --text-only): serial, Q, K, V and
-the per-layer inputs fold.
+the per-layer inputs fold. gemma4_unified_text (and the multimodal gemma4_unified) is the same layer 0 without
+per-layer inputs or the MoE block.
 
 x = embed_tokens[t] * sqrt(D) (the scale in the weight's dtype, as Gemma 3); h = RMSNorm(x) * w with the plain w
 (not Gemma 3's 1 + w); q = q_norm(q_proj h), k = k_norm(k_proj h) per head, plain w again; v = v_norm(v_proj h),
@@ -28,6 +29,7 @@ from precompute_cli.spec import TIED, Config
 
 EPS = Key("rms_norm_eps", default=1e-6)
 PER_LAYER = PerLayerInputs(clamp=False)
+NO_PER_LAYER = PerLayerInputs(absent=True)  # gemma4_unified_text has none
 ATTN = "self_attn."
 # per_layer_config keys layer 0 may override without changing what the table holds (attention sizes are read;
 # the window, RoPE and the FFN act after the table)
@@ -38,7 +40,7 @@ OVERRIDES_AFTER = ("sliding_window", "rope_parameters", "intermediate_size", "mo
 
 def layer_types(cfg: Config) -> list[str]:
     """transformers' rule: every 6th layer full, the rest sliding; the last layer always full."""
-    count = cfg.int("num_hidden_layers")
+    count = cfg.int("num_hidden_layers", default=30)
     given = cfg.data.get("layer_types")
     types = list(given) if isinstance(given, list) and given else [
         "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(count)]
@@ -76,17 +78,24 @@ def sizes(cfg: Config) -> Sizes:
 
 @register
 class Gemma4(Declared):
-    layouts = {"gemma4_text": Layout(embedding_scale=sqrt_hidden, input_norm=rms("input_layernorm", eps=EPS),
-                                     qkv=separate(bias=Key("attention_bias", default=False)),
-                                     qk_norm=rms(ATTN + "{}_norm", eps=EPS, scope="head"))}
+    layouts = dict.fromkeys(("gemma4_text", "gemma4_unified_text"), Layout(
+        embedding_scale=sqrt_hidden, input_norm=rms("input_layernorm", eps=EPS),
+        qkv=separate(bias=Key("attention_bias", default=False)), qk_norm=rms(ATTN + "{}_norm", eps=EPS, scope="head")))
 
     def declare(self) -> Layout:
-        return replace(self.layouts["gemma4_text"], sizes=sizes(self.cfg))
+        return replace(self.layouts[self.cfg.model_type], sizes=sizes(self.cfg))
+
+    @property
+    def per_layer(self) -> PerLayerInputs:
+        """gemma4_text's per-layer inputs; gemma4_unified_text has none, whatever its config says."""
+        if self.cfg.model_type == "gemma4_unified_text":
+            return NO_PER_LAYER
+        return PER_LAYER
 
     @property
     def shares_kv(self) -> bool:
-        """attention_k_eq_v on a full-attention layer 0: no v_proj, v = v_norm(k_proj h)."""
-        return bool(self.cfg.get("attention_k_eq_v", default=False)) and layer_types(self.cfg)[0] == "full_attention"
+        """attention_k_eq_v on a layer 0 that is not sliding: no v_proj, v = v_norm(k_proj h)."""
+        return bool(self.cfg.get("attention_k_eq_v", default=False)) and layer_types(self.cfg)[0] != "sliding_attention"
 
     @property
     def bias(self) -> bool:
@@ -99,9 +108,9 @@ class Gemma4(Declared):
         if odd:
             return (f"per_layer_config overrides {', '.join(odd)} for layer 0, which precompute does not know how "
                     "the table would follow")
-        if cfg.int("num_kv_shared_layers", default=0) >= cfg.int("num_hidden_layers"):
+        if cfg.int("num_kv_shared_layers", default=0) >= self.spec.num_layers:
             return "num_kv_shared_layers covers layer 0, which then has no k and v projections of its own to fold"
-        return PER_LAYER.refusal(cfg, self.spec)
+        return self.per_layer.refusal(cfg, self.spec)
 
     def _projections(self) -> tuple[str, ...]:
         return ("q", "k") if self.shares_kv else ("q", "k", "v")
@@ -117,7 +126,7 @@ class Gemma4(Declared):
         out.update(self.layout.qk_norm.tensors(p, s, "q"))
         if not self.shares_kv:
             out.update(self.layout.qk_norm.tensors(p, s, "k"))
-        out.update(PER_LAYER.tensors(self.cfg, s))
+        out.update(self.per_layer.tensors(self.cfg, s))
         return out
 
     def kept(self) -> tuple[str, ...]:
@@ -125,16 +134,16 @@ class Gemma4(Declared):
         return tuple(self.layout.qk_norm.tensors(self.prefix, self.spec, "k")) if self.shares_kv else ()
 
     def streamed(self) -> tuple[str, ...]:
-        return PER_LAYER.streamed(self.cfg)
+        return self.per_layer.streamed(self.cfg)
 
     def columns(self) -> dict[str, tuple[int, int] | None]:
         """residual | q | k | v (none when k = v: the k column is the raw projection both read) | per_layer."""
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0), ("q", s.q_dim), ("k", s.kv_dim),
-                      ("v", 0 if self.shares_kv else s.kv_dim), (COLUMN, PER_LAYER.width(self.cfg))])
+                      ("v", 0 if self.shares_kv else s.kv_dim), (COLUMN, self.per_layer.width(self.cfg, s))])
 
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
-        if PER_LAYER.enabled(self.cfg):
+        if self.per_layer.enabled(self.cfg):
             raise TypeError("gemma4 with per-layer inputs folds by token id: call fold_tokens")
         return self.fold_tokens(w, x, np.arange(len(x)))
 
@@ -155,8 +164,8 @@ class Gemma4(Declared):
             out["k"] = lay.qk_norm.apply(w, project("k"), p, cfg, s, "k")
             eps = float(EPS.read(cfg))
             out["v"] = ops.per_head_rms_norm(project("v"), None, eps, s.head_dim)
-        if PER_LAYER.enabled(cfg):
-            out[COLUMN] = PER_LAYER.fold(w, e, tokens, cfg, s)
+        if self.per_layer.enabled(cfg):
+            out[COLUMN] = self.per_layer.fold(w, e, tokens, cfg, s)
         return out
 
     def runtime_patch(self) -> RuntimePatch:
@@ -166,5 +175,5 @@ class Gemma4(Declared):
             projections={n: f"{ATTN}{n}_proj" for n in self._projections()},
             identities=norms,
             embedding_scale=sqrt_hidden(self.spec),
-            per_layer=PER_LAYER.patch(self.cfg),
+            per_layer=self.per_layer.patch(self.cfg, self.spec),
         )

@@ -47,6 +47,8 @@ WRAPPERS: dict[str, Wrapper] = {
     "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
     "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880,
                       media_tokens=(("video_token_id", 258_884), ("audio_token_id", 258_881))),
+    "gemma4_unified": Wrapper("gemma4_unified_text", "Gemma4UnifiedForCausalLM", tied=True, image_token=258_880,
+                              media_tokens=(("video_token_id", 258_884), ("audio_token_id", 258_881))),
     "gemma3n": Wrapper("gemma3n_text", "Gemma3nForCausalLM", tied=True, image_token=262_145,
                        embedded_from=(("vision_config.vocab_offset", 262_144), ("audio_config.vocab_offset", 262_272))),
 }

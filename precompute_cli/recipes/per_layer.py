@@ -20,10 +20,10 @@ Adopting it in a recipe (what recipes/gemma4.py does; Gemma 3n's is the same wit
     refusal():       PER_LAYER.refusal(cfg, spec)     (a per-layer vocabulary the fold cannot serve)
     folded():        out.update(PER_LAYER.tensors(cfg, spec))            # empty when hpl is 0/None
     streamed():      (*..., *PER_LAYER.streamed(cfg))                    # the embedding is read by rows, never whole
-    columns():       spans([..., ("per_layer", PER_LAYER.width(cfg))])   # last
+    columns():       spans([..., ("per_layer", PER_LAYER.width(cfg, spec))])   # last
     fold_tokens(w, x, tokens):  out["per_layer"] = PER_LAYER.fold(w, e, tokens, cfg, spec)
                      e: the rows of inputs_embeds, i.e. Declared.scale_embedding(x) (rounded as the model rounds)
-    runtime_patch(): RuntimePatch(..., per_layer=PER_LAYER.patch(cfg))
+    runtime_patch(): RuntimePatch(..., per_layer=PER_LAYER.patch(cfg, spec))
 
 A recipe with per-layer inputs must implement fold_tokens (the per-layer embedding is read by token id; fold() alone
 has no ids) and keep "per_layer" the table's last columns. Everything in this module reads only the config keys named
@@ -56,23 +56,28 @@ class PerLayerInputs:
     projection: str = "per_layer_model_projection"
     norm: str = "per_layer_projection_norm"
     eps_default: float = 1e-6
+    # the config classes' defaults (Gemma 3n and Gemma 4 agree): per-layer inputs are on unless the config says 0
+    hidden_default: int = 256
+    vocab_default: int = 262_144
+    absent: bool = False  # a type without per-layer inputs whatever its config says (gemma4_unified_text)
 
     # -- the config ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def hidden(cfg: Config) -> int:
-        """hidden_size_per_layer_input; 0 (or null) turns per-layer inputs off."""
-        return cfg.int("hidden_size_per_layer_input", default=0)
+    def hidden(self, cfg: Config) -> int:
+        """hidden_size_per_layer_input; 0 (or null, which transformers' model reads as off) turns them off."""
+        key = "hidden_size_per_layer_input"
+        if self.absent or (key in cfg.data and cfg.data[key] is None):
+            return 0
+        return cfg.int(key, default=self.hidden_default)
 
     def enabled(self, cfg: Config) -> bool:
         return self.hidden(cfg) > 0
 
-    def width(self, cfg: Config) -> int:
+    def width(self, cfg: Config, spec: ModelSpec) -> int:
         """The table's per_layer columns: num_hidden_layers * hpl (0 when off)."""
-        return cfg.int("num_hidden_layers") * self.hidden(cfg) if self.enabled(cfg) else 0
+        return spec.num_layers * self.hidden(cfg) if self.enabled(cfg) else 0
 
-    @staticmethod
-    def vocab(cfg: Config, spec: ModelSpec) -> int:
-        return cfg.int("vocab_size_per_layer_input", default=spec.vocab_size)
+    def vocab(self, cfg: Config, spec: ModelSpec) -> int:
+        return cfg.int("vocab_size_per_layer_input", default=self.vocab_default)
 
     def refusal(self, cfg: Config, spec: ModelSpec) -> str | None:
         """Without the clamp, a token at or above vocab_size_per_layer_input has no per-layer row (the model's
@@ -94,7 +99,7 @@ class PerLayerInputs:
         if not self.enabled(cfg):
             return {}
         embedding, projection, norm = self.names()
-        width = self.width(cfg)
+        width = self.width(cfg, spec)
         return {embedding: (self.vocab(cfg, spec), width), projection: (width, spec.hidden_size),
                 norm: (self.hidden(cfg),)}
 
@@ -116,12 +121,12 @@ class PerLayerInputs:
         rows = _rows(w, embedding, ids).astype(projected.dtype, copy=False)
         return (projected + _scaled(rows, hpl ** 0.5, spec.dtype)) * (2.0 ** -0.5)
 
-    def patch(self, cfg: Config) -> PerLayerPatch | None:
+    def patch(self, cfg: Config, spec: ModelSpec) -> PerLayerPatch | None:
         if not self.enabled(cfg):
             return None
-        return PerLayerPatch(model=self.model, layers=cfg.int("num_hidden_layers"), width=self.hidden(cfg),
+        return PerLayerPatch(model=self.model, layers=spec.num_layers, width=self.hidden(cfg),
                              dropped=(self.embedding, self.projection, self.norm), column=COLUMN,
-                             tensors=self.names())
+                             tensors=self.names(), shrink=(("vocab_size_per_layer_input", self.vocab(cfg, spec)),))
 
 
 def _rows(w: Weights, name: str, ids: np.ndarray) -> np.ndarray:
