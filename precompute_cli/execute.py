@@ -375,7 +375,7 @@ class _Fold:
             path, info = self.embedding
             stored = read_tensor(path, info, (start, stop))
             x = to_float(stored, info.dtype)
-            columns = self.plan.recipe.fold(self.weights, x)
+            columns = self.plan.recipe.fold_tokens(self.weights, x, np.arange(start, stop))
             rows = np.empty((stop - start, table.width), dtype=DTYPES[table.dtype])
             for name, (first, last) in self.spans:
                 if columns[name] is x and info.dtype == table.dtype:

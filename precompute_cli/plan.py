@@ -73,6 +73,8 @@ class TextOnly:
     source_model_type: str
     image_token: int
     dropped: tuple[TensorRef, ...]
+    media_tokens: tuple[int, ...] = ()  # video and audio placeholders (Gemma 4), refused as the image token is
+    multimodal_ids_from: int | None = None  # ids from here up stand for images or audio (gemma3n)
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,8 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         tensors, dropped = _text_tensors(tensors)
         headers, dropped_headers = _text_tensors(headers) if headers is not None else (None, {})
         dropped_refs = tuple(TensorRef(n, t.dtype, t.shape) for n, t in {**dropped_headers, **dropped}.items())
-        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs)
+        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs, cfg.media_tokens,
+                             cfg.multimodal_ids_from)
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")

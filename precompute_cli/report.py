@@ -53,9 +53,12 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
     options = recipe.table_options()
     table_width = replace(plan.table, columns=subject.columns()).width if assume_parallel else plan.table.width
     table_params = table_width * spec.vocab_size
-    total = plan.params_before if plan.params_before is not None else estimated_params(spec)
+    per_layer = _per_layer(plan)
+    total = plan.params_before if plan.params_before is not None else estimated_params(spec) + (
+        per_layer["eliminated_params"] if per_layer else 0)  # the per-layer embedding and projection, which exist
     delta = table_params - eliminated
-    reads = spec.hidden_size + new_columns
+    also = counts.also_read  # read per token either way (per-layer inputs instead of the per-layer embedding)
+    reads = spec.hidden_size + new_columns + also
     paper_increase = new_columns * spec.vocab_size - eliminated_linear
     return {
         "layer0": counts.layer0,
@@ -77,14 +80,32 @@ def analysis(plan: Plan, assume_parallel: bool = False) -> dict[str, Any]:
         "memory_increase_paper": paper_increase,
         "memory_increase_paper_pct": 100.0 * paper_increase / total if total else None,
         "reads_per_token": reads,
-        "reads_without_precompute": {str(b): b * spec.hidden_size + eliminated_linear for b in BATCHES},
+        "reads_without_precompute": {str(b): b * (spec.hidden_size + also) + eliminated_linear for b in BATCHES},
         "reads_with_precompute": {str(b): b * reads for b in BATCHES},
-        "reduction_factor": {str(b): (b * spec.hidden_size + eliminated_linear) / (b * reads) for b in BATCHES},
+        "reduction_factor": {str(b): (b * (spec.hidden_size + also) + eliminated_linear) / (b * reads)
+                             for b in BATCHES},
         "removed": [_tensor(r) for r in plan.removed],
         "table": _tensor(plan.table.ref),
         "columns": {k: list(v) if v else None for k, v in plan.table.columns.items()},
         **({"table_choice": recipe.choices(), "table_options": options} if options else {}),
+        **({"per_layer": per_layer} if per_layer else {}),
     }
+
+
+def _per_layer(plan: Plan) -> dict[str, Any] | None:
+    """The per-layer inputs folded into the table (recipes/per_layer.py): their columns replace the per-layer
+    embedding's (extra width 0), and the projection and its norm are gone."""
+    span = plan.table.columns.get("per_layer")
+    patch = plan.recipe.runtime_patch().per_layer if span else None
+    if patch is None:
+        return None
+    removed = {r.name: r for r in plan.removed}
+    embedding, *rest = (removed[n] for n in patch.tensors)
+    width = span[1] - span[0]
+    return {"width": width, "layers": patch.layers, "hidden_size_per_layer_input": patch.width,
+            "extra_width": width - embedding.shape[1], "replaces": {"name": embedding.name,
+                                                                   "shape": list(embedding.shape)},
+            "eliminated_params": embedding.numel + sum(r.numel for r in rest)}
 
 
 def refused(spec: ModelSpec, reason: str) -> dict[str, Any]:
@@ -160,6 +181,11 @@ def render_analysis(console: Console, data: dict[str, Any], title: str) -> None:
                  + (", FFN" if data["block"] == "parallel" else "") + ")", f"{data['eliminated_linear_params']:,}")
     gain.add_row("eliminated parameters (every tensor removed)", f"{data['eliminated_params']:,}")
     gain.add_row("table", f"{data['vocab_size']:,} x {data['table_width']:,} = {data['table_params']:,}")
+    if data.get("per_layer"):
+        pl = data["per_layer"]
+        gain.add_row("per-layer inputs", f"{pl['layers']} layers x {pl['hidden_size_per_layer_input']:,} columns, "
+                     f"replacing {pl['replaces']['name']} {' x '.join(f'{n:,}' for n in pl['replaces']['shape'])} "
+                     f"(extra width {pl['extra_width']:,}); {pl['eliminated_params']:,} parameters removed")
     gain.add_row("reads per token with precompute", f"{data['reads_per_token']:,}")
     for b in BATCHES:
         gain.add_row(f"first-layer reads, batch {b}: without / with",
@@ -235,6 +261,9 @@ def render_converted(console: Console, data: dict[str, Any], title: str) -> None
                              f"{block.get('dtype')}")
     for name, (first, last) in columns.items():
         what = "x, the residual stream entering layer 0" if name == "residual" else f"layer 0's {name.upper()}"
+        if name == "per_layer":
+            what = ("the per-layer inputs of every layer (the per-layer embedding, its projection and norm folded; "
+                    "no extra width)")
         if name == "residual" and parallel:
             what = "x + layer 0's FFN output"
         summary.add_row(f"  columns {first}:{last}", f"{name}: {what}")

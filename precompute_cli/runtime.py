@@ -210,6 +210,27 @@ class RoutedMap(nn.Module):
         return self._reduce(self, layer_input, topo_info)
 
 
+class TableStack:
+    """Stands in for a method (TableMethod): the token's column group cut into `parts` blocks, stacked on a new
+    first axis, whatever the method was given. Set on the module instance, so it shadows the class's method; not a
+    module (a submodule would not), and it holds the table in a list, so state_dict and deepcopy see it as
+    TableColumns is seen."""
+
+    def __init__(self, table: TableEmbedding, span: tuple[int, int], parts: int):
+        self.span, self.parts, self._table = span, parts, [table]
+
+    def __call__(self, stacked: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        columns = self._table[0].columns(self.span, stacked[0])
+        return columns.unflatten(-1, (self.parts, -1)).movedim(-2, 0).contiguous().to(stacked.dtype)
+
+
+class Removed(nn.Module):
+    """A module whose weights the conversion removed, left where only a method the table answers called it."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("this module's weights were folded into the precompute table; nothing should call it")
+
+
 def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
                revision: str | None = None, offline: bool = False, token: str | None = None,
                **from_pretrained: Any) -> nn.Module:
@@ -239,12 +260,16 @@ def load_model(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = Non
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # layer 0's removed weights are "missing" by design; checked below instead
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    per_layer = recipe.runtime_patch().per_layer
+    shrunk = dict(per_layer.shrink) if per_layer else {}  # config keys sizing a removed module: built small
     try:
         model, info = causal_lm_class(cfg, AutoModelForCausalLM).from_pretrained(
             src.root, dtype=dtype or from_pretrained.pop("torch_dtype", None) or "auto", trust_remote_code=False,
-            output_loading_info=True, **from_pretrained)
+            output_loading_info=True, **{**from_pretrained, **{k: 1 for k in shrunk}})
     finally:
         hf_logging.set_verbosity(level)
+    for key, true in shrunk.items():  # the model's config tells the checkpoint's values again
+        setattr(model.config, key, true)
     unloaded = {name: _tensor(model, name) for name in info["missing_keys"]}
     embedding = model.get_input_embeddings().weight
     table = _read_table(src, block.table, "cpu" if embedding.device.type == "meta" else embedding.device)
@@ -329,11 +354,64 @@ def patch_model(model: nn.Module, recipe, block: PrecomputeBlock, table: torch.T
         for path in patch.embedding_transforms:
             model.set_submodule(path, PassThrough())
     _patch_mixer(layer, patch, embedding, spans, table.dtype)
+    if patch.per_layer:
+        _patch_per_layer(model.get_submodule(patch.per_layer.model), patch.per_layer, embedding,
+                         spans[patch.per_layer.column])
+    for method in patch.methods:
+        path, _, name = method.method.rpartition(".")
+        owner_of = layer.get_submodule(path) if path else layer
+        setattr(owner_of, name, TableStack(embedding, spans[method.column], method.parts))
+        for dropped in method.drops:
+            owner_of.set_submodule(dropped, Removed())
+    for path in patch.model_zeros:
+        model.set_submodule(path, Zero())
     if patch.routed:
         routed = patch.routed
         layer.set_submodule(routed.experts, RoutedMap(embedding, spans, layer.get_submodule(routed.experts),
                                                       routed.top_k))
         layer.set_submodule(routed.kv, TableColumns(embedding, (spans["k"][0], spans["v"][1])))
+
+
+class PerLayerTable(nn.Module):
+    """Stands in for the per-layer embedding (recipes/per_layer.py): the folded per-layer inputs of this call's tokens,
+    the table's per_layer columns, as [..., layers, width]. Holds no parameter. Its two methods replace the text
+    model's get_per_layer_inputs and project_per_layer_inputs."""
+
+    def __init__(self, table: TableEmbedding, span: tuple[int, int], layers: int, width: int):
+        super().__init__()
+        self.span, self.layers, self.width = span, layers, width
+        self._table = [table]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        columns = self._table[0].columns(self.span, input_ids[..., None])
+        return columns.reshape(*input_ids.shape, self.layers, self.width)
+
+    def get_per_layer_inputs(self, input_ids: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The table's rows whole: no clamp of the ids, as a token's folded row already holds what its clamped
+        per-layer row gave it."""
+        if input_ids is None:
+            raise RuntimeError("a precomputed model reads its per-layer inputs from the table: pass input_ids, not "
+                               "inputs_embeds")
+        return self(input_ids)
+
+    def project_per_layer_inputs(self, inputs_embeds: torch.Tensor,
+                                 per_layer_inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows already hold the projection of inputs_embeds: returned unchanged."""
+        if per_layer_inputs is None:
+            raise RuntimeError("a precomputed model reads its per-layer inputs from the table: pass input_ids")
+        return per_layer_inputs
+
+
+def _patch_per_layer(text: nn.Module, per_layer, embedding: TableEmbedding, span: tuple[int, int]) -> None:
+    """Per-layer inputs read from the table: the per-layer embedding becomes a lookup of its folded columns, the
+    projection and its norm go, and the text model's two per-layer methods are replaced on the instance."""
+    lookup = PerLayerTable(embedding, span, per_layer.layers, per_layer.width)
+    embedding_module, *others = per_layer.dropped
+    for name in others:
+        setattr(text, name, None)
+    setattr(text, embedding_module, lookup)
+    text.get_per_layer_inputs = lookup.get_per_layer_inputs
+    text.project_per_layer_inputs = lookup.project_per_layer_inputs
 
 
 def _patch_mixer(layer: nn.Module, patch, embedding: TableEmbedding, spans: dict, dtype: torch.dtype) -> None:
@@ -355,7 +433,8 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
         setattr(module, name, value)
 
 
-IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds")
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds",
+                "input_features")
 
 
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
@@ -372,6 +451,14 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+        media = [t for t in text_only.media_tokens if isinstance(ids, torch.Tensor) and bool((ids == t).any())]
+        if media:
+            raise InputError(f"{why}: input_ids hold the media token {media[0]}, which stands for a video or audio "
+                             "clip")
+        start = text_only.multimodal_ids_from
+        if start is not None and isinstance(ids, torch.Tensor) and bool((ids >= start).any()):
+            raise InputError(f"{why}: input_ids hold {int(ids[ids >= start][0])}, and from {start} up ids stand for "
+                             f"images or audio (the {source} model embeds them with its vision or audio embedder)")
 
     model.register_forward_pre_hook(check, with_kwargs=True)
 

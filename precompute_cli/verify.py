@@ -321,7 +321,8 @@ def fold_rows(plan: Plan, rows: list[int]) -> dict[str, np.ndarray]:
     """The table's columns for `rows` from the recipe's fold, in float64 from the original's weights."""
     recipe = plan.recipe
     x = np.concatenate([read_array(*plan.inputs[recipe.embedding], run, np.float64) for run in runs(rows)])
-    return recipe.fold(plan.weights(np.float64), x)
+    tokens = np.concatenate([np.arange(*run) for run in runs(rows)])
+    return recipe.fold_tokens(plan.weights(np.float64), x, tokens)
 
 
 def oracle_rows(model: torch.nn.Module, recipe: Recipe, rows: list[int]) -> dict[str, np.ndarray]:

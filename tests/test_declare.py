@@ -101,8 +101,9 @@ def test_kept_tensors_must_exist_and_stay(tmp_path, monkeypatch, capsys, keep, o
 
 
 def test_every_family_module_is_discovered():
-    # unfolded: the census of types without a recipe; projection: the mixer kinds' machinery
-    helpers = {"base", "declare", "ops", "unfolded", "projection"}
+    # unfolded: the census of types without a recipe; projection: the mixer kinds' machinery; per_layer: Gemma's
+    # per-layer inputs (gemma4, gemma3n)
+    helpers = {"base", "declare", "ops", "unfolded", "projection", "per_layer"}
     families = {m.name for m in pkgutil.iter_modules(recipes.__path__)} - helpers
     registered = {cls.__module__.rsplit(".", 1)[1] for cls in REGISTRY.values()}
     assert families <= registered and len(families) >= 13

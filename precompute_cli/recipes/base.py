@@ -47,6 +47,36 @@ class Routed:
 
 
 @dataclass(frozen=True)
+class PerLayerPatch:
+    """Per-layer inputs folded into the table (recipes/per_layer.py: Gemma 3n, Gemma 4): the text model at `model`
+    gets get_per_layer_inputs returning the "per_layer" columns as [..., layers, width] and project_per_layer_inputs
+    returning them unchanged; `dropped` (modules of that model: the per-layer embedding first, which the runtime's
+    lookup replaces, then the projection and its norm) are removed from it."""
+
+    model: str  # the module whose get_per_layer_inputs / project_per_layer_inputs are replaced, e.g. "model"
+    layers: int
+    width: int  # hidden_size_per_layer_input
+    dropped: tuple[str, ...]
+    column: str = "per_layer"
+    tensors: tuple[str, ...] = ()  # on disk: the per-layer embedding, the projection, its norm (the report's)
+    # config keys that size the per-layer embedding, with their values: load_model builds it 1 row tall (it is
+    # removed; transformers would fill V x layers * width random values first), then restores the values
+    shrink: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class TableMethod:
+    """A method of a module under RuntimePatch.layer that the table answers (Gemma 3n's AltUp predict): it returns
+    the column group `column`, cut into `parts` equal blocks stacked on a new first axis ([parts, batch, seq, width]),
+    whatever its input. `drops`: the module's submodules that only this method used, whose weights are gone."""
+
+    method: str  # "path.to.module.method_name", under `layer`
+    column: str
+    parts: int
+    drops: tuple[str, ...] = ()  # under the method's module
+
+
+@dataclass(frozen=True)
 class RuntimePatch:
     """What the runtime replaces in a transformers model (module paths in memory, relative to the model)."""
 
@@ -72,6 +102,11 @@ class RuntimePatch:
     # under `layer`: folded norms that their layer reads for `norm.weight.dtype` before calling them (Mamba blocks)
     dtype_identities: tuple[str, ...] = ()
     routed: Routed | None = None  # a routed attention (recipes/jetmoe.py)
+    per_layer: PerLayerPatch | None = None  # per-layer inputs read from the table (recipes/per_layer.py)
+    methods: tuple[TableMethod, ...] = ()  # methods the table answers (recipes/gemma3n.py)
+    # model-level modules (paths relative to the model) whose output only feeds what the table now answers: they
+    # return zeros (Gemma 3n's altup_projections, read only by layer 0's AltUp predict)
+    model_zeros: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +139,9 @@ class PaperCounts:
     layer0: str  # "attention", "routed attention", or a mixer's kind ("Mamba-2", "short conv"...)
     eliminated_linear: int
     new_columns: int
+    # columns read per token with or without the table: the per-layer inputs' rows (recipes/per_layer.py), as wide as
+    # the per-layer embedding rows they replace
+    also_read: int = 0
 
 
 def spans(widths: list[tuple[str, int]]) -> dict[str, tuple[int, int] | None]:
@@ -217,6 +255,11 @@ class Recipe:
         Given float64 `x` and weights, the columns must come out in float64 (verify recomputes rows so):
         upcast with ops.upcast, never .astype(np.float32)."""
         raise NotImplementedError
+
+    def fold_tokens(self, w: Weights, x: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """fold() for the rows of `tokens` (their ids, in x's order): what execute and verify call. Only a recipe
+        whose columns read more than the embedding row (per-layer inputs: recipes/per_layer.py) needs the ids."""
+        return self.fold(w, x)
 
     def runtime_patch(self) -> RuntimePatch:
         raise NotImplementedError

@@ -373,6 +373,20 @@ class Layout:
     memory: Layout | None = None
 
 
+def scaled_as_stored(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    """x * scale exactly as a scaled embedding module computes it in the model's dtype (the checkpoint's, which
+    transformers loads by default): the scale rounded to that dtype, the product rounded to it too (bf16:
+    sqrt(3072) is 55.5). The result comes back upcast, so float64 rows (verify) give float64 columns.
+    Row and scale are rounded to the model's dtype as loading does; their product is exact in float32 for
+    bf16/f16 operands, so rounding it once more gives what torch's multiply in that dtype gives."""
+    out, stored = ops.upcast(x).dtype, NAME_TO_ST.get(dtype)
+
+    def rounded(a: np.ndarray) -> np.ndarray:
+        return a.astype(out) if stored is None else to_float(from_float(a, stored), stored, out)
+
+    return rounded(rounded(x) * rounded(np.float32(scale)))  # the module's buffer: a float32 tensor
+
+
 class Declared(FromLayout):
     """A recipe computed from its model type's Layout. Subclasses set `layouts` (model_type -> Layout)."""
 
@@ -530,18 +544,8 @@ class Declared(FromLayout):
         return self.layout.qkv.groups(self.spec)
 
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
-        """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
-        transformers loads by default): the scale rounded to that dtype, the product rounded to it too (bf16:
-        sqrt(3072) is 55.5). The result comes back upcast, so float64 rows (verify) give float64 columns.
-        Row and scale are rounded to the model's dtype as loading does; their product is exact in float32 for
-        bf16/f16 operands, so rounding it once more gives what torch's multiply in that dtype gives."""
-        out, stored = ops.upcast(x).dtype, NAME_TO_ST.get(self.spec.dtype)
-
-        def rounded(a: np.ndarray) -> np.ndarray:
-            return a.astype(out) if stored is None else to_float(from_float(a, stored), stored, out)
-
-        scale = np.float32(self.layout.embedding_scale(self.spec))  # the module's buffer: a float32 tensor
-        return rounded(rounded(x) * rounded(scale))
+        """x * the layout's embedding scale as the embedding module computes it (scaled_as_stored)."""
+        return scaled_as_stored(x, self.layout.embedding_scale(self.spec), self.spec.dtype)
 
     def runtime_patch(self) -> RuntimePatch:
         lay = self.layout

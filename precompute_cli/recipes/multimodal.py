@@ -1,12 +1,16 @@
 """Multimodal checkpoints whose text decoder folds: gemma3 (Gemma 3 4B/12B/27B), mistral3 (Mistral Small 3.1),
-llama4 (Llama 4 Scout, Maverick). They convert to a text-only checkpoint, and only behind `--text-only`.
+llama4 (Llama 4 Scout, Maverick), gemma3n (Gemma 3n E2B/E4B) and gemma4 (Gemma 4), whose vision and audio towers
+are both left out. They convert to a text-only checkpoint, and only behind `--text-only`.
 
 At an image position layer 0 reads a vision feature, not a token's embedding, so the table cannot serve it. Keeping
 layer 0's norm and Q/K/V for those positions would leave the checkpoint no smaller than before (the table added on
 top) and make the runtime route every position either through the table or through the original modules; instead
 the output is the text decoder alone: its config is `text_config` (model_type gemma3_text, mistral or llama4_text,
 the outer config's embedding tying), its tensors are the language model's renamed to the text model's names, and the
-vision tower and projector are left out. The runtime refuses image inputs to it (runtime.refuse_image_inputs).
+vision tower and projector (gemma3n: also the audio tower and both multimodal embedders) are left out. The runtime
+refuses image inputs to it (runtime.refuse_image_inputs). Gemma 3n's model embeds the ids from its vision
+embedder's vocab_offset up (image and audio tokens and their delimiters) with embed_vision and embed_audio, not
+the text embedding, so its text decoder refuses those ids too.
 
 On disk transformers 5.24 still writes the legacy names (`language_model.model.*`, `language_model.lm_head.*`);
 checkpoints saved with the in-memory names (`model.language_model.*`, `lm_head.*`) are read too.
@@ -29,12 +33,24 @@ class Wrapper:
     architecture: str  # the text-only model class of the output's config
     tied: bool  # the outer config class's tie_word_embeddings default (the outer key ties the LM head)
     image_token: int  # the config class's image_token_index default
+    # other placeholder tokens (key, the config class's default) that the model replaces by its pad token's embedding
+    # when no media comes with them (Gemma 4's video and audio): the text-only output refuses them as it does images
+    media_tokens: tuple[tuple[str, int], ...] = ()
+    # the sub-config keys (with their defaults) of the offsets from which ids are embedded by a multimodal embedder,
+    # not the text embedding (gemma3n's embed_vision and embed_audio): the text decoder refuses ids from the lowest
+    embedded_from: tuple[tuple[str, int], ...] = ()
 
 
 WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
     "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
     "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
+    "gemma4": Wrapper("gemma4_text", "Gemma4ForCausalLM", tied=True, image_token=258_880,
+                      media_tokens=(("video_token_id", 258_884), ("audio_token_id", 258_881))),
+    "gemma4_unified": Wrapper("gemma4_unified_text", "Gemma4UnifiedForCausalLM", tied=True, image_token=258_880,
+                              media_tokens=(("video_token_id", 258_884), ("audio_token_id", 258_881))),
+    "gemma3n": Wrapper("gemma3n_text", "Gemma3nForCausalLM", tied=True, image_token=262_145,
+                       embedded_from=(("vision_config.vocab_offset", 262_144), ("audio_config.vocab_offset", 262_272))),
 }
 
 # the language model's prefix on disk -> the text model's prefix; any other tensor (vision, projector) is dropped
@@ -53,6 +69,17 @@ class TextConfig(Config):
     @property
     def image_token(self) -> int:
         return int(self.outer.get("image_token_index", "image_token_id", default=self.wrapper.image_token))
+
+    @property
+    def media_tokens(self) -> tuple[int, ...]:
+        """The wrapper's other placeholder tokens (video, audio) as this config sets them."""
+        return tuple(int(self.outer.get(key, default=default)) for key, default in self.wrapper.media_tokens)
+
+    @property
+    def multimodal_ids_from(self) -> int | None:
+        """The first id the multimodal model embeds otherwise than with the text embedding, or None."""
+        offsets = [self.outer.int(key, default=default) for key, default in self.wrapper.embedded_from]
+        return min(offsets) if offsets else None
 
 
 def is_multimodal(cfg: Config) -> bool:

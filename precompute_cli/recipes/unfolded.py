@@ -31,6 +31,10 @@ REFUSED: dict[str, str] = {
     "cpmant": "adds segment embeddings (an input besides the token) before layer 0",
     "roformer": "is a BERT-style encoder: it adds token-type embeddings (an input besides the token) before layer 0",
     "xlnet": "is a permutation LM: its query stream into layer 0 is a learned mask embedding, not the token",
+    **{t: ("is an assisted-decoding drafter (multi-token prediction for Gemma 4): its layer 0 reads "
+           "pre_projection of the target model's last hidden state joined to the token's embedding, an input that "
+           "depends on the context, and it attends to the target model's shared key/value states")
+       for t in ("gemma4_assistant", "gemma4_unified_assistant")},
     "hrm_text": ("is a hierarchical recurrent model: its first layer's input is the token's embedding plus a learnt "
                  "state only in the first cycle; the same layers run again in every cycle on states that depend on "
                  "the context, so their weights cannot give way to a per-token table"),
@@ -64,7 +68,7 @@ NOT_WRITTEN: dict[str, str] = {
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
-        "dots3_note_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
+        "dots3_note_text")},
     "hy_v4": _TOKEN_ONLY_BUT.format(
         "hyper-connections (hc_pre) build the attention's input from several residual streams with weights computed "
         "from them, and the attention is multi-head latent attention with a sparse indexer and a gate (linear_gate)"),
@@ -75,8 +79,6 @@ NOT_WRITTEN: dict[str, str] = {
        for t, loop in (("inkling2_text", ""),
                        ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
     # Token-only, but each needs more than a declaration:
-    **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
-                              "the per-layer embedding") for t in ("gemma3n", "gemma4", "gemma3n_text", "gemma4_text")},
     **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in (
         "deepseek_v4", "glm_moe_dsa", "longcat_flash", "sarvam_mla", "axk1", "axk2", "minicpm3")},
 }
