@@ -26,9 +26,11 @@ Adopting it in a recipe (what recipes/gemma4.py does; Gemma 3n's is the same wit
     runtime_patch(): RuntimePatch(..., per_layer=PER_LAYER.patch(cfg, spec))
 
 A recipe with per-layer inputs must implement fold_tokens (the per-layer embedding is read by token id; fold() alone
-has no ids) and keep "per_layer" the table's last columns. Everything in this module reads only the config keys named
-below, so the same object serves both families; gemma3n's multimodal checkpoints have the same names under
-language_model (recipes/multimodal.py renames them before any recipe sees them).
+has no ids); execute and verify call it. Everything in this module reads only the config keys named below
+(hidden_size_per_layer_input, vocab_size_per_layer_input, rms_norm_eps; the layer count from the spec), so the same
+object serves both families; gemma3n's multimodal checkpoints have the same names under language_model
+(recipes/multimodal.py renames them before any recipe sees them). load_model builds the removed per-layer embedding
+one row tall (PerLayerPatch.shrink) and report.analysis reads the fold's figures from the patch.
 """
 
 from __future__ import annotations
