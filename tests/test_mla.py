@@ -27,6 +27,21 @@ CASES = {
                          index_topk=3),
     "glm4_moe_lite": dict(model_type="glm4_moe_lite"),
     "mistral4": dict(model_type="mistral4", first_k_dense_replace=0, pad_token_id=0),
+    "youtu": dict(model_type="youtu"),  # dense, tied embeddings
+    # the embedding module scales the row by scale_emb: tied (the model keeps it) and untied (the table's residual)
+    "minicpm3": dict(model_type="minicpm3", scale_emb=2.5, scale_depth=1.4, dim_model_base=32),
+    "minicpm3-untied": dict(model_type="minicpm3", scale_emb=2.5, tie_word_embeddings=False),
+    "sarvam_mla": dict(model_type="sarvam_mla", q_lora_rank=None, first_k_dense_replace=0),  # q_proj, MoE layer 0
+    "axk1": dict(model_type="axk1", attention_bias=True),
+    # layer 0's own indexer (indexer_types[0] "full"), selecting 3 keys
+    "glm_moe_dsa": dict(model_type="glm_moe_dsa", index_n_heads=2, index_head_dim=16, index_topk=3),
+    # layer 0's first attention sublayer; the shortcut MoE (zero experts too) and the second sublayer stay; its RoPE
+    # reads head_dim, which must be the rope part
+    "longcat_flash": dict(model_type="longcat_flash", head_dim=8, ffn_hidden_size=96, expert_ffn_hidden_size=32,
+                          zero_expert_num=2, moe_topk=2),
+    # gated input norm, q_b_proj giving q and the output gate from [ql | q latent], DSA indexer
+    "axk2": dict(model_type="axk2", index_n_heads=2, index_head_dim=16, index_topk=3, gated_norm_rank=4,
+                 attention_bias=True),
 }
 
 

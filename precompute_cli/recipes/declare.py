@@ -358,7 +358,8 @@ class Layout:
     def __post_init__(self) -> None:
         if self.gate and self.qkv.layout:
             raise ValueError("an attention gate beside a fused QKV projection is not one the runtime can swap")
-    embedding_scale: Callable[[ModelSpec], float] | None = None  # inside the embedding module, in its dtype (Gemma)
+    # inside the embedding module, in its dtype: a function of the spec (Gemma's sqrt(d)) or a config key (MiniCPM3)
+    embedding_scale: Callable[[ModelSpec], float] | Key | None = None
     embedding_multiplier: Key | None = None  # after the embedding module, outside the residual columns (Granite)
     input_norm: Norm | None = field(default_factory=lambda: rms("input_layernorm"))
     norm_is_residual: Key | bool = False  # the attention's residual is input_norm(x), not x (BLOOM's flag)
@@ -520,6 +521,13 @@ class Declared(FromLayout):
     def fused_groups(self) -> int:
         return self.layout.qkv.groups(self.spec)
 
+    def embedding_scale(self) -> float:
+        """What the embedding module multiplies its row by (Layout.embedding_scale), 1.0 when nothing."""
+        scale = self.layout.embedding_scale
+        if scale is None:
+            return 1.0
+        return float(value(self.cfg, scale)) if isinstance(scale, Key) else float(scale(self.spec))
+
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * scale exactly as the embedding module computes it in the model's dtype (the checkpoint's, which
         transformers loads by default): the scale rounded to that dtype, the product rounded to it too (bf16:
@@ -531,7 +539,7 @@ class Declared(FromLayout):
         def rounded(a: np.ndarray) -> np.ndarray:
             return a.astype(out) if stored is None else to_float(from_float(a, stored), stored, out)
 
-        scale = np.float32(self.layout.embedding_scale(self.spec))  # the module's buffer: a float32 tensor
+        scale = np.float32(self.embedding_scale())  # the module's buffer: a float32 tensor
         return rounded(rounded(x) * rounded(scale))
 
     def runtime_patch(self) -> RuntimePatch:
@@ -550,5 +558,5 @@ class Declared(FromLayout):
             lay.embedding_norm_in_model else (),
             fused_groups=self.fused_groups if mem.qkv.layout else None,
             fused_order=mem.qkv.order,
-            embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
+            embedding_scale=self.embedding_scale(),
         )

@@ -48,9 +48,6 @@ NOT_WRITTEN: dict[str, str] = {
     "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
         "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
         "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
-    "youtu": _TOKEN_ONLY_BUT.format(
-        "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
-        "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),
     "zaya": _TOKEN_ONLY_BUT.format(
         "its compressed convolutional attention mixes tokens after the projections: q and k go through causal "
         "convolutions over the sequence (conv_qk_depthwise, conv_qk_grouped) and v joins v_proj_current of this "
@@ -77,6 +74,5 @@ NOT_WRITTEN: dict[str, str] = {
     # Token-only, but each needs more than a declaration:
     **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
                               "the per-layer embedding") for t in ("gemma3n", "gemma4", "gemma3n_text", "gemma4_text")},
-    **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in (
-        "deepseek_v4", "glm_moe_dsa", "longcat_flash", "sarvam_mla", "axk1", "axk2", "minicpm3")},
+    **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in ("deepseek_v4",)},
 }
