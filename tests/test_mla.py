@@ -74,7 +74,8 @@ def test_kimi_k2_model_type(tmp_path, table):
     assert_equivalent(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent")])
+@pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent"), ("axk2", "full"),
+                                         ("longcat_flash", "latent"), ("minicpm3-untied", "full")])
 def test_convert_verify_reads_the_choice(tmp_path, capsys, case, table):
     """verify recomputes rows with the table the conversion chose (from the block), and loads mistral4, which
     AutoModelForCausalLM does not map, through its architecture; inspect on the output names the choice."""
@@ -130,6 +131,42 @@ def test_table_is_the_latents_by_hand(tmp_path, table):
     assert not removed & set(out)
 
 
+@pytest.mark.parametrize("table", ["latent", "full"])
+def test_axk2_table_by_hand(tmp_path, table):
+    """A.X-K2's columns in float64 from the saved weights, after AXK2Attention.forward: the gated input norm
+    h = y * sigmoid(W_up(silu(W_down(y)))), y = RMSNorm(x); the latent table's q is q_a_proj(h) before its norm
+    (q_a_layernorm stays in the checkpoint), the full table's q_b_proj([ql | q_a_proj(h)]), per head [q | gate]."""
+    src = _build(tmp_path, "axk2")
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    w = {k: v.double().numpy() for k, v in tensors(src / "model.safetensors").items()}
+    out = tensors(tmp_path / "out" / "model.safetensors")
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]
+    layer, p = "model.layers.0.", "model.layers.0.self_attn."
+    x = w["model.embed_tokens.weight"]
+    y = _rms(x, w[layer + "input_layernorm.norm.weight"], 1e-6)
+    g = y @ w[layer + "input_layernorm.W_down.weight"].T
+    h = y / (1 + np.exp(-((g / (1 + np.exp(-g))) @ w[layer + "input_layernorm.W_up.weight"].T)))
+    qc = h @ w[p + "q_a_proj.weight"].T + w[p + "q_a_proj.bias"]
+    ql = _rms(qc, w[p + "q_a_layernorm.weight"], 1e-6)
+    c = h @ w[p + "kv_a_proj_with_mqa.weight"].T + w[p + "kv_a_proj_with_mqa.bias"]
+    lat = _rms(c[:, :16], w[p + "kv_a_layernorm.weight"], 1e-6)
+    full = table == "full"
+    expected = {
+        "residual": x,
+        "q": np.concatenate([ql, qc], axis=1) @ w[p + "q_b_proj.weight"].T if full else qc,
+        "kv": np.concatenate([lat @ w[p + "kv_b_proj.weight"].T if full else lat, c[:, 16:]], axis=1),
+    }
+    got = out["precompute.table"].double().numpy()
+    assert block["columns"]["q"][1] - block["columns"]["q"][0] == (4 * (12 + 8 + 10) if full else 24)
+    for name, value in expected.items():
+        a, b = block["columns"][name]
+        np.testing.assert_allclose(got[:, a:b], value, rtol=2e-5, atol=2e-5 * np.abs(value).max(), err_msg=name)
+    removed = set(block["removed"])
+    assert (p + "q_a_layernorm.weight" in removed) == full and (p + "q_a_layernorm.weight" in out) != full
+    assert {layer + "input_layernorm.W_down.weight", layer + "input_layernorm.W_up.weight",
+            layer + "input_layernorm.norm.weight"} <= removed
+
+
 def test_unknown_table_choice_and_flag_on_other_models_are_refused(tmp_path, capsys):
     src = _build(tmp_path, "deepseek_v3")
     code, _, err = run_cli(capsys, "convert", src, tmp_path / "out", "--mla-table", "wide")
@@ -139,11 +176,21 @@ def test_unknown_table_choice_and_flag_on_other_models_are_refused(tmp_path, cap
     assert code == 2 and "MLA models only" in err and not (tmp_path / "out2").exists()
 
 
+DENSE = dict(first_k_dense_replace=2, mlp_layer_types=["dense", "dense"])
+# bfloat16, as these families are served; every layer dense where the type allows it: with 4 experts, bf16 rounding
+# flips the grouped top-k routing of a few tokens either way, and a flip moves the mean logit error more than the
+# table's precision does (verify trims such outliers). LongCat-Flash's shortcut MoE is in every layer. The DSA
+# indexers keep every key (index_topk 8, the probe's length) for the same reason: a top-3 selection flips by chance
+# in bf16 (float32 tests the selection).
+ALL_KEYS = dict(index_topk=8)
+BF16 = {"deepseek_v3": DENSE, "youtu": {}, "minicpm3": {}, "minicpm3-untied": {}, "sarvam_mla": DENSE,
+        "axk1": DENSE, "glm_moe_dsa": {**DENSE, **ALL_KEYS}, "longcat_flash": {}, "axk2": {**DENSE, **ALL_KEYS}}
+
+
 @pytest.mark.parametrize("table", ["latent", "full"])
-def test_bfloat16(tmp_path, table):
-    """Both layers dense: with 4 experts, bf16 rounding flips the grouped top-k routing of a few tokens either way,
-    and a flip moves the mean logit error more than the table's precision does (verify trims such outliers)."""
-    src = build(tmp_path / "src", dtype=torch.bfloat16, **{**MLA, **CASES["deepseek_v3"], "first_k_dense_replace": 2})
+@pytest.mark.parametrize("case", sorted(BF16))
+def test_bfloat16(tmp_path, case, table):
+    src = build(tmp_path / "src", dtype=torch.bfloat16, **{**MLA, **CASES[case], **BF16[case]})
     assert convert(src, tmp_path / "out", "--mla-table", table) == 0
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
 
