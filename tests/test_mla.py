@@ -202,7 +202,16 @@ README_FIGURES = {
                     "full": (57_408, 7_421_706_240, 69_673_984, 0, 64_576)},
     "kimi-k2": {"latent": (2112, 346_030_080, 15_148_032, 27_262_976, 9280),
                 "full": (28_736, 4_708_106_240, 42_411_008, 0, 35_904)},
+    "glm-5": {"latent": (2784, 431_185_920, 17_113_856, 56_623_104, 8928),
+              "full": (49_376, 7_647_354_880, 73_736_960, 0, 55_520)},
+    "longcat-flash-chat": {"latent": (2112, 276_824_064, 12_984_320, 27_262_976, 8256),
+                           "full": (28_736, 3_766_484_992, 40_247_296, 0, 34_880)},
+    "minicpm3-4b": {"latent": (1056, 77_561_088, 2_706_944, 4_259_840, 3616),
+                    "full": (8992, 660_444_416, 6_966_784, 0, 11_552)},
 }
+# the latent table's width: x (untied) and the latent columns; MiniCPM3 ties its embedding, so x is not in the table
+LATENT_WIDTH = {"deepseek-v3": 7168 + 2112, "kimi-k2": 7168 + 2112, "glm-5": 6144 + 2784,
+                "longcat-flash-chat": 6144 + 2112, "minicpm3-4b": 1056}
 
 
 @pytest.mark.parametrize("config", sorted(README_FIGURES))
@@ -212,7 +221,7 @@ def test_inspect_shows_both_tables_for_the_hub_configs(capsys, config):
     data = json.loads(out)
     keys = ("new_columns", "extra_entries", "eliminated_params", "kept_linear_params", "reads_per_token")
     assert {t: tuple(o[k] for k in keys) for t, o in data["table_options"].items()} == README_FIGURES[config]
-    assert data["table_choice"] == {"mla_table": "latent"} and data["table_width"] == 7168 + 2112
+    assert data["table_choice"] == {"mla_table": "latent"} and data["table_width"] == LATENT_WIDTH[config]
     code, out, err = run_cli(capsys, "inspect", f"configs/{config}.json")
     assert code == 0 and "--mla-table" in out + err
 
