@@ -42,6 +42,13 @@ CASES = {
     # gated input norm, q_b_proj giving q and the output gate from [ql | q latent], DSA indexer
     "axk2": dict(model_type="axk2", index_n_heads=2, index_head_dim=16, index_topk=3, gated_norm_rank=4,
                  attention_bias=True),
+    # hyper-connections (3 streams) before the attention, an output gate projection, sinks, an indexer
+    "hy_v4": dict(model_type="hy_v4", index_n_heads=2, index_head_dim=16, index_topk=3, hc_mult=3, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2),
+    # the streams collapse to s(x) * x, which the input RMSNorm undoes but for its eps: a large eps makes a wrong
+    # s(x) show
+    "hy_v4-eps": dict(model_type="hy_v4", index_n_heads=2, index_head_dim=16, index_topk=3, hc_mult=3,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1.0),
 }
 
 
@@ -75,7 +82,8 @@ def test_kimi_k2_model_type(tmp_path, table):
 
 
 @pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent"), ("axk2", "full"),
-                                         ("longcat_flash", "latent"), ("minicpm3-untied", "full")])
+                                         ("longcat_flash", "latent"), ("minicpm3-untied", "full"),
+                                         ("hy_v4-eps", "latent")])
 def test_convert_verify_reads_the_choice(tmp_path, capsys, case, table):
     """verify recomputes rows with the table the conversion chose (from the block), and loads mistral4, which
     AutoModelForCausalLM does not map, through its architecture; inspect on the output names the choice."""
@@ -184,7 +192,8 @@ DENSE = dict(first_k_dense_replace=2, mlp_layer_types=["dense", "dense"])
 # in bf16 (float32 tests the selection).
 ALL_KEYS = dict(index_topk=8)
 BF16 = {"deepseek_v3": DENSE, "youtu": {}, "minicpm3": {}, "minicpm3-untied": {}, "sarvam_mla": DENSE,
-        "axk1": DENSE, "glm_moe_dsa": {**DENSE, **ALL_KEYS}, "longcat_flash": {}, "axk2": {**DENSE, **ALL_KEYS}}
+        "axk1": DENSE, "glm_moe_dsa": {**DENSE, **ALL_KEYS}, "longcat_flash": {}, "axk2": {**DENSE, **ALL_KEYS},
+        "hy_v4": {**DENSE, **ALL_KEYS}}
 
 
 @pytest.mark.parametrize("table", ["latent", "full"])

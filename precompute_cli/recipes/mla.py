@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA) at layer 0: deepseek_v2, deepseek_v3 (and Kimi-K2: model_type kimi_k2, the
 DeepseekV3ForCausalLM architecture), deepseek_v32, glm4_moe_lite, mistral4, youtu, minicpm3, sarvam_mla, axk1,
-glm_moe_dsa, longcat_flash, axk2.
+glm_moe_dsa, longcat_flash, axk2, hy_v4.
 
 Everything up to the latents is token-only (transformers' DeepseekV3Attention.forward and its twins):
 
@@ -35,6 +35,11 @@ Where the twins differ, the difference is data in their Latents (and Layout):
                 The latent table holds q_a_proj(h) unnormed (q_a_layernorm stays, and so do q_b_proj and wq_b);
                 the full one q_b_proj's output (q and gate) and wq_b(ql), q_a_proj and q_a_layernorm passing h
                 through to modules that return table columns whatever they read.
+  hy_v4         hyper-connections: the model expands x into hc_mult streams, all x at layer 0, and the attention
+                reads input_layernorm(sum_j pre_j x), pre a function of those streams, so of the token
+                (HyperPre); attn_hc stays in the model, as its post weights act after the attention. An output gate
+                projection of h (linear_gate, gate_proj in memory) folds into a "gate" column; its indexer's k_norm
+                takes rms_norm_eps; the sinks stay.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from precompute_cli.errors import InputError
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register, spans
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
-from precompute_cli.spec import TIED, Config, ModelSpec, heads
+from precompute_cli.spec import TIED, Config, ModelSpec, heads, value
 
 TABLES = ("latent", "full")
 DEFAULT_TABLE = "latent"
@@ -71,6 +76,34 @@ class NormGate:
 
 
 @dataclass(frozen=True)
+class HyperPre:
+    """Hyper-connections in front of layer 0's attention (hy_v4's HYV4HyperConnection): the model feeds layer 0
+    `streams` identical copies of x, and the attention's input norm reads sum_j pre_j * x with
+    pre = sigmoid(scale[0] * (fn[:n] . [x, ..., x]) / rms([x, ..., x]) + base[:n]) + hc_eps, a function of x alone.
+    The module stays (its post weights act after the attention): the fold reads its tensors and keeps them."""
+
+    fn: str = "hc_pre.hc_attn_layer.hc_fn"  # under layer 0, on disk (attn_hc.fn in memory)
+    base: str = "hc_pre.hc_attn_layer.hc_base"
+    scale: str = "hc_pre.hc_attn_layer.hc_scale"
+    streams: Key = Key("hc_mult", default=4)
+    eps: Key = Key("hc_eps", default=1e-6)
+    norm_eps: Key = Key("rms_norm_eps", default=1e-5)  # the unweighted RMS of the flattened streams
+
+    def tensors(self, where: str, cfg: Config, hidden: int) -> dict[str, Shape]:
+        n = self.streams.int(cfg, {})
+        return {where + self.fn: (2 * n, n * hidden), where + self.base: (2 * n,), where + self.scale: (2,)}
+
+    def collapse(self, w: Weights, x: np.ndarray, where: str, cfg: Config) -> np.ndarray:
+        """sum_j pre_j * x for n identical streams x."""
+        n = self.streams.int(cfg, {})
+        flat = np.concatenate([x] * n, axis=-1)
+        logits = ops.linear(flat, w(where + self.fn)[:n]) / np.sqrt(ops.mean_square(flat) + float(value(cfg,
+                                                                                              self.norm_eps)))
+        pre = ops.sigmoid(logits * w(where + self.scale)[0] + w(where + self.base)[:n]) + float(value(cfg, self.eps))
+        return pre.sum(-1, keepdims=True) * x
+
+
+@dataclass(frozen=True)
 class Latents:
     """Where a type's config keeps MLA's widths, with its configuration class's defaults (transformers 5.24), and
     what its attention does besides DeepSeek-V3's (module docstring)."""
@@ -88,6 +121,9 @@ class Latents:
     plain_q: bool = True  # a null q_lora_rank means q_proj; False: the type always has q_a_proj (a null is refused)
     q_gate: bool = False  # A.X-K2: q_b_proj reads [ql | q_a_proj(h)] and gives per head [q (qk) | gate (v_head_dim)]
     input_gate: NormGate | None = None
+    hyper: HyperPre | None = None
+    gate: str | None = None  # hy_v4: an output gate projection of h under the attention, heads * v_head_dim wide
+    index_eps: Key | float = LATENT_EPS  # the indexer's k_norm (hy_v4: rms_norm_eps)
     # modules under the attention that transformers renames on loading: (on disk, in memory)
     memory: tuple[tuple[str, str], ...] = ()
 
@@ -103,7 +139,7 @@ class Latents:
             nope=self.nope.int(cfg, known), v_head_dim=self.v_head_dim.int(cfg, known),
             index_heads=self.index_heads.int(cfg, known) if indexer else 0,
             index_head_dim=self.index_head_dim.int(cfg, known) if indexer else 0,
-            q_gate=self.q_gate,
+            q_gate=self.q_gate, gate=self.gate is not None,
         )
 
     def in_memory(self, module: str) -> str:
@@ -125,6 +161,7 @@ class MlaDims:
     index_heads: int = 0  # deepseek_v32's indexer; 0 when there is none
     index_head_dim: int = 0
     q_gate: bool = False  # A.X-K2's q_b_proj: [ql | q latent before its norm] -> per head [q | gate]
+    gate: bool = False  # hy_v4's output gate projection of h: heads * v_head_dim
 
     @property
     def q_full(self) -> int:
@@ -144,6 +181,8 @@ class MlaDims:
         full = table == "full"
         q = self.q_full if full or self.q_lora_rank is None else self.q_lora_rank
         out = {"q": q, "kv": (self.kvb if full else self.kv_lora_rank) + self.rope}
+        if self.gate:
+            out["gate"] = self.heads * self.v_head_dim
         if self.index_heads:
             out.update(index_k=self.index_head_dim, index_w=self.index_heads)
             if full:
@@ -177,9 +216,9 @@ def _per_head(v: dict[str, Any]) -> int:
 
 
 def _layer0_indexes(cfg: Config) -> bool:
-    """glm_moe_dsa: whether layer 0 runs its own indexer ("full") or reuses a previous layer's top-k ("shared"), from
-    indexer_types, or the index_topk_pattern or index_topk_freq and index_skip_topk_offset it is built from
-    (GlmMoeDsaConfig.__post_init__)."""
+    """glm_moe_dsa, hy_v4: whether layer 0 runs its own indexer ("full") or reuses a previous layer's top-k
+    ("shared"), from indexer_types, or (glm_moe_dsa) the index_topk_pattern or index_topk_freq and
+    index_skip_topk_offset it is built from (GlmMoeDsaConfig.__post_init__); hy_v4's default makes layer 0 full."""
     types = cfg.get("indexer_types")
     if isinstance(types, list) and types:
         return types[0] == "full"
@@ -213,6 +252,7 @@ class Mla(Declared):
         "longcat_flash": _layout(512, eps=1e-5, norm="input_layernorm.0",
                                  sizes={"intermediate_size": _longcat_width, "num_layers": Key("num_layers")}),
         "axk2": _layout(128, norm="input_layernorm.norm"),
+        "hy_v4": _layout(256, eps=1e-5),
     }
     latents: ClassVar[dict[str, Latents]] = {
         "deepseek_v2": Latents(1536),
@@ -237,6 +277,10 @@ class Mla(Declared):
                         nope=Key("qk_nope_head_dim", default=64), v_head_dim=Key("v_head_dim", default=64),
                         indexer=True, index_heads=Key("index_n_heads", default=16), plain_q=False, q_gate=True,
                         input_gate=NormGate(), memory=(("q_b_proj", "q_gate_proj"),)),
+        "hy_v4": Latents(1536, nope=Key("qk_nope_head_dim", default=192), v_head_dim=Key("v_head_dim", default=256),
+                         indexer=_layer0_indexes, index_heads=Key("index_n_heads", default=16), plain_q=False,
+                         hyper=HyperPre(), gate="linear_gate", index_eps=Key("rms_norm_eps", default=1e-5),
+                         memory=(("linear_gate", "gate_proj"),)),
     }
     table: str = DEFAULT_TABLE  # "latent" | "full": chosen by convert's --mla-table, read back from the block
 
@@ -308,6 +352,8 @@ class Mla(Declared):
         out[p + "kv_a_layernorm.weight"] = (d.kv_lora_rank,)
         if full:
             out[p + "kv_b_proj.weight"] = (d.kvb, d.kv_lora_rank)
+        if lat.gate:
+            out[p + lat.gate + ".weight"] = (d.heads * d.v_head_dim, d.hidden)
         if d.index_heads:
             out[p + "indexer.wk.weight"] = (d.index_head_dim, d.hidden)
             out[p + "indexer.k_norm.weight"] = (d.index_head_dim,)
@@ -316,6 +362,11 @@ class Mla(Declared):
             if full:
                 out[p + "indexer.wq_b.weight"] = (d.index_heads * d.index_head_dim, d.q_lora_rank)
         return out
+
+    def kept_inputs(self) -> dict[str, Shape]:
+        """hy_v4: the hyper-connection's tensors, which the fold reads and the model keeps."""
+        hyper = self.mla.hyper
+        return hyper.tensors(self.prefix, self.cfg, self.spec.hidden_size) if hyper else {}
 
     def kept(self) -> tuple[str, ...]:
         """A.X-K2's latent table: q_a_layernorm, read after the table (on q_a_proj's output, which it holds)."""
@@ -328,6 +379,8 @@ class Mla(Declared):
         p = self.prefix + lat.attention
         x = ops.upcast(x)
         a = self.scale_embedding(x) if self.layout.embedding_scale else x  # the residual stays the raw row
+        if lat.hyper:
+            a = lat.hyper.collapse(w, a, self.prefix, self.cfg)
         h = self.layout.input_norm.apply(w, a, self.prefix, self.cfg, self.spec)
         if lat.input_gate:
             down, up = (w(self.prefix + m + ".weight") for m in (lat.input_gate.down, lat.input_gate.up))
@@ -352,9 +405,11 @@ class Mla(Declared):
         lat_kv = ops.rms_norm(c[..., :d.kv_lora_rank], w(p + "kv_a_layernorm.weight"), LATENT_EPS)
         kv = ops.linear(lat_kv, w(p + "kv_b_proj.weight")) if full else lat_kv
         out["kv"] = np.concatenate([kv, c[..., d.kv_lora_rank:]], axis=-1)
+        if lat.gate:
+            out["gate"] = ops.linear(h, w(p + lat.gate + ".weight"))
         if d.index_heads:
             out["index_k"] = ops.layer_norm(ops.linear(h, w(p + "indexer.wk.weight")), w(p + "indexer.k_norm.weight"),
-                                            w(p + "indexer.k_norm.bias"), LATENT_EPS)
+                                            w(p + "indexer.k_norm.bias"), float(value(self.cfg, lat.index_eps)))
             out["index_w"] = ops.linear(h, w(p + "indexer.weights_proj.weight"))
             if full:
                 out["index_q"] = ops.linear(ql, w(p + "indexer.wq_b.weight"))
@@ -385,13 +440,16 @@ class Mla(Declared):
                     identities.append(a("q_b_proj"))
         if full:
             identities.append(a("kv_b_proj"))
+        if lat.gate:
+            projections["gate"] = a(lat.gate)
         if d.index_heads:
             projections.update(index_k=a("indexer.wk"), index_w=a("indexer.weights_proj"))
-            identities.append(a("indexer.k_norm"))
             if full:
                 projections["index_q"] = a("indexer.wq_b")
         return RuntimePatch(
             layer="model.layers.0", projections=projections, identities=tuple(identities),
+            # hy_v4's indexer casts wk's output to k_norm.weight.dtype before calling it
+            dtype_identities=(a("indexer.k_norm"),) if d.index_heads else (),
             # the full table's kv columns hold kv_b_proj's output: the attention splits and caches that width
             attributes={a("kv_lora_rank"): d.kvb} if full else {},
             contiguous=True,

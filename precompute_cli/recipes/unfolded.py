@@ -62,9 +62,6 @@ NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
         "dots3_note_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
-    "hy_v4": _TOKEN_ONLY_BUT.format(
-        "hyper-connections (hc_pre) build the attention's input from several residual streams with weights computed "
-        "from them, and the attention is multi-head latent attention with a sparse indexer and a gate (linear_gate)"),
     **{t: _TOKEN_ONLY_BUT.format(
         "the embedding module applies its own RMSNorm, the queries pass through a position-dependent log-scaled L2 "
         "clip, and the keys and values through short convolutions over the sequence (dynamic ones computed from the "
