@@ -52,8 +52,23 @@ CASES = {
 }
 
 
+# DeepSeek-V4 (recipes/deepseek_v4.py): 2 hyper-connection streams, a shared K=V head of 32, windows of 2 (CSA) and
+# 4 (HCA) tokens and a sliding window of 4, so 8-token probes compress, select (top 3 of 4) and slide; layer 0 of
+# each kind, the other layer another kind
+V4 = dict(model_type="deepseek_v4", num_key_value_heads=1, head_dim=32, q_lora_rank=24, moe_intermediate_size=32,
+          n_routed_experts=4, num_experts_per_tok=2, o_groups=2, o_lora_rank=8, index_n_heads=2, index_head_dim=16,
+          index_topk=3, sliding_window=4, hc_mult=2, partial_rotary_factor=0.25,
+          compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4})
+V4_LAYER0 = {"heavily_compressed_attention": "compressed_sparse_attention",
+             "compressed_sparse_attention": "heavily_compressed_attention",
+             "sliding_attention": "compressed_sparse_attention"}
+CASES.update({f"deepseek_v4-{kind}": {**V4, "layer_types": [kind, after]} for kind, after in V4_LAYER0.items()})
+# the streams collapse to s(x) * x, which the input RMSNorm undoes but for its eps: a large eps makes a wrong s(x) show
+CASES["deepseek_v4-eps"] = {**V4, "rms_norm_eps": 1.0}
+
+
 def _build(tmp_path, case: str, **extra):
-    return build(tmp_path / "src", **{**MLA, **CASES[case], **extra})
+    return build(tmp_path / "src", **{**({} if case.startswith("deepseek_v4") else MLA), **CASES[case], **extra})
 
 
 @pytest.mark.parametrize("table", ["latent", "full"])
@@ -83,7 +98,7 @@ def test_kimi_k2_model_type(tmp_path, table):
 
 @pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent"), ("axk2", "full"),
                                          ("longcat_flash", "latent"), ("minicpm3-untied", "full"),
-                                         ("hy_v4-eps", "latent")])
+                                         ("hy_v4-eps", "latent"), ("deepseek_v4-compressed_sparse_attention", "full")])
 def test_convert_verify_reads_the_choice(tmp_path, capsys, case, table):
     """verify recomputes rows with the table the conversion chose (from the block), and loads mistral4, which
     AutoModelForCausalLM does not map, through its architecture; inspect on the output names the choice."""
@@ -193,13 +208,13 @@ DENSE = dict(first_k_dense_replace=2, mlp_layer_types=["dense", "dense"])
 ALL_KEYS = dict(index_topk=8)
 BF16 = {"deepseek_v3": DENSE, "youtu": {}, "minicpm3": {}, "minicpm3-untied": {}, "sarvam_mla": DENSE,
         "axk1": DENSE, "glm_moe_dsa": {**DENSE, **ALL_KEYS}, "longcat_flash": {}, "axk2": {**DENSE, **ALL_KEYS},
-        "hy_v4": {**DENSE, **ALL_KEYS}}
+        "hy_v4": {**DENSE, **ALL_KEYS}, "deepseek_v4-heavily_compressed_attention": {}}  # V4: hash-routed MoE
 
 
 @pytest.mark.parametrize("table", ["latent", "full"])
 @pytest.mark.parametrize("case", sorted(BF16))
 def test_bfloat16(tmp_path, case, table):
-    src = build(tmp_path / "src", dtype=torch.bfloat16, **{**MLA, **CASES[case], **BF16[case]})
+    src = _build(tmp_path, case, dtype=torch.bfloat16, **BF16[case])
     assert convert(src, tmp_path / "out", "--mla-table", table) == 0
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
 

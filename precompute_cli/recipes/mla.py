@@ -80,7 +80,8 @@ class HyperPre:
     """Hyper-connections in front of layer 0's attention (hy_v4's HYV4HyperConnection): the model feeds layer 0
     `streams` identical copies of x, and the attention's input norm reads sum_j pre_j * x with
     pre = sigmoid(scale[0] * (fn[:n] . [x, ..., x]) / rms([x, ..., x]) + base[:n]) + hc_eps, a function of x alone.
-    The module stays (its post weights act after the attention): the fold reads its tensors and keeps them."""
+    The module stays (its post weights act after the attention): the fold reads its tensors and keeps them.
+    DeepSeek-V4's form (comb) also mixes n x n comb weights: (2 + n) n rows and three scales; pre comes first."""
 
     fn: str = "hc_pre.hc_attn_layer.hc_fn"  # under layer 0, on disk (attn_hc.fn in memory)
     base: str = "hc_pre.hc_attn_layer.hc_base"
@@ -88,10 +89,13 @@ class HyperPre:
     streams: Key = Key("hc_mult", default=4)
     eps: Key = Key("hc_eps", default=1e-6)
     norm_eps: Key = Key("rms_norm_eps", default=1e-5)  # the unweighted RMS of the flattened streams
+    comb: bool = False
 
     def tensors(self, where: str, cfg: Config, hidden: int) -> dict[str, Shape]:
         n = self.streams.int(cfg, {})
-        return {where + self.fn: (2 * n, n * hidden), where + self.base: (2 * n,), where + self.scale: (2,)}
+        rows = (2 + n) * n if self.comb else 2 * n
+        return {where + self.fn: (rows, n * hidden), where + self.base: (rows,),
+                where + self.scale: (3 if self.comb else 2,)}
 
     def collapse(self, w: Weights, x: np.ndarray, where: str, cfg: Config) -> np.ndarray:
         """sum_j pre_j * x for n identical streams x."""

@@ -71,5 +71,4 @@ NOT_WRITTEN: dict[str, str] = {
     # Token-only, but each needs more than a declaration:
     **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
                               "the per-layer embedding") for t in ("gemma3n", "gemma4", "gemma3n_text", "gemma4_text")},
-    **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in ("deepseek_v4",)},
 }
