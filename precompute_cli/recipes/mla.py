@@ -253,8 +253,8 @@ class Mla(Declared):
         "axk1": _layout(192),
         "glm_moe_dsa": _layout(256, eps=1e-5),
         # the decoder layers are num_layers (transformers' num_hidden_layers counts attention sublayers, twice that)
-        "longcat_flash": _layout(512, eps=1e-5, norm="input_layernorm.0",
-                                 sizes={"intermediate_size": _longcat_width, "num_layers": Key("num_layers")}),
+        "longcat_flash": _layout(512, eps=1e-5, norm="input_layernorm.0", sizes={
+            "intermediate_size": _longcat_width, "num_layers": Key("num_layers", default=28)}),
         "axk2": _layout(128, norm="input_layernorm.norm"),
         "hy_v4": _layout(256, eps=1e-5),
     }
