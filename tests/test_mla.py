@@ -232,10 +232,15 @@ README_FIGURES = {
                            "full": (28_736, 3_766_484_992, 40_247_296, 0, 34_880)},
     "minicpm3-4b": {"latent": (1056, 77_561_088, 2_706_944, 4_259_840, 3616),
                     "full": (8992, 660_444_416, 6_966_784, 0, 11_552)},
+    "hy4-preview": {"latent": (10_448, 1_262_452_736, 29_426_688, 23_068_672, 13_264),
+                    "full": (32_976, 3_984_556_032, 52_495_360, 0, 35_792)},
+    "deepseek-v4-flash-base": {"latent": (2560, 330_956_800, 10_491_392, 33_554_432, 6656),
+                               "full": (34_304, 4_434_821_120, 44_045_824, 0, 38_400)},
 }
 # the latent table's width: x (untied) and the latent columns; MiniCPM3 ties its embedding, so x is not in the table
 LATENT_WIDTH = {"deepseek-v3": 7168 + 2112, "kimi-k2": 7168 + 2112, "glm-5": 6144 + 2784,
-                "longcat-flash-chat": 6144 + 2112, "minicpm3-4b": 1056}
+                "longcat-flash-chat": 6144 + 2112, "minicpm3-4b": 1056, "hy4-preview": 2816 + 10_448,
+                "deepseek-v4-flash-base": 4096 + 2560}
 
 
 @pytest.mark.parametrize("config", sorted(README_FIGURES))

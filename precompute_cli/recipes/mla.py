@@ -37,8 +37,9 @@ Where the twins differ, the difference is data in their Latents (and Layout):
                 through to modules that return table columns whatever they read.
   hy_v4         hyper-connections: the model expands x into hc_mult streams, all x at layer 0, and the attention
                 reads input_layernorm(sum_j pre_j x), pre a function of those streams, so of the token
-                (HyperPre); attn_hc stays in the model, as its post weights act after the attention. An output gate
-                projection of h (linear_gate, gate_proj in memory) folds into a "gate" column; its indexer's k_norm
+                (HyperPre); attn_hc stays in the model, as its post weights act after the attention. An output
+                gate projection of h (linear_gate, gate_proj in memory) folds into an "output_gate" column (named
+                apart from the declared families' "gate", which inspect adds to q, k, v); its indexer's k_norm
                 takes rms_norm_eps; the sinks stay.
 """
 
@@ -186,7 +187,7 @@ class MlaDims:
         q = self.q_full if full or self.q_lora_rank is None else self.q_lora_rank
         out = {"q": q, "kv": (self.kvb if full else self.kv_lora_rank) + self.rope}
         if self.gate:
-            out["gate"] = self.heads * self.v_head_dim
+            out["output_gate"] = self.heads * self.v_head_dim
         if self.index_heads:
             out.update(index_k=self.index_head_dim, index_w=self.index_heads)
             if full:
@@ -410,7 +411,7 @@ class Mla(Declared):
         kv = ops.linear(lat_kv, w(p + "kv_b_proj.weight")) if full else lat_kv
         out["kv"] = np.concatenate([kv, c[..., d.kv_lora_rank:]], axis=-1)
         if lat.gate:
-            out["gate"] = ops.linear(h, w(p + lat.gate + ".weight"))
+            out["output_gate"] = ops.linear(h, w(p + lat.gate + ".weight"))
         if d.index_heads:
             out["index_k"] = ops.layer_norm(ops.linear(h, w(p + "indexer.wk.weight")), w(p + "indexer.k_norm.weight"),
                                             w(p + "indexer.k_norm.bias"), float(value(self.cfg, lat.index_eps)))
@@ -420,7 +421,7 @@ class Mla(Declared):
         return out
 
     def columns(self) -> dict[str, tuple[int, int] | None]:
-        """residual | q | kv (| index_k | index_w | index_q), in that order."""
+        """residual | q | kv (| output_gate | index_k | index_w | index_q), in that order."""
         widths = {"residual": self.spec.hidden_size if self.stores_residual else 0, **self.dims.widths(self.table)}
         return spans(list(widths.items()))
 
@@ -445,7 +446,7 @@ class Mla(Declared):
         if full:
             identities.append(a("kv_b_proj"))
         if lat.gate:
-            projections["gate"] = a(lat.gate)
+            projections["output_gate"] = a(lat.gate)
         if d.index_heads:
             projections.update(index_k=a("indexer.wk"), index_w=a("indexer.weights_proj"))
             if full:
