@@ -358,7 +358,8 @@ class Layout:
     def __post_init__(self) -> None:
         if self.gate and self.qkv.layout:
             raise ValueError("an attention gate beside a fused QKV projection is not one the runtime can swap")
-    embedding_scale: Callable[[ModelSpec], float] | None = None  # inside the embedding module, in its dtype (Gemma)
+    # inside the embedding module, in its dtype: a function of the spec (Gemma's sqrt(d)) or a config key (MiniCPM3)
+    embedding_scale: Callable[[ModelSpec], float] | Key | None = None
     embedding_multiplier: Key | None = None  # after the embedding module, outside the residual columns (Granite)
     input_norm: Norm | None = field(default_factory=lambda: rms("input_layernorm"))
     norm_is_residual: Key | bool = False  # the attention's residual is input_norm(x), not x (BLOOM's flag)
@@ -543,9 +544,16 @@ class Declared(FromLayout):
     def fused_groups(self) -> int:
         return self.layout.qkv.groups(self.spec)
 
+    def embedding_scale(self) -> float:
+        """What the embedding module multiplies its row by (Layout.embedding_scale), 1.0 when nothing."""
+        scale = self.layout.embedding_scale
+        if scale is None:
+            return 1.0
+        return float(value(self.cfg, scale)) if isinstance(scale, Key) else float(scale(self.spec))
+
     def scale_embedding(self, x: np.ndarray) -> np.ndarray:
         """x * the layout's embedding scale as the embedding module computes it (scaled_as_stored)."""
-        return scaled_as_stored(x, self.layout.embedding_scale(self.spec), self.spec.dtype)
+        return scaled_as_stored(x, self.embedding_scale(), self.spec.dtype)
 
     def runtime_patch(self) -> RuntimePatch:
         lay = self.layout
@@ -563,5 +571,5 @@ class Declared(FromLayout):
             lay.embedding_norm_in_model else (),
             fused_groups=self.fused_groups if mem.qkv.layout else None,
             fused_order=mem.qkv.order,
-            embedding_scale=lay.embedding_scale(self.spec) if lay.embedding_scale else 1.0,
+            embedding_scale=self.embedding_scale(),
         )

@@ -52,9 +52,6 @@ NOT_WRITTEN: dict[str, str] = {
     "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
         "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
         "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
-    "youtu": _TOKEN_ONLY_BUT.format(
-        "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
-        "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),
     "zaya": _TOKEN_ONLY_BUT.format(
         "its compressed convolutional attention mixes tokens after the projections: q and k go through causal "
         "convolutions over the sequence (conv_qk_depthwise, conv_qk_grouped) and v joins v_proj_current of this "
@@ -69,16 +66,10 @@ NOT_WRITTEN: dict[str, str] = {
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
         "dots3_note_text")},
-    "hy_v4": _TOKEN_ONLY_BUT.format(
-        "hyper-connections (hc_pre) build the attention's input from several residual streams with weights computed "
-        "from them, and the attention is multi-head latent attention with a sparse indexer and a gate (linear_gate)"),
     **{t: _TOKEN_ONLY_BUT.format(
         "the embedding module applies its own RMSNorm, the queries pass through a position-dependent log-scaled L2 "
         "clip, and the keys and values through short convolutions over the sequence (dynamic ones computed from the "
         "layer's input) after their projections" + loop)
        for t, loop in (("inkling2_text", ""),
                        ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
-    # Token-only, but each needs more than a declaration:
-    **{t: _NOT_WRITTEN.format("MLA-like or sparse attention, not read in detail") for t in (
-        "deepseek_v4", "glm_moe_dsa", "longcat_flash", "sarvam_mla", "axk1", "axk2", "minicpm3")},
 }
