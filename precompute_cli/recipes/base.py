@@ -181,7 +181,7 @@ class Recipe:
         """[start, stop) column ranges of the table, in the order residual | q | k | v."""
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0), ("q", s.q_dim), ("k", s.kv_dim),
-                      ("v", s.kv_dim)])
+                      ("v", s.v_dim)])
 
 
 class FromLayout(Recipe):

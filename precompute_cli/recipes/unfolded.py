@@ -40,14 +40,6 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 _TOKEN_ONLY_BUT = "no recipe written and tested yet; layer 0 is token-only but {}"
 
 NOT_WRITTEN: dict[str, str] = {
-    "dory": _TOKEN_ONLY_BUT.format(
-        "only while it is one of the n_input_layers (with none, layer 0 is a recurrent layer rerun in every loop on "
-        "context-dependent states); its input norm is an L2 normalisation (DoryL2Norm, x / |x|, no weight), which "
-        "the declared norms (RMS, LayerNorm) cannot say yet; its attention gate (g_proj) would fold as a column as "
-        "afmoe's does, and the unit-norm q/k scaling (sqk) and interpolating residual act after the table"),
-    "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
-        "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
-        "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
     "youtu": _TOKEN_ONLY_BUT.format(
         "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),

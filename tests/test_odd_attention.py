@@ -1,0 +1,119 @@
+"""Attention types that need more than a Llama declaration: mimo_v2_flash (a value head size of its own) and dory
+(L2 norms, the residual is the normed input, a gate column, input layers before a recurrent section). Each converted
+tiny model equals transformers' own; what the equivalence cannot see (widths, refusals, defaults) is checked here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import assert_case, assert_equivalent, build, convert, inspect_json, run_cli
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from precompute_cli.recipes import recipe_for
+from precompute_cli.spec import Config
+
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MIMO = dict(model_type="mimo_v2_flash", head_dim=24, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, sliding_window=4, **IDS)
+DORY = dict(model_type="dory", head_dim=16, num_hidden_layers=4, n_input_layers=1, n_output_layers=1,
+            sliding_window=4, **IDS)
+
+# name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
+CASES = {
+    "mimo_v2_flash": (MIMO, ("serial", "GQA", 96, 48)),
+    # a sliding layer 0 has twice the KV heads and attention sinks (kept)
+    "mimo_v2_flash-sliding": ({**MIMO, "layer_types": ["sliding_attention", "full_attention"]},
+                              ("serial", "MHA", 96, 96)),
+    "mimo_v2_flash-bias-tied": ({**MIMO, "attention_bias": True, "tie_word_embeddings": True},
+                                ("serial", "GQA", 96, 48)),
+    "dory": (DORY, ("serial", "GQA", 64, 32)),
+    "dory-bias-tied": ({**DORY, "attention_bias": True, "tie_word_embeddings": True}, ("serial", "GQA", 64, 32)),
+    "dory-two-input-layers": ({**DORY, "num_hidden_layers": 5, "n_input_layers": 2, "n_recurrent_loops": 3},
+                              ("serial", "GQA", 64, 32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
+    assert_case(tmp_path, capsys, *CASES[case])
+
+
+@pytest.mark.parametrize("case", ["mimo_v2_flash", "dory"])
+def test_equivalent_bfloat16(tmp_path, case):
+    src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, kv_heads", [("mimo_v2_flash", 2), ("mimo_v2_flash-sliding", 4)])
+def test_mimo_values_have_their_own_head_size(tmp_path, capsys, case, kv_heads):
+    """The v column is KV heads x v_head_dim wide (not x head_dim), and the report counts it so."""
+    src = build(tmp_path / "src", **CASES[case][0])
+    info = inspect_json(capsys, src)
+    q, k, v = 4 * 24, kv_heads * 24, kv_heads * 16
+    assert info["folds"] == {"q": q, "k": k, "v": v}
+    assert info["v_dim"] == v and info["eliminated_linear_params"] == 64 * (q + k + v)
+    removed = {r["name"]: r["shape"] for r in info["removed"]}
+    assert removed["model.layers.0.self_attn.v_proj.weight"] == [v, 64]
+    assert not any("sink" in n for n in removed)  # the sliding layer's sinks are read after the table
+
+
+def test_dory_table_holds_the_normed_residual_and_unit_heads(tmp_path):
+    """Dory's residual is the L2-normed input (unit rows), and each head of q and k is a unit vector."""
+    src = build(tmp_path / "src", **DORY)
+    assert convert(src, tmp_path / "out") == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        table = f.get_tensor("precompute.table")
+    assert table.shape == (211, 64 + 64 + 32 + 32 + 64)  # residual | q | k | v | gate
+    ones = torch.ones(211)
+    assert torch.allclose(table[:, :64].norm(dim=-1), ones, atol=1e-5)
+    for start, heads in ((64, 4), (128, 2)):
+        unit = table[:, start:start + 16 * heads].reshape(211, heads, 16).norm(dim=-1)
+        assert torch.allclose(unit, torch.ones(211, heads), atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(num_hidden_layers=3, n_input_layers=0, n_output_layers=1), "no input layers"),
+    # as saved: layer_types interleaves "mlp" and every count is doubled
+    (dict(num_hidden_layers=6, n_input_layers=0, n_output_layers=2, n_recurrent_layers=4,
+          layer_types=["sliding_attention", "mlp"] * 3), "no input layers"),
+])
+def test_dory_refuses_a_recurrent_layer_0(tmp_path, capsys, overrides, words):
+    """Without input layers, layer 0 reruns in every loop on context-dependent states: refused, exit 2."""
+    data = {"model_type": "dory", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "vocab_size": 211, "intermediate_size": 32, **overrides}
+    assert words in recipe_for(Config(data)).refusal()
+    src = build(tmp_path / "src", **{**DORY, **{k: v for k, v in overrides.items() if k != "layer_types"}})
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
+    assert code == 2 and words in err and not (tmp_path / "out").exists()
+
+
+def test_dory_counts_layers_as_the_model_runs_them():
+    data = {"model_type": "dory", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211,
+            "num_hidden_layers": 8, "n_input_layers": 2, "n_output_layers": 2,
+            "layer_types": ["sliding_attention", "mlp"] * 4}
+    recipe = recipe_for(Config(data))
+    assert recipe.refusal() is None and recipe.spec.num_layers == 4
+
+
+@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory"])
+def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
+    """A config.json that leaves out KV heads, head sizes, biases and tying reads as transformers reads it: the
+    folded tensors' names and shapes equal those of the checkpoint transformers saves from the same json."""
+    data = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211,
+            "num_hidden_layers": 1, "intermediate_size": 32, "pad_token_id": 0}
+    if model_type == "dory":
+        data.update(num_hidden_layers=2, n_input_layers=1, n_output_layers=1)
+    else:
+        data.update(n_routed_experts=4, num_key_value_heads=2)  # the default 4 KV heads need no more heads than 4
+    recipe = recipe_for(Config(data))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**data))
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        on_disk = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert {k: on_disk.get(k) for k in recipe.folded()} == recipe.folded()
+    assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)
+    attn = model.get_submodule("model.layers.0.self_attn")
+    assert recipe.spec.head_dim == attn.head_dim
+    assert recipe.spec.v_dim == attn.v_proj.out_features
