@@ -1,6 +1,7 @@
-"""Attention types that need more than a Llama declaration: mimo_v2_flash (a value head size of its own) and dory
-(L2 norms, the residual is the normed input, a gate column, input layers before a recurrent section). Each converted
-tiny model equals transformers' own; what the equivalence cannot see (widths, refusals, defaults) is checked here."""
+"""Attention types that need more than a Llama declaration: mimo_v2_flash (a value head size of its own), dory (L2
+norms, the residual is the normed input, a gate column, input layers before a recurrent section) and zaya (convolutions
+and a delayed value after its projections: a mixer layout). Each converted tiny model equals transformers' own; what
+the equivalence cannot see (widths, refusals, defaults) is checked here."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ MIMO = dict(model_type="mimo_v2_flash", head_dim=24, v_head_dim=16, n_routed_exp
             moe_intermediate_size=32, sliding_window=4, **IDS)
 DORY = dict(model_type="dory", head_dim=16, num_hidden_layers=4, n_input_layers=1, n_output_layers=1,
             sliding_window=4, **IDS)
+ZAYA = dict(model_type="zaya", head_dim=16, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+            router_hidden_size=16, **IDS)
 
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
 CASES = {
@@ -31,6 +34,11 @@ CASES = {
     "dory-bias-tied": ({**DORY, "attention_bias": True, "tie_word_embeddings": True}, ("serial", "GQA", 64, 32)),
     "dory-two-input-layers": ({**DORY, "num_hidden_layers": 5, "n_input_layers": 2, "n_recurrent_loops": 3},
                               ("serial", "GQA", 64, 32)),
+    "zaya": (ZAYA, ("serial", "GQA", 64, 32)),
+    # biases (kept for padded rows), a sliding layer 0, a wider depthwise kernel, untied (x in the table)
+    "zaya-bias-untied-sliding": ({**ZAYA, "attention_bias": True, "tie_word_embeddings": False, "cca_time0": 3,
+                                  "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4},
+                                 ("serial", "GQA", 64, 32)),
 }
 
 
@@ -39,7 +47,7 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
     assert_case(tmp_path, capsys, *CASES[case])
 
 
-@pytest.mark.parametrize("case", ["mimo_v2_flash", "dory"])
+@pytest.mark.parametrize("case", ["mimo_v2_flash", "dory", "zaya", "zaya-bias-untied-sliding"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -97,7 +105,7 @@ def test_dory_counts_layers_as_the_model_runs_them():
     assert recipe.refusal() is None and recipe.spec.num_layers == 4
 
 
-@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory"])
+@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory", "zaya"])
 def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     """A config.json that leaves out KV heads, head sizes, biases and tying reads as transformers reads it: the
     folded tensors' names and shapes equal those of the checkpoint transformers saves from the same json."""
@@ -105,6 +113,8 @@ def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
             "num_hidden_layers": 1, "intermediate_size": 32, "pad_token_id": 0}
     if model_type == "dory":
         data.update(num_hidden_layers=2, n_input_layers=1, n_output_layers=1)
+    elif model_type == "zaya":
+        data.update(num_experts=4, num_experts_per_tok=1)
     else:
         data.update(n_routed_experts=4, num_key_value_heads=2)  # the default 4 KV heads need no more heads than 4
     recipe = recipe_for(Config(data))
@@ -116,4 +126,26 @@ def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)
     attn = model.get_submodule("model.layers.0.self_attn")
     assert recipe.spec.head_dim == attn.head_dim
-    assert recipe.spec.v_dim == attn.v_proj.out_features
+    if model_type != "zaya":
+        assert recipe.spec.v_dim == attn.v_proj.out_features
+
+
+def test_zaya_table_holds_the_projections_and_the_model_keeps_the_rest(tmp_path, capsys):
+    """The four per-token projections are the table's columns (x raw: the model applies its input affine itself),
+    the convolutions, the biases (for padded rows) and the input affine stay in the checkpoint."""
+    src = build(tmp_path / "src", **CASES["zaya-bias-untied-sliding"][0])
+    info = inspect_json(capsys, src)
+    assert info["layer0"] == "compressed convolutional attention"
+    assert info["folds"] == {"q": 64, "k": 32, "v_current": 16, "v_delayed": 16}
+    assert info["eliminated_linear_params"] == 64 * (64 + 32 + 16 + 16)
+    assert convert(src, tmp_path / "out") == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        table = f.get_tensor("precompute.table")
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(table[:, :64], embedding)
+    p = "model.layers.0.self_attn.qkv_proj."
+    assert {"model.input_hidden_states_bias", "model.input_hidden_states_scale", p + "conv_qk_depthwise.weight",
+            p + "conv_qk_grouped.weight", p + "v_proj_delayed.bias", p + "q_proj.bias"} <= names
+    assert not {p + "q_proj.weight", p + "v_proj_delayed.weight", "model.layers.0.input_layernorm.weight"} & names

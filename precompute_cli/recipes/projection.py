@@ -149,6 +149,9 @@ class MixerLayout:
     input_stays: bool = False
     # applied by the model after the embedding module (Granite, Falcon-H1); or a function of the config and spec
     embedding_multiplier: Key | Callable[[Config, ModelSpec], float] | None = None
+    # model-level (bias, scale) tensors the model applies after the embedding module, x -> (x + bias) * scale
+    # (ZAYA's input_hidden_states_*): the fold reads them, the checkpoint keeps them, as the model applies them
+    embedding_affine: tuple[str, str] | None = None
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
     text_config: bool = False  # a multimodal checkpoint: the text decoder's keys are under text_config
@@ -212,6 +215,7 @@ class Mixed(FromLayout):
         """The masked projections' biases: the fold reads them, the output keeps them for padded rows."""
         out = {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
                if proj.bias and proj.masked}
+        out.update({name: (self.spec.hidden_size,) for name in self.layout.embedding_affine or ()})
         return {**self.input_tensors(), **out} if self.layout.input_stays else out
 
     def input_tensors(self) -> dict[str, Shape]:
@@ -242,6 +246,9 @@ class Mixed(FromLayout):
         mult = lay.embedding_multiplier
         if mult:
             x = x * (mult(self.cfg, self.spec) if callable(mult) else float(value(self.cfg, mult)))
+        if lay.embedding_affine:
+            bias, scale = lay.embedding_affine
+            x = (x + w(bias)) * w(scale)
         h = lay.input_norm.apply(w, x, p, self.cfg, self.spec)
         if lay.residual_is_norm:
             out["residual"] = h

@@ -43,11 +43,6 @@ NOT_WRITTEN: dict[str, str] = {
     "youtu": _TOKEN_ONLY_BUT.format(
         "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),
-    "zaya": _TOKEN_ONLY_BUT.format(
-        "its compressed convolutional attention mixes tokens after the projections: q and k go through causal "
-        "convolutions over the sequence (conv_qk_depthwise, conv_qk_grouped) and v joins v_proj_current of this "
-        "token to v_proj_delayed of the previous one, so the table would hold the four raw projections as columns "
-        "(under qkv_proj) and the runtime keep the convolutions: a new kind of layout"),
     "inkling_text": _TOKEN_ONLY_BUT.format(
         "the embedding module applies its own RMSNorm (embed_tokens.embed_norm), k and v pass through short "
         "convolutions over the sequence (k_sconv, v_sconv) after their projections, and a fourth projection of the "
