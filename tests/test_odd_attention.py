@@ -1,7 +1,8 @@
 """Attention types that need more than a Llama declaration: mimo_v2_flash (a value head size of its own), dory (L2
-norms, the residual is the normed input, a gate column, input layers before a recurrent section) and zaya (convolutions
-and a delayed value after its projections: a mixer layout). Each converted tiny model equals transformers' own; what
-the equivalence cannot see (widths, refusals, defaults) is checked here."""
+norms, the residual is the normed input, a gate column, input layers before a recurrent section), zaya (convolutions
+and a delayed value after its projections: a mixer layout) and inkling_text (a normed embedding, short convolutions
+after k and v, a fourth projection r for relative-position logits). Each converted tiny model equals transformers'
+own; what the equivalence cannot see (widths, refusals, defaults) is checked here."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ DORY = dict(model_type="dory", head_dim=16, num_hidden_layers=4, n_input_layers=
             sliding_window=4, **IDS)
 ZAYA = dict(model_type="zaya", head_dim=16, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
             router_hidden_size=16, **IDS)
+INKLING = dict(model_type="inkling_text", head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+               swa_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+               moe_intermediate_size=32, sliding_window_size=4, rel_extent=8, d_rel=4, **IDS)
 
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
 CASES = {
@@ -39,6 +43,10 @@ CASES = {
     "zaya-bias-untied-sliding": ({**ZAYA, "attention_bias": True, "tie_word_embeddings": False, "cca_time0": 3,
                                   "layer_types": ["hybrid_sliding", "hybrid"], "sliding_window": 4},
                                  ("serial", "GQA", 64, 32)),
+    "inkling_text": (INKLING, ("serial", "GQA", 64, 32)),  # layer 0 sliding (swa_* sizes)
+    # a full layer 0 (its own sizes, the log-scaled queries and relative logits after the table)
+    "inkling_text-full": ({**INKLING, "layer_types": ["hybrid", "hybrid_sliding"], "num_key_value_heads": 4,
+                           "head_dim": 8, "log_scaling_n_floor": 2}, ("serial", "MHA", 32, 32)),
 }
 
 
@@ -47,7 +55,8 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
     assert_case(tmp_path, capsys, *CASES[case])
 
 
-@pytest.mark.parametrize("case", ["mimo_v2_flash", "dory", "zaya", "zaya-bias-untied-sliding"])
+@pytest.mark.parametrize("case", ["mimo_v2_flash", "dory", "zaya", "zaya-bias-untied-sliding", "inkling_text",
+                                  "inkling_text-full"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -105,7 +114,7 @@ def test_dory_counts_layers_as_the_model_runs_them():
     assert recipe.refusal() is None and recipe.spec.num_layers == 4
 
 
-@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory", "zaya"])
+@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory", "zaya", "inkling_text"])
 def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     """A config.json that leaves out KV heads, head sizes, biases and tying reads as transformers reads it: the
     folded tensors' names and shapes equal those of the checkpoint transformers saves from the same json."""
@@ -115,6 +124,8 @@ def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
         data.update(num_hidden_layers=2, n_input_layers=1, n_output_layers=1)
     elif model_type == "zaya":
         data.update(num_experts=4, num_experts_per_tok=1)
+    elif model_type == "inkling_text":
+        data.update(swa_num_attention_heads=4, swa_num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2)
     else:
         data.update(n_routed_experts=4, num_key_value_heads=2)  # the default 4 KV heads need no more heads than 4
     recipe = recipe_for(Config(data))
@@ -123,7 +134,7 @@ def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         on_disk = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert {k: on_disk.get(k) for k in recipe.folded()} == recipe.folded()
-    assert recipe.spec.tied_embeddings == bool(model.config.tie_word_embeddings)
+    assert recipe.spec.tied_embeddings == bool(getattr(model.config, "tie_word_embeddings", False))  # inkling: none
     attn = model.get_submodule("model.layers.0.self_attn")
     assert recipe.spec.head_dim == attn.head_dim
     if model_type != "zaya":
@@ -149,3 +160,22 @@ def test_zaya_table_holds_the_projections_and_the_model_keeps_the_rest(tmp_path,
     assert {"model.input_hidden_states_bias", "model.input_hidden_states_scale", p + "conv_qk_depthwise.weight",
             p + "conv_qk_grouped.weight", p + "v_proj_delayed.bias", p + "q_proj.bias"} <= names
     assert not {p + "q_proj.weight", p + "v_proj_delayed.weight", "model.layers.0.input_layernorm.weight"} & names
+
+
+def test_inkling_table_holds_the_normed_embedding_and_four_projections(tmp_path, capsys):
+    """x is the embedding module's normed row (embed_norm goes with the untied embedding); q, k, v, r are the raw
+    projections: q_norm, k_norm, the short convolutions and the relative-logit bank stay in the model."""
+    src = build(tmp_path / "src", **INKLING)
+    info = inspect_json(capsys, src)
+    assert info["layer0"] == "attention with short-conv keys and values" and not info["tied_embeddings"]
+    assert info["folds"] == {"q": 64, "k": 32, "v": 32, "r": 16}
+    assert convert(src, tmp_path / "out") == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        x = f.get_tensor("precompute.table")[:, :64]
+    with safe_open(src / "model.safetensors", framework="pt") as f:
+        row, weight = f.get_tensor("model.embed_tokens.weight"), f.get_tensor("model.embed_tokens.embed_norm.weight")
+    assert torch.allclose(x, row * torch.rsqrt(row.pow(2).mean(-1, keepdim=True) + 1e-6) * weight, atol=1e-6)
+    a = "model.layers.0.self_attn."
+    assert {a + "q_norm.weight", a + "k_norm.weight", a + "k_sconv.conv1d.weight", a + "rel_logits_proj.proj"} <= names
+    assert not {"model.embed_tokens.weight", "model.embed_tokens.embed_norm.weight", a + "r_proj.weight"} & names

@@ -142,6 +142,9 @@ class MixerLayout:
     prefix: str = "model.layers.0."  # layer 0 on disk
     layer: str | None = None  # layer 0 in memory, when it differs from the prefix (nemotron_h: backbone. on disk)
     embedding: str = "model.embed_tokens.weight"
+    # a norm the embedding module applies to the row (Inkling's embed_tokens.embed_norm): the residual columns hold
+    # its output, and it goes with the embedding when the table holds x
+    embedding_norm: Norm | None = None
     input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
     norm_in_memory: str | None = None  # the input norm's module name in memory, when the checkpoint's differs
     # the input transform stays in the model, its weights read by the fold but kept (Qwen4-Exp's gated residual:
@@ -218,6 +221,10 @@ class Mixed(FromLayout):
         out.update({name: (self.spec.hidden_size,) for name in self.layout.embedding_affine or ()})
         return {**self.input_tensors(), **out} if self.layout.input_stays else out
 
+    def embedding_transforms(self) -> dict[str, Shape]:
+        norm = self.layout.embedding_norm
+        return norm.tensors("", self.spec) if norm else {}
+
     def input_tensors(self) -> dict[str, Shape]:
         """The input transform's tensors: a norm's, or those of a transform whose shapes come from the config."""
         norm = self.layout.input_norm
@@ -242,6 +249,8 @@ class Mixed(FromLayout):
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         lay, p = self.layout, self.prefix
         x = ops.upcast(x)
+        if lay.embedding_norm:
+            x = lay.embedding_norm.apply(w, x, "", self.cfg, self.spec)
         out = {"residual": x}
         mult = lay.embedding_multiplier
         if mult:

@@ -43,10 +43,6 @@ NOT_WRITTEN: dict[str, str] = {
     "youtu": _TOKEN_ONLY_BUT.format(
         "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),
-    "inkling_text": _TOKEN_ONLY_BUT.format(
-        "the embedding module applies its own RMSNorm (embed_tokens.embed_norm), k and v pass through short "
-        "convolutions over the sequence (k_sconv, v_sconv) after their projections, and a fourth projection of the "
-        "normed input (r_proj) feeds relative-position logits: r_proj would be a column beside q, k, v"),
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
