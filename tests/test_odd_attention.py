@@ -1,7 +1,8 @@
 """Attention types that need more than a Llama declaration: mimo_v2_flash (a value head size of its own), dory (L2
 norms, the residual is the normed input, a gate column, input layers before a recurrent section), zaya (convolutions
-and a delayed value after its projections: a mixer layout) and inkling_text (a normed embedding, short convolutions
-after k and v, a fourth projection r for relative-position logits). Each converted tiny model equals transformers'
+and a delayed value after its projections: a mixer layout), inkling_text (a normed embedding, short convolutions
+after k and v, a fourth projection r for relative-position logits) and inkling2_text / inkling2_loop_text (six
+projections of a sliding layer 0 under the original checkpoint's names). Each converted tiny model equals transformers'
 own; what the equivalence cannot see (widths, refusals, defaults) is checked here."""
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ ZAYA = dict(model_type="zaya", head_dim=16, num_experts=4, num_experts_per_tok=1
 INKLING = dict(model_type="inkling_text", head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
                swa_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                moe_intermediate_size=32, sliding_window_size=4, rel_extent=8, d_rel=4, **IDS)
+INKLING2 = dict(model_type="inkling2_text", head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                swa_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                sliding_window_size=4, rel_extent=8, d_rel=4, unpadded_vocab_size=211, **IDS)
+LOOP = dict(model_type="inkling2_loop_text", num_hidden_layers=3, n_layers_per_attn_res_block=1,
+            loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4)
 
 # name -> (build overrides, expected inspect: block, attention, q_dim, kv_dim). BASE: d=64, 4 heads, 2 KV heads.
 CASES = {
@@ -47,6 +53,8 @@ CASES = {
     # a full layer 0 (its own sizes, the log-scaled queries and relative logits after the table)
     "inkling_text-full": ({**INKLING, "layer_types": ["hybrid", "hybrid_sliding"], "num_key_value_heads": 4,
                            "head_dim": 8, "log_scaling_n_floor": 2}, ("serial", "MHA", 32, 32)),
+    "inkling2_text": (INKLING2, ("serial", "GQA", 64, 32)),
+    "inkling2_loop_text": ({**INKLING2, **LOOP}, ("serial", "GQA", 64, 32)),
 }
 
 
@@ -56,7 +64,7 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
 
 
 @pytest.mark.parametrize("case", ["mimo_v2_flash", "dory", "zaya", "zaya-bias-untied-sliding", "inkling_text",
-                                  "inkling_text-full"])
+                                  "inkling_text-full", "inkling2_text", "inkling2_loop_text"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -179,3 +187,27 @@ def test_inkling_table_holds_the_normed_embedding_and_four_projections(tmp_path,
     a = "model.layers.0.self_attn."
     assert {a + "q_norm.weight", a + "k_norm.weight", a + "k_sconv.conv1d.weight", a + "rel_logits_proj.proj"} <= names
     assert not {"model.embed_tokens.weight", "model.embed_tokens.embed_norm.weight", a + "r_proj.weight"} & names
+
+
+def test_inkling2_table_holds_six_projections_under_the_original_names(tmp_path, capsys):
+    """The checkpoint keeps the original `model.llm.*` names (transformers renames them on loading): the fold reads
+    the embedding, its norm, attn_norm and the six per-token projections there, and removes them."""
+    src = build(tmp_path / "src", **INKLING2)
+    info = inspect_json(capsys, src)
+    assert info["folds"] == {"q": 64, "k": 32, "v": 32, "gate": 64, "sink": 4, "r": 16}
+    assert info["eliminated_linear_params"] == 64 * (64 + 32 + 32 + 64 + 4 + 16)
+    a = "model.llm.layers.0.attn."
+    removed = {r["name"] for r in info["removed"]}
+    assert removed == {"model.llm.embed.weight", "model.llm.embed_norm.weight", "model.llm.layers.0.attn_norm.weight",
+                       *(f"{a}{n}.weight" for n in ("wq_du", "wk_dv", "wv_dv", "gate_attn", "attn_sink_proj", "wr_du"))}
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"model_type": "inkling2_text", "layer_types": ["hybrid", "hybrid_sliding"]}, "is a hybrid block"),
+    ({"model_type": "inkling2_loop_text", "loop_config": {"core_start": 0}}, "loops from layer 0"),
+])
+def test_inkling2_refuses_what_it_does_not_fold(data, words):
+    """A full layer 0 (three input norms, dynamic convolution taps) is not folded; nor a loop that starts at layer 0."""
+    data = {**data, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211, "num_hidden_layers": 2,
+            "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2}
+    assert words in recipe_for(Config(data)).refusal()

@@ -1,4 +1,4 @@
-"""Inkling's text decoder at layer 0: inkling_text (the language model of Thinking Machines' Inkling).
+"""The Inkling text decoders at layer 0: inkling_text (Thinking Machines' Inkling), inkling2_text, inkling2_loop_text.
 
 x = RMSNorm(embed_tokens[t]; embed_tokens.embed_norm), inside the embedding module; h = RMSNorm(x; input_layernorm);
 then per token: q = q_proj(h) (then a per-head q_norm, kept in the model: the table holds the raw projection), k =
@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import rms
-from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Projection
+from precompute_cli.recipes.projection import Mixed, Mixer, MixerLayout, Pattern, Projection
 from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 
 EPS = Key("rms_norm_eps", default=1e-6)
@@ -64,3 +64,63 @@ class Inkling(Mixed):
         if not sliding_first(self.cfg):
             self.layout = replace(self.layout, sizes=FULL)
         return super().describe()
+
+
+# -- Inkling 2 ----------------------------------------------------------------------------------------------------
+# x = RMSNorm(embed[t]; embed_norm) inside the embedding module. A sliding layer 0 (the default: every layer but
+# each sixth) reads h = RMSNorm(x; attn_norm) in six per-token projections: the query's linear (then a scaled L2
+# clip, kept), the key's and value's linears (then their short convolutions over the sequence and norms, kept), the
+# output gate's gate_attn, the sink logits' attn_sink_proj and the relative states' wr_du (then a scaled L2 clip and
+# the bias-vs-distance bank, kept). A full layer 0 reads three norms of x (q/k/v_input_norm) and its key and value
+# convolutions are dynamic (taps projected from their input): not folded. The block attention residuals act after
+# layer 0 (layer 0 has no attention_input). On disk the model is `model.llm.*` with the original short names, which
+# transformers renames on loading (conversion_mapping's inkling2_text); the LM head is the unembedding, never tied.
+# inkling2_loop_text: the same layer 0 (its loop section starts at loop_layer_index_start, above 0).
+
+INKLING2_SLIDING = Sizes(num_heads=Key("swa_num_attention_heads", default=48),
+                         num_kv_heads=Key("swa_num_key_value_heads", default=8),
+                         head_dim=Key("swa_head_dim", default=128),
+                         num_experts=Key("n_routed_experts", default=384),
+                         intermediate_size=Key("moe_intermediate_size", "intermediate_size", default=2304),
+                         tied_embeddings=Key(default=False))
+
+
+@dataclass(frozen=True)
+class Inkling2Sliding(Mixer):
+    """A sliding layer 0's six per-token projections of h, by their names in memory and on disk."""
+
+    kind: ClassVar[str] = "sliding attention with short-conv keys and values"
+    d_rel: Key = Key("d_rel", default=16)
+
+    def projections(self, cfg: Config, spec: ModelSpec) -> tuple[Projection, ...]:
+        heads, r = spec.num_heads, spec.num_heads * int(value(cfg, self.d_rel))
+        return tuple(Projection(f"self_attn.{module}", ((name, width),), masked=False, on_disk=f"attn.{disk}")
+                     for name, module, disk, width in (
+                         ("q", "q_proj.linear", "wq_du", spec.q_dim), ("k", "k_proj.linear", "wk_dv", spec.kv_dim),
+                         ("v", "v_proj.linear", "wv_dv", spec.kv_dim), ("gate", "o_proj.gate_proj", "gate_attn",
+                                                                        spec.q_dim),
+                         ("sink", "sink_proj", "attn_sink_proj", heads),
+                         ("r", "relative_position_bias.linear", "wr_du", r)))
+
+
+INKLING2 = MixerLayout(
+    Inkling2Sliding(), sizes=INKLING2_SLIDING,
+    pattern=Pattern(mixer=("hybrid_sliding",), lists=("layer_types",), default="hybrid_sliding"),
+    prefix="model.llm.layers.0.", layer="model.layers.0", embedding="model.llm.embed.weight",
+    embedding_norm=rms("model.llm.embed_norm", eps=EPS), input_norm=rms("attn_norm", eps=EPS),
+    norm_in_memory="input_layernorm", positional="relative")
+
+
+@register
+class Inkling2(Mixed):
+    layouts = {"inkling2_text": INKLING2, "inkling2_loop_text": INKLING2}
+
+    def config_refusal(self) -> str | None:
+        start = self.cfg.get("loop_config.core_start", "loop_layer_index_start", default=6)
+        if self.cfg.model_type == "inkling2_loop_text" and start == 0:
+            return ("this inkling2_loop_text config loops from layer 0 (loop_layer_index_start 0), so layer 0 reruns "
+                    "on messages from the previous pass, which depend on the context")
+        return None
+
+    def refusal(self) -> str | None:
+        return super().refusal() or self.config_refusal()

@@ -51,12 +51,6 @@ NOT_WRITTEN: dict[str, str] = {
     "hy_v4": _TOKEN_ONLY_BUT.format(
         "hyper-connections (hc_pre) build the attention's input from several residual streams with weights computed "
         "from them, and the attention is multi-head latent attention with a sparse indexer and a gate (linear_gate)"),
-    **{t: _TOKEN_ONLY_BUT.format(
-        "the embedding module applies its own RMSNorm, the queries pass through a position-dependent log-scaled L2 "
-        "clip, and the keys and values through short convolutions over the sequence (dynamic ones computed from the "
-        "layer's input) after their projections" + loop)
-       for t, loop in (("inkling2_text", ""),
-                       ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
     # Token-only, but each needs more than a declaration:
     **{t: _NOT_WRITTEN.format("attention with AltUp, LAuReL and per-layer inputs whose projection would fold into "
                               "the per-layer embedding") for t in ("gemma3n", "gemma4", "gemma3n_text", "gemma4_text")},
