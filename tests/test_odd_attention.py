@@ -1,11 +1,14 @@
 """Attention types that need more than a Llama declaration: mimo_v2_flash (a value head size of its own), dory (L2
 norms, the residual is the normed input, a gate column, input layers before a recurrent section), zaya (convolutions
 and a delayed value after its projections: a mixer layout), inkling_text (a normed embedding, short convolutions
-after k and v, a fourth projection r for relative-position logits) and inkling2_text / inkling2_loop_text (six
-projections of a sliding layer 0 under the original checkpoint's names). Each converted tiny model equals transformers'
-own; what the equivalence cannot see (widths, refusals, defaults) is checked here."""
+after k and v, a fourth projection r for relative-position logits), inkling2_text / inkling2_loop_text (six
+projections of a sliding layer 0 under the original checkpoint's names) and bitnet (Llama's layer 0 unless
+quantized). Each converted tiny model equals transformers' own; what the equivalence cannot see (widths, refusals,
+defaults) is checked here."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -55,6 +58,9 @@ CASES = {
                            "head_dim": 8, "log_scaling_n_floor": 2}, ("serial", "MHA", 32, 32)),
     "inkling2_text": (INKLING2, ("serial", "GQA", 64, 32)),
     "inkling2_loop_text": ({**INKLING2, **LOOP}, ("serial", "GQA", 64, 32)),
+    "bitnet": (dict(model_type="bitnet", **IDS), ("serial", "GQA", 64, 32)),
+    "bitnet-bias-tied": (dict(model_type="bitnet", attention_bias=True, tie_word_embeddings=True, **IDS),
+                         ("serial", "GQA", 64, 32)),
 }
 
 
@@ -64,7 +70,7 @@ def test_equivalent_float32_and_inspect(tmp_path, capsys, case):
 
 
 @pytest.mark.parametrize("case", ["mimo_v2_flash", "dory", "zaya", "zaya-bias-untied-sliding", "inkling_text",
-                                  "inkling_text-full", "inkling2_text", "inkling2_loop_text"])
+                                  "inkling_text-full", "inkling2_text", "inkling2_loop_text", "bitnet"])
 def test_equivalent_bfloat16(tmp_path, case):
     src = build(tmp_path / "src", dtype=torch.bfloat16, **CASES[case][0])
     assert convert(src, tmp_path / "out") == 0
@@ -122,7 +128,7 @@ def test_dory_counts_layers_as_the_model_runs_them():
     assert recipe.refusal() is None and recipe.spec.num_layers == 4
 
 
-@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory", "zaya", "inkling_text"])
+@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "dory", "zaya", "inkling_text", "bitnet"])
 def test_declared_defaults_are_the_config_classes(tmp_path, model_type):
     """A config.json that leaves out KV heads, head sizes, biases and tying reads as transformers reads it: the
     folded tensors' names and shapes equal those of the checkpoint transformers saves from the same json."""
@@ -211,3 +217,19 @@ def test_inkling2_refuses_what_it_does_not_fold(data, words):
     data = {**data, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 211, "num_hidden_layers": 2,
             "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2}
     assert words in recipe_for(Config(data)).refusal()
+
+
+@pytest.mark.parametrize("linear_class, mode", [("bitlinear", "offline"), ("autobitlinear", "online")])
+def test_bitnet_quantized_checkpoints_are_refused_by_name(tmp_path, capsys, linear_class, mode):
+    """With quant_method bitnet, layer 0's projections quantise their input per token before a ternary matmul: not
+    folded yet, refused with that sentence (exit 2, nothing written) rather than the generic quantization one."""
+    data = {"model_type": "bitnet", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 211, "num_hidden_layers": 2, "intermediate_size": 96,
+            "quantization_config": {"quant_method": "bitnet", "linear_class": linear_class,
+                                    "quantization_mode": mode}}
+    assert "quantise their input per token" in recipe_for(Config(data)).refusal()
+    src = build(tmp_path / "src", model_type="bitnet", **IDS)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": data["quantization_config"]}))
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
+    assert code == 2 and "quant_method 'bitnet'" in err and not (tmp_path / "out").exists()

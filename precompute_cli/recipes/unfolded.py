@@ -43,7 +43,6 @@ NOT_WRITTEN: dict[str, str] = {
     "youtu": _TOKEN_ONLY_BUT.format(
         "its attention is multi-head latent attention as in DeepSeek-V3 (q_a_proj, q_a_layernorm, q_b_proj; "
         "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), the MLA machinery's business"),
-    "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
