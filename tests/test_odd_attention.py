@@ -9,11 +9,13 @@ defaults) is checked here."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import assert_case, assert_equivalent, build, convert, inspect_json, run_cli
+from safetensors.torch import save_file
+from tiny import assert_case, assert_equivalent, build, convert, inspect_json, run_cli, tensors
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from precompute_cli.recipes import recipe_for
@@ -118,6 +120,36 @@ def test_dory_refuses_a_recurrent_layer_0(tmp_path, capsys, overrides, words):
     src = build(tmp_path / "src", **{**DORY, **{k: v for k, v in overrides.items() if k != "layer_types"}})
     code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
     assert code == 2 and words in err and not (tmp_path / "out").exists()
+
+
+def _hub_layout(name: str) -> str:
+    """A transformers-saved Dory tensor name as the Hub's checkpoints spell it: each layer i as two blocks, attention
+    at 2i and MLP at 2i+1, under `mixer`, with the residual rates beside them (LayerPairCollapse's inverse)."""
+    m = re.match(r"backbone\.layers\.(\d+)\.(self_attn|mlp|lambda_1|lambda_2)(.*)", name)
+    if not m:
+        return name
+    block = 2 * int(m[1]) + (m[2] in ("mlp", "lambda_2"))
+    return f"backbone.layers.{block}." + {"lambda_1": "attn_alpha", "lambda_2": "mlp_alpha"}.get(m[2], "mixer") + m[3]
+
+
+def test_dory_hub_layout_folds_and_keeps_its_layout(tmp_path):
+    """The Hub's two-block layout (layers.0.mixer.* for layer 0's attention) loads in transformers as the saved one
+    does; it converts, its layer-0 tensors are found and removed under those names, and the rest keeps them."""
+    src = build(tmp_path / "src", **DORY)
+    weights = tensors(src / "model.safetensors")
+    save_file({_hub_layout(k): v for k, v in weights.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    same = build(tmp_path / "saved", **DORY)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    with torch.no_grad():
+        a, b = (AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (src, same))
+    assert torch.equal(a, b)
+    assert convert(src, tmp_path / "out") == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+    assert "backbone.layers.0.mixer.o_proj.weight" in names and "backbone.layers.1.mixer.up_proj.weight" in names
+    assert not {n for n in names if n.startswith("backbone.layers.0.mixer.") and n.split(".")[4] in
+                ("q_proj", "k_proj", "v_proj", "g_proj")}
+    assert_equivalent(src, tmp_path / "out")
 
 
 def test_dory_counts_layers_as_the_model_runs_them():

@@ -98,6 +98,9 @@ class Recipe:
             cls.model_types = tuple(cls.layouts)
     prefix: ClassVar[str] = "model.layers.0."  # layer 0's tensors on disk
     base_prefix: ClassVar[str] = ""  # a prefix some checkpoints of the family leave out of every tensor name
+    # (ours, theirs): another spelling of a part of the recipe's names that some checkpoints use and transformers'
+    # conversion maps on loading (Dory's Hub checkpoints: layer 0's attention block as "layers.0.mixer.")
+    spellings: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __post_init__(self) -> None:
         self.spec = self.describe()

@@ -10,13 +10,15 @@ then n_output_layers: layer 0 reads the token alone only as an input layer, and 
 The checkpoint stores each layer as two (an attention block and an MLP block), so the config doubles
 num_hidden_layers, n_input_layers, n_output_layers and n_recurrent_layers, and layer_types interleaves "mlp"; on
 disk the model is `backbone.*`, the embedding `embeddings` and the gate `g_proj` (transformers' conversion_mapping
-renames them on loading). Checkpoints with the `layers.{2i}.mixer.*` names (the two-block layout LayerPairCollapse
-reads) are not this layout: the plan refuses them by the tensor it cannot find.
+renames them on loading). The Hub's checkpoints store each layer as two blocks, `layers.{2i}.mixer.*` (attention)
+and `layers.{2i+1}.mixer.*` (MLP), which transformers' LayerPairCollapse joins on loading: layer 0's attention is
+`backbone.layers.0.mixer.*` there (Recipe.spellings), and the output keeps that layout.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 from precompute_cli.recipes.base import register
 from precompute_cli.recipes.declare import Declared, Gate, Key, Layout, Sizes, l2, separate
@@ -27,6 +29,7 @@ MEMORY = Layout(gate=Gate("self_attn.gate_proj"), input_norm=l2("input_layernorm
 
 @register
 class Dory(Declared):
+    spellings: ClassVar[tuple[tuple[str, str], ...]] = (("backbone.layers.0.self_attn.", "backbone.layers.0.mixer."),)
     layouts = {
         "dory": Layout(
             prefix="backbone.layers.0.", embedding="backbone.embeddings.weight",
