@@ -306,8 +306,8 @@ def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, object])
     stripped = bool(prefix) and recipe.embedding not in tensors and recipe.embedding.removeprefix(prefix) in tensors
     out = {n: n.removeprefix(prefix) if stripped else n for n in names}
     for name, spelt in out.items():  # the recipe's other spellings (Recipe.spellings), where this one is missing
-        alternates = [spelt.replace(ours, theirs, 1) for ours, theirs in recipe.spellings if ours in spelt]
         if tensors and spelt not in tensors:
+            alternates = (spelt.replace(ours, theirs, 1) for ours, theirs in recipe.spellings if ours in spelt)
             out[name] = next((a for a in alternates if a in tensors), spelt)
     return out
 

@@ -9,7 +9,10 @@ its conv, recurrence, gates and output projection, and the runtime feeds the loo
 A model type is a `MixerLayout` (the mixer counterpart of declare.Layout): where layer 0 lives, its input norm (a
 declare.Norm), its embedding multiplier, its sizes (spec.Sizes), where its config says what layer 0 is (`Pattern`),
 and its `Mixer`: the kind of layer, which says what projections it has from the config (mamba.py, short_conv.py,
-gated_deltanet.py, kimi_linear.py). `Mixed` derives the recipe from it.
+gated_deltanet.py, kimi_linear.py). `Mixed` derives the recipe from it. The same layout serves attention layers
+whose projections feed something that mixes positions before attention (ZAYA's q/k convolutions and delayed value,
+Inkling's k/v short convolutions: zaya.py, inkling.py): their projections are declared unmasked (masked=False), and
+the runtime hands the model's own convolutions the looked-up columns.
 
 Padding: these mixers multiply their input by the attention mask before projecting, so a padded position's
 projection is that of a zero vector (the bias, or zeros). The projections' biases stay in the checkpoint, and the
