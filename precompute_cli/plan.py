@@ -307,7 +307,12 @@ def _names_on_disk(recipe: Recipe, names: list[str], tensors: dict[str, object])
     spellings, and so do we: the fold reads, and the output removes, the names on disk."""
     prefix = recipe.base_prefix
     stripped = bool(prefix) and recipe.embedding not in tensors and recipe.embedding.removeprefix(prefix) in tensors
-    return {n: n.removeprefix(prefix) if stripped else n for n in names}
+    out = {n: n.removeprefix(prefix) if stripped else n for n in names}
+    for name, spelt in out.items():  # the recipe's other spellings (Recipe.spellings), where this one is missing
+        if tensors and spelt not in tensors:
+            alternates = (spelt.replace(ours, theirs, 1) for ours, theirs in recipe.spellings if ours in spelt)
+            out[name] = next((a for a in alternates if a in tensors), spelt)
+    return out
 
 
 def _table_dtype(requested: str | None, embedding_dtype: str) -> str:

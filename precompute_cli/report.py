@@ -23,7 +23,7 @@ BATCHES = (1, 16, 256, 1024)
 def linear_weights(spec: ModelSpec, parallel: bool) -> int:
     """The paper's num_weights_Q_K_V_FFN of a plain attention layer 0: its Q, K, V matrices, plus the FFN's when it
     folds too (scripts/bench_decode.py; inspect asks the recipe, Recipe.paper_counts)."""
-    qkv = spec.hidden_size * (spec.q_dim + 2 * spec.kv_dim)
+    qkv = spec.hidden_size * (spec.q_dim + spec.kv_dim + spec.v_dim)
     ffn = spec.ffn_matrices * spec.hidden_size * spec.intermediate_size * spec.num_experts
     return qkv + (ffn if parallel else 0)
 
@@ -31,7 +31,7 @@ def linear_weights(spec: ModelSpec, parallel: bool) -> int:
 def estimated_params(spec: ModelSpec) -> int:
     """Weight matrices of the whole model from the config alone (norms and biases left out)."""
     d = spec.hidden_size
-    attn = d * (2 * spec.q_dim + 2 * spec.kv_dim)
+    attn = d * (spec.q_dim + spec.kv_dim + spec.v_dim + spec.num_heads * (spec.v_head_dim or spec.head_dim))
     ffn = spec.ffn_matrices * d * spec.intermediate_size * spec.num_experts
     router = d * spec.num_experts if spec.num_experts > 1 else 0
     embeddings = spec.vocab_size * d * (1 if spec.tied_embeddings else 2)

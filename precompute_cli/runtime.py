@@ -161,6 +161,10 @@ class TableProjection(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not hidden_states.any():  # zeros only: a padded batch, or a mixer's own projection of a zero state
+            width = sum(stop - start for start, stop in self.spans) + self.ones  # (ZAYA's initial delayed v)
+            out = hidden_states.new_zeros(*hidden_states.shape[:-1], width)
+            return out + self.bias.to(out.dtype) if self.bias is not None else out
         t = self._table[0]
         parts = [t.columns(span, hidden_states) for span in self.spans]
         if self.ones:

@@ -110,6 +110,7 @@ class ModelSpec:
     num_layers: int
     tied_embeddings: bool
     dtype: str
+    v_head_dim: int = 0  # a value head size of its own (MiMo-V2-Flash); 0: head_dim, as q and k
 
     @property
     def q_dim(self) -> int:
@@ -117,7 +118,12 @@ class ModelSpec:
 
     @property
     def kv_dim(self) -> int:
+        """The width of k (and of v, unless v_head_dim gives the values a head size of their own)."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        return self.num_kv_heads * (self.v_head_dim or self.head_dim)
 
     @property
     def attention(self) -> str:
@@ -131,7 +137,7 @@ class ModelSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "attention": self.attention, "ffn": self.ffn,
-                "q_dim": self.q_dim, "kv_dim": self.kv_dim}
+                "q_dim": self.q_dim, "kv_dim": self.kv_dim, "v_dim": self.v_dim}
 
 
 Derived = Callable[[dict[str, Any]], Any]  # the values read so far -> a default
@@ -191,6 +197,7 @@ class Sizes:
     num_heads: Key = Key("num_attention_heads")
     num_kv_heads: Key = Key("num_key_value_heads", default=heads)
     head_dim: Key = Key("head_dim", default=per_head)
+    v_head_dim: Key = Key(default=0)  # 0: the values' heads are head_dim wide, as q's and k's
     num_experts: Key = Key(default=1)  # a count below 1 (Qwen MoE's 0) reads as a dense FFN
     intermediate_size: Key | Callable[[Config, dict[str, Any]], int] = Key("intermediate_size")  # or a function
     vocab_size: Key = Key("vocab_size")

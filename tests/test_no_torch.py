@@ -80,12 +80,13 @@ def one_model_per_family() -> dict[str, dict]:
     import test_llama_family
     import test_mixer_families
     import test_mla
+    import test_odd_attention
     import test_parallel_families
     import test_serial_families
 
     cases = {}
     for module in (test_llama_family, test_serial_families, test_parallel_families, test_falcon_bloom_mpt,
-                   test_attention_zoo, test_mixer_families):
+                   test_attention_zoo, test_mixer_families, test_odd_attention):
         for case in module.CASES.values():
             kwargs = case[0] if isinstance(case, tuple) else case
             if isinstance(kwargs, dict) and "model_type" in kwargs:

@@ -170,6 +170,9 @@ class Recipe:
             cls.model_types = tuple(cls.layouts)
     prefix: ClassVar[str] = "model.layers.0."  # layer 0's tensors on disk
     base_prefix: ClassVar[str] = ""  # a prefix some checkpoints of the family leave out of every tensor name
+    # (ours, theirs): another spelling of a part of the recipe's names that some checkpoints use and transformers'
+    # conversion maps on loading (Dory's Hub checkpoints: layer 0's attention block as "layers.0.mixer.")
+    spellings: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __post_init__(self) -> None:
         self.spec = self.describe()
@@ -204,8 +207,8 @@ class Recipe:
         """The paper's counts for this layer 0: Q, K, V (and the FFN of a parallel block) from the spec. Kinds whose
         table holds other projections (mixers, MLA's latents, a routed attention, an attention gate) override it."""
         s = self.spec
-        return PaperCounts("attention", s.hidden_size * (s.q_dim + 2 * s.kv_dim) + self.parallel_ffn_weights(),
-                           s.q_dim + 2 * s.kv_dim)
+        qkv = s.q_dim + s.kv_dim + s.v_dim
+        return PaperCounts("attention", s.hidden_size * qkv + self.parallel_ffn_weights(), qkv)
 
     def routers(self) -> Routers:
         """Where the MoE routers are (verify): transformers' *Router classes, less layer 0's when its FFN folds
@@ -283,7 +286,7 @@ class Recipe:
         """[start, stop) column ranges of the table, in the order residual | q | k | v."""
         s = self.spec
         return spans([("residual", s.hidden_size if self.stores_residual else 0), ("q", s.q_dim), ("k", s.kv_dim),
-                      ("v", s.kv_dim)])
+                      ("v", s.v_dim)])
 
 
 class FromLayout(Recipe):

@@ -41,8 +41,9 @@ How to add a model type
 
    Names under the layer are relative to `prefix` ("model.layers.0."); "{}" in a q/k/v or q/k-norm name stands for
    q, k, v (a q/k norm named with other words sets fill=("query", "key"), Hunyuan). Norms are values: rms(...)
-   with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's mean-centred norm, weight=False for a
-   weightless one; each with eps=Key(config key, default=...) or a fixed float. Fused projections:
+   with offset=1.0 for (1 + w), layer_norm(...) with bias=False for Cohere's mean-centred norm, l2(...) for an L2
+   norm onto the unit sphere (Dory), weight=False for a weightless one; each with eps=Key(config key, default=...)
+   or a fixed float. Fused projections:
    fused(module, "blocked" | "per_head" | "per_kv_group" | a fixed number of blocks, order="qkv" | "qvk").
    Clamp(key) clamps q, k, v to [-c, c] on the
    projections' outputs, or after the q/k norms with after_qk_norm=True (OLMoE). Tensors the attention reads after
@@ -76,7 +77,7 @@ from precompute_cli.spec import Config, Key, ModelSpec, Sizes, value
 from precompute_cli.st_io import NAME_TO_ST, from_float, to_float
 
 __all__ = ["Clamp", "Declared", "Ffn", "Gate", "Key", "Layout", "Moe", "Norm", "Qkv", "Sizes", "fused", "glu",
-           "layer_norm", "mlp", "rms", "separate", "sqrt_hidden"]
+           "l2", "layer_norm", "mlp", "rms", "separate", "sqrt_hidden"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Norm:
 
     module: str
     centred: bool = False  # LayerNorm (the mean removed first); else RMSNorm
+    l2: bool = False  # an L2 norm, x / sqrt(sum x^2 + eps), where an RMSNorm divides by the mean (Dory's nGPT norms)
     weight: bool = True  # False: weightless (nothing on disk, OLMo)
     bias: bool = False
     offset: float = 0.0  # 1.0: the (1 + w) convention (Gemma)
@@ -131,7 +133,9 @@ class Norm:
             bias = w(names[1]) if self.bias else None
         eps = float(value(cfg, self.eps))
         y = ops.heads(x, spec.head_dim) if self.scope == "head" else x
-        if self.centred:
+        if self.l2:
+            y = ops.l2_norm(y, weight, eps)
+        elif self.centred:
             y = ops.layer_norm(y, weight if weight is None or not self.offset else weight + self.offset, bias, eps)
         else:
             y = ops.rms_norm(y, weight, eps, self.offset)
@@ -141,6 +145,11 @@ class Norm:
 def rms(module: str, eps: Key | float = Key("rms_norm_eps", default=1e-6), **kind: Any) -> Norm:
     """RMSNorm (offset=1.0 for (1 + w); weight=False for a weightless one)."""
     return Norm(module, eps=eps, **kind)
+
+
+def l2(module: str, eps: Key | float = 1e-6, weight: bool = False, **kind: Any) -> Norm:
+    """An L2 norm onto the unit sphere (weightless unless weight=True)."""
+    return Norm(module, l2=True, eps=eps, weight=weight, **kind)
 
 
 def layer_norm(module: str, eps: Key | float = Key("layer_norm_eps", default=1e-5), bias: bool = True,
@@ -170,7 +179,7 @@ class Qkv:
         """The output width of each projection module."""
         if self.layout:
             return {self.module: spec.q_dim + 2 * spec.kv_dim}
-        return {self.module.format(n): width for n, width in zip("qkv", (spec.q_dim, spec.kv_dim, spec.kv_dim),
+        return {self.module.format(n): width for n, width in zip("qkv", (spec.q_dim, spec.kv_dim, spec.v_dim),
                                                                    strict=True)}
 
     def groups(self, spec: ModelSpec) -> int:

@@ -39,6 +39,14 @@ def rms_norm(x: Array, weight: Array | None, eps: float, offset: float = 0.0) ->
     return y
 
 
+def l2_norm(x: Array, weight: Array | None, eps: float) -> Array:
+    """x / sqrt(sum(x^2) + eps): onto the unit sphere, as nGPT's norms (Dory) put every hidden state."""
+    y = x * (1.0 / np.sqrt(np.matmul(x[..., None, :], x[..., :, None])[..., 0] + eps))
+    if weight is not None:
+        y *= weight
+    return y
+
+
 def per_head_rms_norm(x: Array, weight: Array, eps: float, head_dim: int, offset: float = 0.0) -> Array:
     """RMSNorm of each head of a projection's output with one shared [head_dim] weight (Qwen3, Gemma 3 q/k norms)."""
     return rms_norm(heads(x, head_dim), weight, eps, offset).reshape(x.shape)

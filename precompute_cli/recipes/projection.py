@@ -9,7 +9,10 @@ its conv, recurrence, gates and output projection, and the runtime feeds the loo
 A model type is a `MixerLayout` (the mixer counterpart of declare.Layout): where layer 0 lives, its input norm (a
 declare.Norm), its embedding multiplier, its sizes (spec.Sizes), where its config says what layer 0 is (`Pattern`),
 and its `Mixer`: the kind of layer, which says what projections it has from the config (mamba.py, short_conv.py,
-gated_deltanet.py, kimi_linear.py). `Mixed` derives the recipe from it.
+gated_deltanet.py, kimi_linear.py). `Mixed` derives the recipe from it. The same layout serves attention layers
+whose projections feed something that mixes positions before attention (ZAYA's q/k convolutions and delayed value,
+Inkling's k/v short convolutions: zaya.py, inkling.py): their projections are declared unmasked (masked=False), and
+the runtime hands the model's own convolutions the looked-up columns.
 
 Padding: these mixers multiply their input by the attention mask before projecting, so a padded position's
 projection is that of a zero vector (the bias, or zeros). The projections' biases stay in the checkpoint, and the
@@ -142,6 +145,9 @@ class MixerLayout:
     prefix: str = "model.layers.0."  # layer 0 on disk
     layer: str | None = None  # layer 0 in memory, when it differs from the prefix (nemotron_h: backbone. on disk)
     embedding: str = "model.embed_tokens.weight"
+    # a norm the embedding module applies to the row (Inkling's embed_tokens.embed_norm): the residual columns hold
+    # its output, and it goes with the embedding when the table holds x
+    embedding_norm: Norm | None = None
     input_norm: Norm = field(default_factory=lambda: rms("input_layernorm"))
     norm_in_memory: str | None = None  # the input norm's module name in memory, when the checkpoint's differs
     # the input transform stays in the model, its weights read by the fold but kept (Qwen4-Exp's gated residual:
@@ -149,6 +155,9 @@ class MixerLayout:
     input_stays: bool = False
     # applied by the model after the embedding module (Granite, Falcon-H1); or a function of the config and spec
     embedding_multiplier: Key | Callable[[Config, ModelSpec], float] | None = None
+    # model-level (bias, scale) tensors the model applies after the embedding module, x -> (x + bias) * scale
+    # (ZAYA's input_hidden_states_*): the fold reads them, the checkpoint keeps them, as the model applies them
+    embedding_affine: tuple[str, str] | None = None
     positional: str = "none"  # what the model's attention layers use (layer 0 itself has no positions)
     residual_is_norm: bool = False  # the decoder's residual is the normed input h (MiniMax): the table holds h
     text_config: bool = False  # a multimodal checkpoint: the text decoder's keys are under text_config
@@ -212,7 +221,12 @@ class Mixed(FromLayout):
         """The masked projections' biases: the fold reads them, the output keeps them for padded rows."""
         out = {f"{self.prefix}{proj.saved}.bias": (proj.width,) for proj in self.projections()
                if proj.bias and proj.masked}
+        out.update({name: (self.spec.hidden_size,) for name in self.layout.embedding_affine or ()})
         return {**self.input_tensors(), **out} if self.layout.input_stays else out
+
+    def embedding_transforms(self) -> dict[str, Shape]:
+        norm = self.layout.embedding_norm
+        return norm.tensors("", self.spec) if norm else {}
 
     def input_tensors(self) -> dict[str, Shape]:
         """The input transform's tensors: a norm's, or those of a transform whose shapes come from the config."""
@@ -246,10 +260,15 @@ class Mixed(FromLayout):
     def fold(self, w: Weights, x: np.ndarray) -> dict[str, np.ndarray]:
         lay, p = self.layout, self.prefix
         x = ops.upcast(x)
+        if lay.embedding_norm:
+            x = lay.embedding_norm.apply(w, x, "", self.cfg, self.spec)
         out = {"residual": x}
         mult = lay.embedding_multiplier
         if mult:
             x = x * (mult(self.cfg, self.spec) if callable(mult) else float(value(self.cfg, mult)))
+        if lay.embedding_affine:
+            bias, scale = lay.embedding_affine
+            x = (x + w(bias)) * w(scale)
         h = lay.input_norm.apply(w, x, p, self.cfg, self.spec)
         if lay.residual_is_norm:
             out["residual"] = h

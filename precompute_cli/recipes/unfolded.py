@@ -44,32 +44,8 @@ _NOT_WRITTEN = "no recipe written and tested yet; layer 0 looks token-only ({})"
 _TOKEN_ONLY_BUT = "no recipe written and tested yet; layer 0 is token-only but {}"
 
 NOT_WRITTEN: dict[str, str] = {
-    "dory": _TOKEN_ONLY_BUT.format(
-        "only while it is one of the n_input_layers (with none, layer 0 is a recurrent layer rerun in every loop on "
-        "context-dependent states); its input norm is an L2 normalisation (DoryL2Norm, x / |x|, no weight), which "
-        "the declared norms (RMS, LayerNorm) cannot say yet; its attention gate (g_proj) would fold as a column as "
-        "afmoe's does, and the unit-norm q/k scaling (sqk) and interpolating residual act after the table"),
-    "mimo_v2_flash": _TOKEN_ONLY_BUT.format(
-        "its values have their own head size (v_head_dim, unlike q and k's head_dim), so the v column is "
-        "num_key_value_heads * v_head_dim wide, which ModelSpec's single head_dim cannot describe yet"),
-    "zaya": _TOKEN_ONLY_BUT.format(
-        "its compressed convolutional attention mixes tokens after the projections: q and k go through causal "
-        "convolutions over the sequence (conv_qk_depthwise, conv_qk_grouped) and v joins v_proj_current of this "
-        "token to v_proj_delayed of the previous one, so the table would hold the four raw projections as columns "
-        "(under qkv_proj) and the runtime keep the convolutions: a new kind of layout"),
-    "inkling_text": _TOKEN_ONLY_BUT.format(
-        "the embedding module applies its own RMSNorm (embed_tokens.embed_norm), k and v pass through short "
-        "convolutions over the sequence (k_sconv, v_sconv) after their projections, and a fourth projection of the "
-        "normed input (r_proj) feeds relative-position logits: r_proj would be a column beside q, k, v"),
-    "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     "moshi": _NOT_WRITTEN.format("the text decoder of a speech model"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
         "emu3", "fuyu", "got_ocr2", "mllama", "phi4_multimodal", "minimax_m3_vl_text", "dots3_note",
         "dots3_note_text")},
-    **{t: _TOKEN_ONLY_BUT.format(
-        "the embedding module applies its own RMSNorm, the queries pass through a position-dependent log-scaled L2 "
-        "clip, and the keys and values through short convolutions over the sequence (dynamic ones computed from the "
-        "layer's input) after their projections" + loop)
-       for t, loop in (("inkling2_text", ""),
-                       ("inkling2_loop_text", "; the loop layers also read messages from the previous pass"))},
 }
