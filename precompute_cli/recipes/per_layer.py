@@ -26,13 +26,16 @@ Adopting it in a recipe (what recipes/gemma4.py does; Gemma 3n's is the same wit
     runtime_patch(): RuntimePatch(..., per_layer=PER_LAYER.patch(cfg, spec))
 
 A recipe with per-layer inputs must implement fold_tokens (the per-layer embedding is read by token id; fold() alone
-has no ids) and keep "per_layer" the table's last columns. Everything in this module reads only the config keys named
-below, so the same object serves both families; gemma3n's multimodal checkpoints have the same names under
-language_model (recipes/multimodal.py renames them before any recipe sees them).
+has no ids); execute and verify call it. Everything in this module reads only the config keys named below
+(hidden_size_per_layer_input, vocab_size_per_layer_input, rms_norm_eps; the layer count from the spec), so the same
+object serves both families; gemma3n's multimodal checkpoints have the same names under language_model
+(recipes/multimodal.py renames them before any recipe sees them). load_model builds the removed per-layer embedding
+one row tall (PerLayerPatch.shrink) and report.analysis reads the fold's figures from the patch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,13 +116,16 @@ class PerLayerInputs:
         """pl for the rows `tokens`, given e (their inputs_embeds rows, float32 or float64): [n, L * hpl]."""
         embedding, projection, norm = self.names()
         hpl, eps = self.hidden(cfg), float(cfg.get("rms_norm_eps", default=self.eps_default))
-        projected = ops.linear(e, w(projection)) * (spec.hidden_size ** -0.5)
-        projected = ops.rms_norm(ops.heads(projected, hpl), w(norm), eps).reshape(projected.shape)
+        projected = ops.linear(e, w(projection))
+        projected *= spec.hidden_size ** -0.5
+        out = ops.rms_norm(ops.heads(projected, hpl), w(norm), eps).reshape(projected.shape)
+        del projected
         ids = np.asarray(tokens, dtype=np.int64)
         if self.clamp:
             ids = np.where((ids >= 0) & (ids < self.vocab(cfg, spec)), ids, 0)
-        rows = _rows(w, embedding, ids).astype(projected.dtype, copy=False)
-        return (projected + _scaled(rows, hpl ** 0.5, spec.dtype)) * (2.0 ** -0.5)
+        out += _scaled(_rows(w, embedding, ids).astype(out.dtype, copy=False), hpl ** 0.5, spec.dtype)
+        out *= 2.0 ** -0.5
+        return out
 
     def patch(self, cfg: Config, spec: ModelSpec) -> PerLayerPatch | None:
         if not self.enabled(cfg):
@@ -141,7 +147,8 @@ def _rows(w: Weights, name: str, ids: np.ndarray) -> np.ndarray:
 
 def _scaled(rows: np.ndarray, scale: float, dtype: str) -> np.ndarray:
     """rows * scale as the scaled embedding module computes it in the checkpoint's dtype (its scale cast to the
-    weight's dtype, the product rounded to it); rows are that dtype's values already. Float32 and float64 pass."""
+    weight's dtype, the product rounded to it); rows are that dtype's values already. In float32 and float64, or
+    with a power of two (hpl = 256: 16), the product needs no rounding of its own."""
     stored = NAME_TO_ST.get(dtype)
     if stored in (None, "F32", "F64"):
         return rows * scale
@@ -149,4 +156,7 @@ def _scaled(rows: np.ndarray, scale: float, dtype: str) -> np.ndarray:
     def rounded(a: np.ndarray) -> np.ndarray:
         return to_float(from_float(np.asarray(a, dtype=np.float32), stored), stored, rows.dtype)
 
-    return rounded(rows * rounded(np.float32(scale)))
+    factor = float(rounded(np.float32(scale)))
+    if math.frexp(factor)[0] == 0.5:  # exact: only the exponent changes
+        return rows * factor
+    return rounded(rows * factor)
