@@ -75,6 +75,8 @@ def one_model_per_family() -> dict[str, dict]:
     module's; the types of a module differ in their declarations only), taken from the equivalence tests' cases."""
     import test_attention_zoo
     import test_falcon_bloom_mpt
+    import test_gemma3n
+    import test_gemma4
     import test_gpt_oss
     import test_jetmoe
     import test_llama_family
@@ -94,6 +96,8 @@ def one_model_per_family() -> dict[str, dict]:
     cases["gpt_oss"] = dict(model_type="gpt_oss", **test_gpt_oss.OSS)
     cases["deepseek_v3"] = {**test_mla.MLA, **test_mla.CASES["deepseek_v3"]}
     cases["jetmoe"] = dict(model_type="jetmoe", **test_jetmoe.SIZES)
+    cases["gemma4_text"] = dict(test_gemma4.TEXT)  # with per-layer inputs: fold_tokens reads their rows
+    cases["gemma3n_text"] = dict(model_type="gemma3n_text", **test_gemma3n.TEXT)  # AltUp, LAuReL, per-layer inputs
     chosen: dict[str, dict] = {}
     for model_type in supported():
         family = REGISTRY[model_type].__module__
