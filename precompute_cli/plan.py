@@ -16,7 +16,7 @@ from precompute_cli.block import KEY, is_converted
 from precompute_cli.errors import InputError
 from precompute_cli.quant import SCALE_SUFFIX, Quantization, dequantize_fp8
 from precompute_cli.recipes import Recipe, recipe_for
-from precompute_cli.recipes.multimodal import TextConfig, is_multimodal, text_config, text_name
+from precompute_cli.recipes.multimodal import TextConfig, Wrapper, is_multimodal, text_config, text_name
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
 from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array, read_tensor
@@ -218,8 +218,8 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     tensors = source.tensors() if source.shards else {}
     text_only = None
     if isinstance(cfg, TextConfig):
-        tensors, dropped = _text_tensors(tensors)
-        headers, dropped_headers = _text_tensors(headers) if headers is not None else (None, {})
+        tensors, dropped = _text_tensors(tensors, cfg.wrapper)
+        headers, dropped_headers = _text_tensors(headers, cfg.wrapper) if headers is not None else (None, {})
         dropped_refs = tuple(TensorRef(n, t.dtype, t.shape) for n, t in {**dropped_headers, **dropped}.items())
         text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs)
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
@@ -282,12 +282,12 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     )
 
 
-def _text_tensors(tensors: dict) -> tuple[dict, dict]:
+def _text_tensors(tensors: dict, wrapper: Wrapper) -> tuple[dict, dict]:
     """A multimodal checkpoint's tensors as the text model names them (values renamed too: what the output
     writes), and the ones it has no name for (vision tower, projector), which are not written."""
     kept, dropped = {}, {}
     for name, entry in tensors.items():
-        new = text_name(name)
+        new = text_name(name, wrapper)
         info = entry[1] if isinstance(entry, tuple) else entry
         if new is None:
             dropped[name] = info

@@ -1,5 +1,7 @@
-"""The text decoders of multimodal and speech models: those that are model types of their own (moshi's
-MoshiForCausalLM, minimax_m3_vl_text) fold as any text model; each is compared with transformers' own."""
+"""The text decoders of multimodal and speech models. Those that are model types of their own (moshi's
+MoshiForCausalLM, minimax_m3_vl_text) fold as any text model; the multimodal checkpoints mllama, got_ocr2, fuyu and
+emu3 convert to their text decoder alone behind --text-only (as test_multimodal.py's gemma3, mistral3, llama4), each
+built with a tiny vision tower (emu3: a tiny VQ-VAE) and compared with transformers' own multimodal model on text."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import json
 
 import pytest
 import torch
-from tiny import assert_case, assert_equivalent, build, convert, run_cli
+from tiny import assert_case, assert_equivalent, build, convert, probe_ids, run_cli
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from precompute_cli import load_model
+from precompute_cli.errors import InputError
 
 MOSHI = dict(model_type="moshi", ffn_dim=96)
 MINIMAX_M3 = dict(model_type="minimax_m3_vl_text", head_dim=16, rotary_dim=8, num_local_experts=4,
@@ -65,3 +71,124 @@ def test_minimax_m3_sparse_layer_0_is_refused(tmp_path, capsys, changes):
     code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
     assert code == 2 and "sparse attention layer" in err and "indexer" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- multimodal checkpoints whose text decoder converts alone, behind --text-only (recipes/multimodal.py) ----------
+
+TEXT = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+IMAGE_TOKEN = 150
+EMU3_VISUAL = 180  # Emu3's VQ codes 0..15 are the vocabulary's ids 180..195, its end of line 199
+WRAPPED = {
+    # layer 1 is a cross-attention layer (skipped on text); the image token is the first of the 8 rows past the vocab
+    "mllama": dict(text_config={**TEXT, "cross_attention_layers": [1]}, image_token_index=211,
+                   vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_global_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
+                                      intermediate_layers_indices=[0], max_num_tiles=4)),
+    "got_ocr2": dict(text_config={**TEXT, "model_type": "qwen2"}, image_token_index=IMAGE_TOKEN,
+                     vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=64, patch_size=16, mlp_dim=37, window_size=2,
+                                        global_attn_indexes=[0])),
+    "fuyu": dict(text_config={**TEXT, "model_type": "persimmon"}, image_token_id=IMAGE_TOKEN, patch_size=4),
+    "emu3": dict(text_config=TEXT, vocabulary_map={"<image>": IMAGE_TOKEN, "<|extra_200|>": 199,
+                                                   **{f"<|visual token {i:06d}|>": EMU3_VISUAL + i for i in range(16)}},
+                 vq_config=dict(codebook_size=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
+                                attn_resolutions=[], hidden_size=32, embed_dim=4, latent_channels=4)),
+}
+TEXT_TYPES = {"mllama": "mllama_text_model", "got_ocr2": "qwen2", "fuyu": "persimmon", "emu3": "emu3_text_model"}
+# what transformers saves beside the text decoder
+VISION = {"mllama": ("vision_model.", "multi_modal_projector."),
+          "got_ocr2": ("vision_tower.", "multi_modal_projector."), "fuyu": ("vision_embed_tokens.",),
+          "emu3": ("vqmodel.",)}
+IMAGE_TOKENS = {"mllama": 211, "got_ocr2": IMAGE_TOKEN, "fuyu": IMAGE_TOKEN, "emu3": IMAGE_TOKEN}
+
+
+def build_wrapped(path, model_type: str, **overrides):
+    """The multimodal model with every weight perturbed, saved as transformers saves it."""
+    config = AutoConfig.for_model(model_type, **{**WRAPPED[model_type], **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def text_ids(model_type: str) -> torch.Tensor:
+    """Probe ids with no image token; for mllama also ids from the 8 embedding rows past the vocabulary."""
+    ids = probe_ids(TEXT["vocab_size"])
+    ids = torch.where(ids == IMAGE_TOKEN, torch.zeros_like(ids), ids)
+    if model_type == "mllama":
+        ids[0, 5], ids[1, 6] = 213, 218
+    return ids
+
+
+@pytest.mark.parametrize("model_type", sorted(WRAPPED))
+def test_text_only_equals_the_original_on_text(tmp_path, capsys, model_type):
+    src = build_wrapped(tmp_path / "src", model_type)
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "refused")
+    assert code == 2 and "is multimodal" in err and "--text-only" in err and not (tmp_path / "refused").exists()
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == TEXT_TYPES[model_type]
+    assert cfg["precompute"]["text_only"]["image_token_index"] == IMAGE_TOKENS[model_type]
+    dropped = cfg["precompute"]["text_only"]["dropped"]
+    assert dropped and all(n.startswith(VISION[model_type]) for n in dropped)
+    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids(model_type))
+
+
+@pytest.mark.parametrize("model_type", sorted(WRAPPED))
+def test_image_inputs_are_refused(tmp_path, model_type):
+    src = build_wrapped(tmp_path / "src", model_type)
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    converted = load_model(tmp_path / "out")
+    ids = text_ids(model_type)
+    with torch.no_grad():
+        converted(ids)  # text runs
+        with pytest.raises(InputError, match=f"text decoder of a {model_type} model.*not pixel_values"):
+            converted(ids, pixel_values=torch.zeros(1, 3, 8, 8))
+        image_prompt = ids.clone()
+        image_prompt[:, 2] = IMAGE_TOKENS[model_type]
+        with pytest.raises(InputError, match=f"image token {IMAGE_TOKENS[model_type]}"):
+            converted(image_prompt)
+
+
+def test_emu3_image_as_its_tokens_equals_the_original_with_pixels(tmp_path):
+    """Emu3's images are tokens of its vocabulary: the text-only output given the VQ-VAE's ids for an image computes
+    what the original computes from the pixels (which it turns into those ids and embeds with the same table)."""
+    src = build_wrapped(tmp_path / "src", "emu3")
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    original = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
+    converted = load_model(tmp_path / "out")
+    pixels, sizes = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([[8, 8]])
+    with torch.no_grad():
+        image = original.model.get_image_tokens(pixels, sizes).tolist()
+        assert set(image) <= set(range(EMU3_VISUAL, EMU3_VISUAL + 16)) | {199}
+        prompt, as_ids = ([1, 5, *middle, 7, 9] for middle in ([IMAGE_TOKEN] * len(image), image))
+        expected = original(input_ids=torch.tensor([prompt]), pixel_values=pixels, image_sizes=sizes).logits
+        got = converted(input_ids=torch.tensor([as_ids])).logits
+    assert (expected - got).abs().max().item() <= 1e-4 * max(expected.abs().max().item(), 1.0)
+
+
+def test_mllama_cross_attention_layer_0_is_refused(tmp_path, capsys):
+    src = build_wrapped(tmp_path / "src", "mllama", text_config={**TEXT, "cross_attention_layers": [0]})
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out", "--text-only")
+    assert code == 2 and "layer 0 is a cross-attention layer" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuyu_config_without_text_config(tmp_path):
+    """Fuyu-8B's config keeps the text decoder's keys at the top level; FuyuConfig gathers them into text_config,
+    and so does the conversion (the original below is built by transformers from the same flat config)."""
+    src = build_wrapped(tmp_path / "src", "fuyu")
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.pop("text_config")
+    flat = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "hidden_act", "layer_norm_eps", "qk_layernorm", "eos_token_id",
+                                 "max_position_embeddings")}
+    (src / "config.json").write_text(json.dumps({**cfg, **flat}))
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["model_type"] == "persimmon" and out["partial_rotary_factor"] == 0.5
+    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids("fuyu"))

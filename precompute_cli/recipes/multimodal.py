@@ -1,5 +1,6 @@
 """Multimodal checkpoints whose text decoder folds: gemma3 (Gemma 3 4B/12B/27B), mistral3 (Mistral Small 3.1),
-llama4 (Llama 4 Scout, Maverick). They convert to a text-only checkpoint, and only behind `--text-only`.
+llama4 (Llama 4 Scout, Maverick), mllama (Llama 3.2 Vision), got_ocr2 (GOT-OCR 2.0), fuyu (Fuyu-8B) and emu3
+(Emu3-Chat/Gen). They convert to a text-only checkpoint, and only behind `--text-only`.
 
 At an image position layer 0 reads a vision feature, not a token's embedding, so the table cannot serve it. Keeping
 layer 0's norm and Q/K/V for those positions would leave the checkpoint no smaller than before (the table added on
@@ -8,13 +9,23 @@ the output is the text decoder alone: its config is `text_config` (model_type ge
 the outer config's embedding tying), its tensors are the language model's renamed to the text model's names, and the
 vision tower and projector are left out. The runtime refuses image inputs to it (runtime.refuse_image_inputs).
 
-On disk transformers 5.24 still writes the legacy names (`language_model.model.*`, `language_model.lm_head.*`);
-checkpoints saved with the in-memory names (`model.language_model.*`, `lm_head.*`) are read too.
+On disk transformers 5.24 still writes the legacy names (`language_model.model.*`, `language_model.lm_head.*`;
+emu3: `model.text_model.*`); checkpoints saved with the in-memory names (`model.language_model.*`, `lm_head.*`) are
+read too.
+
+mllama: the text decoder's cross-attention layers (cross_attention_layers) are skipped on text, as transformers
+skips them without image states; a layer 0 that is one of them reads the image, and is refused. Emu3 is the one
+whose images are tokens: its VQ-VAE turns pixels into ids of the same vocabulary, embedded by the same table, so the
+text-only output serves an image given as those ids; it leaves out the VQ-VAE and refuses pixel values and the
+`<image>` placeholder, which only the VQ-VAE can replace. Fuyu's older configs keep the text decoder's keys at the
+top level (no text_config), which its config class gathers as it does; a config with neither gets the defaults
+the config class gives its text decoder (`defaults`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from precompute_cli.errors import InputError
 from precompute_cli.recipes.base import Recipe, register
@@ -28,18 +39,43 @@ class Wrapper:
     text_type: str  # text_config's model_type when the config leaves it out
     architecture: str  # the text-only model class of the output's config
     tied: bool  # the outer config class's tie_word_embeddings default (the outer key ties the LM head)
-    image_token: int  # the config class's image_token_index default
+    image_token: int | None  # the config class's image_token_index default
+    image_token_keys: tuple[str, ...] = ("image_token_index", "image_token_id")
+    # the language model's prefix on disk -> the text model's prefix; any other tensor (vision, projector) is dropped
+    prefixes: tuple[tuple[str, str], ...] = (
+        ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+        ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+    # the text decoder's config when the config has no text_config: these keys' values, gathered from the top level
+    # when any of them is there (with `flat_extra` added), else these defaults (the config class's sub-config spec)
+    defaults: dict[str, Any] | None = None
+    flat_extra: dict[str, Any] | None = None
 
+
+# Fuyu's text decoder: FuyuConfig's sub-config spec (init_kwargs), and what its __post_init__ adds to flat keys
+FUYU_TEXT = {"vocab_size": 262144, "max_position_embeddings": 16384, "hidden_size": 4096, "intermediate_size": 16384,
+             "num_hidden_layers": 36, "num_attention_heads": 64, "hidden_act": "relu2", "initializer_range": 0.02,
+             "layer_norm_eps": 1e-5, "use_cache": True, "qk_layernorm": True, "hidden_dropout": 0.0,
+             "attention_dropout": 0.0, "eos_token_id": 2}
+GOT_OCR2_TEXT = {"vocab_size": 151860, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "num_key_value_heads": 16, "hidden_act": "silu",
+                 "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6, "use_cache": True,
+                 "tie_word_embeddings": True, "rope_theta": 1000000.0, "rope_parameters": None,
+                 "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21,
+                 "attention_dropout": 0.0}
 
 WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
     "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
     "llama4": Wrapper("llama4_text", "Llama4ForCausalLM", tied=False, image_token=200_092),
+    "mllama": Wrapper("mllama_text_model", "MllamaForCausalLM", tied=False, image_token=128_256),
+    "got_ocr2": Wrapper("qwen2", "Qwen2ForCausalLM", tied=True, image_token=151_859, defaults=GOT_OCR2_TEXT),
+    "fuyu": Wrapper("persimmon", "PersimmonForCausalLM", tied=False, image_token=71_011, defaults=FUYU_TEXT,
+                    flat_extra={"partial_rotary_factor": 0.5}),
+    "emu3": Wrapper("emu3_text_model", "Emu3ForCausalLM", tied=False, image_token=None,
+                    image_token_keys=("vocabulary_map.<image>", "image_token_id"),
+                    prefixes=(("model.text_model.", "model."), ("text_model.model.", "model."),
+                              ("text_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))),
 }
-
-# the language model's prefix on disk -> the text model's prefix; any other tensor (vision, projector) is dropped
-PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-            ("model.language_model.", "model."), ("lm_head.", "lm_head."))
 
 
 class TextConfig(Config):
@@ -51,8 +87,9 @@ class TextConfig(Config):
         self.outer, self.wrapper = outer, wrapper
 
     @property
-    def image_token(self) -> int:
-        return int(self.outer.get("image_token_index", "image_token_id", default=self.wrapper.image_token))
+    def image_token(self) -> int | None:
+        token = self.outer.get(*self.wrapper.image_token_keys, default=self.wrapper.image_token)
+        return None if token is None else int(token)
 
 
 def is_multimodal(cfg: Config) -> bool:
@@ -68,6 +105,8 @@ def text_config(cfg: Config, text_only: bool) -> TextConfig:
                          "features, which a table of tokens cannot hold; convert its text decoder alone with "
                          f"--text-only (the output is a text-only {wrapper.text_type} checkpoint that refuses images)")
     text = cfg.data.get("text_config")
+    if text is None and wrapper.defaults is not None:
+        text = _flat_text(cfg, wrapper)
     if not isinstance(text, dict):
         raise InputError(f"{cfg.path}: {cfg.model_type} config has no text_config object")
     data = {**text, "model_type": text.get("model_type") or wrapper.text_type,
@@ -79,9 +118,19 @@ def text_config(cfg: Config, text_only: bool) -> TextConfig:
     return TextConfig(data, cfg.path, cfg, wrapper)
 
 
-def text_name(name: str) -> str | None:
+def _flat_text(cfg: Config, wrapper: Wrapper) -> dict:
+    """The text decoder's config of a multimodal config without text_config, as its config class builds it."""
+    assert wrapper.defaults is not None
+    keys = [*wrapper.defaults, "rope_scaling", "rope_theta"]
+    flat = {k: cfg.data[k] for k in keys if k in cfg.data}
+    if not flat:
+        return dict(wrapper.defaults)
+    return {**flat, **{k: v for k, v in (wrapper.flat_extra or {}).items() if k not in flat}}
+
+
+def text_name(name: str, wrapper: Wrapper) -> str | None:
     """The text model's name for a tensor of the multimodal checkpoint, or None for one the text model has not."""
-    for disk, text in PREFIXES:
+    for disk, text in wrapper.prefixes:
         if name.startswith(disk):
             return text + name[len(disk):]
     return None
