@@ -50,10 +50,12 @@ class TextOnlyOrigin:
     source_model_type: str
     image_token_index: int | None
     dropped: tuple[str, ...]  # the vision model's tensors, not written
+    audio_token_index: int | None = None  # a model that also takes audio (phi4_multimodal): its placeholder token
 
     def as_dict(self) -> dict[str, Any]:
+        audio = {} if self.audio_token_index is None else {"audio_token_index": self.audio_token_index}
         return {"source_model_type": self.source_model_type, "image_token_index": self.image_token_index,
-                "dropped": list(self.dropped)}
+                **audio, "dropped": list(self.dropped)}
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class PrecomputeBlock:
             columns=dict(plan.table.columns), removed=tuple(r.name for r in plan.removed),
             source=plan.source.ref, revision=plan.source.revision, choices=dict(plan.recipe.choices()),
             text_only=TextOnlyOrigin(plan.text_only.source_model_type, plan.text_only.image_token,
-                                     tuple(r.name for r in plan.text_only.dropped)) if plan.text_only else None,
+                                     tuple(r.name for r in plan.text_only.dropped),
+                                     plan.text_only.audio_token) if plan.text_only else None,
         )
 
     @property
@@ -155,14 +158,14 @@ class PrecomputeBlock:
             check(isinstance(choice, str), key, "a string", choice)
         text_only = data.get("text_only")
         if text_only is not None:
-            token, dropped = (text_only.get(k) if isinstance(text_only, Mapping) else None
-                              for k in ("image_token_index", "dropped"))
+            token, dropped, audio = (text_only.get(k) if isinstance(text_only, Mapping) else None
+                                     for k in ("image_token_index", "dropped", "audio_token_index"))
             check(isinstance(text_only, Mapping) and _is_name(text_only.get("source_model_type"))
-                  and (token is None or (isinstance(token, int) and not isinstance(token, bool)))
+                  and all(t is None or (isinstance(t, int) and not isinstance(t, bool)) for t in (token, audio))
                   and isinstance(dropped, list) and all(_is_name(n) for n in dropped), "text_only",
                   'an object {"source_model_type": ..., "image_token_index": an id or null, "dropped": [names]}',
                   text_only)
-            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped))
+            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped), audio)
         return cls(block=kind, table=table, dtype=dtype, columns=columns, removed=tuple(removed),
                    source=source["id"], revision=revision, tool=tool["name"], version=tool["version"],
                    choices=choices, text_only=text_only)

@@ -355,13 +355,14 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
         setattr(module, name, value)
 
 
-IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds")
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds",
+                "image_pixel_values", "audio_input_features", "input_features")  # phi4_multimodal's, audio's
 
 
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
     """A text decoder cut out of a multimodal checkpoint (convert --text-only) has no vision model: an image, or
     the image token that stands for one, would be computed as text and give a wrong answer; refuse both."""
-    source, token = text_only.source_model_type, text_only.image_token_index
+    source, token, audio = text_only.source_model_type, text_only.image_token_index, text_only.audio_token_index
     why = (f"this precomputed checkpoint is the text decoder of a {source} model alone (convert --text-only); "
            "it takes text only")
 
@@ -372,6 +373,8 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
+        if audio is not None and isinstance(ids, torch.Tensor) and bool((ids == audio).any()):
+            raise InputError(f"{why}: input_ids hold the audio token {audio}, which stands for audio")
 
     model.register_forward_pre_hook(check, with_kwargs=True)
 

@@ -1,7 +1,8 @@
 """The text decoders of multimodal and speech models. Those that are model types of their own (moshi's
-MoshiForCausalLM, minimax_m3_vl_text) fold as any text model; the multimodal checkpoints mllama, got_ocr2, fuyu and
-emu3 convert to their text decoder alone behind --text-only (as test_multimodal.py's gemma3, mistral3, llama4), each
-built with a tiny vision tower (emu3: a tiny VQ-VAE) and compared with transformers' own multimodal model on text."""
+MoshiForCausalLM, minimax_m3_vl_text) fold as any text model; the multimodal checkpoints mllama, got_ocr2, fuyu,
+emu3 and phi4_multimodal convert to their text decoder alone behind --text-only (as test_multimodal.py's gemma3,
+mistral3, llama4), each built with a tiny vision tower (emu3: a tiny VQ-VAE; phi4_multimodal: vision and audio
+encoders) and compared with transformers' own multimodal model on text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 from tiny import assert_case, assert_equivalent, build, convert, probe_ids, run_cli
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from precompute_cli import load_model
 from precompute_cli.errors import InputError
@@ -78,6 +79,7 @@ def test_minimax_m3_sparse_layer_0_is_refused(tmp_path, capsys, changes):
 TEXT = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IMAGE_TOKEN = 150
+AUDIO_TOKEN = 151
 EMU3_VISUAL = 180  # Emu3's VQ codes 0..15 are the vocabulary's ids 180..195, its end of line 199
 WRAPPED = {
     # layer 1 is a cross-attention layer (skipped on text); the image token is the first of the 8 rows past the vocab
@@ -95,19 +97,29 @@ WRAPPED = {
                  vq_config=dict(codebook_size=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
                                 attn_resolutions=[], hidden_size=32, embed_dim=4, latent_channels=4)),
 }
-TEXT_TYPES = {"mllama": "mllama_text_model", "got_ocr2": "qwen2", "fuyu": "persimmon", "emu3": "emu3_text_model"}
+# phi4_multimodal's config is the text decoder's, with its vision and audio sub-configs beside; partial RoPE as Phi-4's
+WRAPPED["phi4_multimodal"] = dict(
+    **TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+    vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                       patch_size=14, crop_size=28, image_token_id=IMAGE_TOKEN),
+    audio_config=dict(hidden_size=32, intermediate_size=37, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+                      depthwise_separable_out_channel=32, nemo_conv_channels=32, audio_token_id=AUDIO_TOKEN))
+TEXT_TYPES = {"mllama": "mllama_text_model", "got_ocr2": "qwen2", "fuyu": "persimmon", "emu3": "emu3_text_model",
+              "phi4_multimodal": "phi3"}
+AUTO = {"phi4_multimodal": AutoModelForCausalLM}  # the rest: AutoModelForImageTextToText
 # what transformers saves beside the text decoder
 VISION = {"mllama": ("vision_model.", "multi_modal_projector."),
           "got_ocr2": ("vision_tower.", "multi_modal_projector."), "fuyu": ("vision_embed_tokens.",),
-          "emu3": ("vqmodel.",)}
-IMAGE_TOKENS = {"mllama": 211, "got_ocr2": IMAGE_TOKEN, "fuyu": IMAGE_TOKEN, "emu3": IMAGE_TOKEN}
+          "emu3": ("vqmodel.",), "phi4_multimodal": ("model.embed_tokens_extend.",)}
+IMAGE_TOKENS = {"mllama": 211, "got_ocr2": IMAGE_TOKEN, "fuyu": IMAGE_TOKEN, "emu3": IMAGE_TOKEN,
+                "phi4_multimodal": IMAGE_TOKEN}
 
 
 def build_wrapped(path, model_type: str, **overrides):
     """The multimodal model with every weight perturbed, saved as transformers saves it."""
     config = AutoConfig.for_model(model_type, **{**WRAPPED[model_type], **overrides})
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
+    model = AUTO.get(model_type, AutoModelForImageTextToText).from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -118,7 +130,7 @@ def build_wrapped(path, model_type: str, **overrides):
 def text_ids(model_type: str) -> torch.Tensor:
     """Probe ids with no image token; for mllama also ids from the 8 embedding rows past the vocabulary."""
     ids = probe_ids(TEXT["vocab_size"])
-    ids = torch.where(ids == IMAGE_TOKEN, torch.zeros_like(ids), ids)
+    ids = torch.where((ids == IMAGE_TOKEN) | (ids == AUDIO_TOKEN), torch.zeros_like(ids), ids)
     if model_type == "mllama":
         ids[0, 5], ids[1, 6] = 213, 218
     return ids
@@ -135,7 +147,8 @@ def test_text_only_equals_the_original_on_text(tmp_path, capsys, model_type):
     assert cfg["precompute"]["text_only"]["image_token_index"] == IMAGE_TOKENS[model_type]
     dropped = cfg["precompute"]["text_only"]["dropped"]
     assert dropped and all(n.startswith(VISION[model_type]) for n in dropped)
-    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids(model_type))
+    assert_equivalent(src, tmp_path / "out", auto_class=AUTO.get(model_type, AutoModelForImageTextToText),
+                      ids=text_ids(model_type))
 
 
 @pytest.mark.parametrize("model_type", sorted(WRAPPED))
@@ -152,6 +165,25 @@ def test_image_inputs_are_refused(tmp_path, model_type):
         image_prompt[:, 2] = IMAGE_TOKENS[model_type]
         with pytest.raises(InputError, match=f"image token {IMAGE_TOKENS[model_type]}"):
             converted(image_prompt)
+
+
+def test_phi4_multimodal_refuses_its_image_and_audio_inputs(tmp_path):
+    """Phi-4-multimodal's own keyword arguments for images and audio, and its audio placeholder token, are refused
+    as well as the image token."""
+    src = build_wrapped(tmp_path / "src", "phi4_multimodal")
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["text_only"][
+        "audio_token_index"] == AUDIO_TOKEN
+    converted = load_model(tmp_path / "out")
+    ids = text_ids("phi4_multimodal")
+    with torch.no_grad():
+        for name in ("image_pixel_values", "audio_input_features"):
+            with pytest.raises(InputError, match=f"not {name}"):
+                converted(ids, **{name: torch.zeros(1, 3, 28, 28)})
+        audio = ids.clone()
+        audio[0, 3] = AUDIO_TOKEN
+        with pytest.raises(InputError, match=f"audio token {AUDIO_TOKEN}"):
+            converted(audio)
 
 
 def test_emu3_image_as_its_tokens_equals_the_original_with_pixels(tmp_path):

@@ -1,6 +1,7 @@
 """Multimodal checkpoints whose text decoder folds: gemma3 (Gemma 3 4B/12B/27B), mistral3 (Mistral Small 3.1),
-llama4 (Llama 4 Scout, Maverick), mllama (Llama 3.2 Vision), got_ocr2 (GOT-OCR 2.0), fuyu (Fuyu-8B) and emu3
-(Emu3-Chat/Gen). They convert to a text-only checkpoint, and only behind `--text-only`.
+llama4 (Llama 4 Scout, Maverick), mllama (Llama 3.2 Vision), got_ocr2 (GOT-OCR 2.0), fuyu (Fuyu-8B), emu3
+(Emu3-Chat/Gen) and phi4_multimodal (Phi-4-multimodal). They convert to a text-only checkpoint, and only behind
+`--text-only`.
 
 At an image position layer 0 reads a vision feature, not a token's embedding, so the table cannot serve it. Keeping
 layer 0's norm and Q/K/V for those positions would leave the checkpoint no smaller than before (the table added on
@@ -20,6 +21,13 @@ text-only output serves an image given as those ids; it leaves out the VQ-VAE an
 `<image>` placeholder, which only the VQ-VAE can replace. Fuyu's older configs keep the text decoder's keys at the
 top level (no text_config), which its config class gathers as it does; a config with neither gets the defaults
 the config class gives its text decoder (`defaults`).
+
+phi4_multimodal: the config is the text decoder's own, with vision_config and audio_config beside it, and the
+decoder is Phi-3's (fused qkv_proj, gate_up_proj, partial and long RoPE): the output is a phi3 checkpoint, its config
+the rest of the keys over Phi4MultimodalConfig's defaults, without model.embed_tokens_extend (the image and audio
+encoders); the runtime refuses the image and the audio token and both encoders' inputs. transformers' model has no
+LoRA: the Hub's vision and speech LoRA adapters are PEFT adapters beside the checkpoint, loaded on request, so the
+text path the table folds is the base model's (an adapter merged into the weights would be folded as it is).
 """
 
 from __future__ import annotations
@@ -41,14 +49,20 @@ class Wrapper:
     tied: bool  # the outer config class's tie_word_embeddings default (the outer key ties the LM head)
     image_token: int | None  # the config class's image_token_index default
     image_token_keys: tuple[str, ...] = ("image_token_index", "image_token_id")
-    # the language model's prefix on disk -> the text model's prefix; any other tensor (vision, projector) is dropped
-    prefixes: tuple[tuple[str, str], ...] = (
+    # the language model's prefix on disk -> the text model's prefix (None: not the text model's, though the next
+    # prefix matches); any other tensor (vision, projector) is dropped
+    prefixes: tuple[tuple[str, str | None], ...] = (
         ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
         ("model.language_model.", "model."), ("lm_head.", "lm_head."))
     # the text decoder's config when the config has no text_config: these keys' values, gathered from the top level
     # when any of them is there (with `flat_extra` added), else these defaults (the config class's sub-config spec)
     defaults: dict[str, Any] | None = None
     flat_extra: dict[str, Any] | None = None
+    # a config that is the text decoder's itself, with these sub-configs beside its keys (phi4_multimodal): the
+    # text config is the rest, over `defaults` (the config class's own defaults for what the text model class reads)
+    sub_configs: tuple[str, ...] = ()
+    audio_token_keys: tuple[str, ...] = ()  # where the config keeps its audio placeholder token, if it has one
+    audio_token: int | None = None  # ... and the config class's default for it
 
 
 # Fuyu's text decoder: FuyuConfig's sub-config spec (init_kwargs), and what its __post_init__ adds to flat keys
@@ -63,6 +77,14 @@ GOT_OCR2_TEXT = {"vocab_size": 151860, "hidden_size": 1024, "intermediate_size":
                  "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21,
                  "attention_dropout": 0.0}
 
+# Phi4MultimodalConfig's defaults for what Phi3Config reads (Phi3Config's own differ: vocab, KV heads, positions)
+PHI4_TEXT = {"vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+             "attention_dropout": 0.0, "hidden_act": "silu", "max_position_embeddings": 131072,
+             "original_max_position_embeddings": 4096, "initializer_range": 0.02, "rms_norm_eps": 1e-5,
+             "use_cache": True, "tie_word_embeddings": False, "bos_token_id": 199999,
+             "eos_token_id": [199999, 200020], "pad_token_id": 199999, "sliding_window": None}
+
 WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("gemma3_text", "Gemma3ForCausalLM", tied=True, image_token=262_144),
     "mistral3": Wrapper("mistral", "MistralForCausalLM", tied=True, image_token=10),
@@ -75,6 +97,12 @@ WRAPPERS: dict[str, Wrapper] = {
                     image_token_keys=("vocabulary_map.<image>", "image_token_id"),
                     prefixes=(("model.text_model.", "model."), ("text_model.model.", "model."),
                               ("text_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))),
+    "phi4_multimodal": Wrapper("phi3", "Phi3ForCausalLM", tied=False, image_token=200_010,
+                               image_token_keys=("vision_config.image_token_id",), defaults=PHI4_TEXT,
+                               sub_configs=("vision_config", "audio_config"),
+                               audio_token_keys=("audio_config.audio_token_id",), audio_token=200_011,
+                               prefixes=(("model.embed_tokens_extend.", None), ("model.", "model."),
+                                         ("lm_head.", "lm_head."))),
 }
 
 
@@ -91,6 +119,12 @@ class TextConfig(Config):
         token = self.outer.get(*self.wrapper.image_token_keys, default=self.wrapper.image_token)
         return None if token is None else int(token)
 
+    @property
+    def audio_token(self) -> int | None:
+        keys = self.wrapper.audio_token_keys
+        token = self.outer.get(*keys, default=self.wrapper.audio_token) if keys else None
+        return None if token is None else int(token)
+
 
 def is_multimodal(cfg: Config) -> bool:
     model_type = cfg.data.get("model_type")  # anything, in a broken config: recipe_for says what is wrong with it
@@ -105,11 +139,15 @@ def text_config(cfg: Config, text_only: bool) -> TextConfig:
                          "features, which a table of tokens cannot hold; convert its text decoder alone with "
                          f"--text-only (the output is a text-only {wrapper.text_type} checkpoint that refuses images)")
     text = cfg.data.get("text_config")
-    if text is None and wrapper.defaults is not None:
+    if wrapper.sub_configs:
+        text = {**(wrapper.defaults or {}),
+                **{k: v for k, v in cfg.data.items() if k not in (*wrapper.sub_configs, "architectures")}}
+    elif text is None and wrapper.defaults is not None:
         text = _flat_text(cfg, wrapper)
     if not isinstance(text, dict):
         raise InputError(f"{cfg.path}: {cfg.model_type} config has no text_config object")
-    data = {**text, "model_type": text.get("model_type") or wrapper.text_type,
+    own_type = None if wrapper.sub_configs else text.get("model_type")  # a flat config's model_type is the outer one
+    data = {**text, "model_type": own_type or wrapper.text_type,
             "architectures": [wrapper.architecture],
             "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", default=wrapper.tied))}
     dtype = text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype", "torch_dtype")
@@ -132,7 +170,7 @@ def text_name(name: str, wrapper: Wrapper) -> str | None:
     """The text model's name for a tensor of the multimodal checkpoint, or None for one the text model has not."""
     for disk, text in wrapper.prefixes:
         if name.startswith(disk):
-            return text + name[len(disk):]
+            return None if text is None else text + name[len(disk):]
     return None
 
 
