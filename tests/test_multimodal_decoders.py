@@ -48,6 +48,42 @@ def test_equivalent_bfloat16(tmp_path, overrides):
     assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
 
 
+DOTS3 = dict(model_type="dots3_note_text", pad_token_id=0, bos_token_id=1, eos_token_id=2, kv_lora_rank=16,
+             q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, head_dim=24, n_routed_experts=4,
+             num_experts_per_tok=2, moe_intermediate_size=32, shared_experts_intermediate_size=32, index_topk=4,
+             index_head_dim=16, index_n_heads=2, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("table", ["latent", "full"])
+@pytest.mark.parametrize("use_dsa", [True, False], ids=["indexed", "full_attention"])
+def test_dots3_note_text_equivalent(tmp_path, table, use_dsa):
+    """MLA with rms_norm_eps latent norms and sqrt(d/rank) latent scales, the k_rot norm and the per-head gate; an
+    indexed layer 0 (transformers' default) folds its DSA indexer too (index_topk 4 of 8 positions: it selects)."""
+    src = build(tmp_path / "src", **DOTS3, use_dsa=use_dsa)
+    assert json.loads((src / "config.json").read_text())["layer_types"][0] == ("indexed_attention" if use_dsa
+                                                                              else "full_attention")
+    assert convert(src, tmp_path / "out", "--mla-table", table) == 0
+    columns = json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["columns"]
+    assert columns["gate"][1] - columns["gate"][0] == 4  # one per head
+    assert ("index_k" in columns) == use_dsa
+    assert_equivalent(src, tmp_path / "out")
+
+
+def test_dots3_note_text_bfloat16(tmp_path):
+    src = build(tmp_path / "src", dtype=torch.bfloat16, **DOTS3)
+    assert convert(src, tmp_path / "out") == 0
+    assert_equivalent(src, tmp_path / "out", dtype=torch.bfloat16)
+
+
+def test_dots3_note_text_sliding_layer_0_is_refused(tmp_path, capsys):
+    src = build(tmp_path / "src", **DOTS3)
+    _with_config(src, layer_types=["sliding_attention", "indexed_attention"],
+                 per_layer_config={"0": {"num_attention_heads": 2}})
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
+    assert code == 2 and "per_layer_config" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _with_config(src, **changes) -> None:
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, **changes}))
