@@ -50,12 +50,13 @@ class TextOnlyOrigin:
     source_model_type: str
     image_token_index: int | None
     dropped: tuple[str, ...]  # the vision model's tensors, not written
-    audio_token_index: int | None = None  # a model that also takes audio (phi4_multimodal): its placeholder token
+    # placeholder tokens for other inputs the model took (audio, video): (kind, id); written only when there are any
+    other_tokens: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        audio = {} if self.audio_token_index is None else {"audio_token_index": self.audio_token_index}
+        other = {"other_tokens": dict(self.other_tokens)} if self.other_tokens else {}
         return {"source_model_type": self.source_model_type, "image_token_index": self.image_token_index,
-                **audio, "dropped": list(self.dropped)}
+                **other, "dropped": list(self.dropped)}
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class PrecomputeBlock:
             source=plan.source.ref, revision=plan.source.revision, choices=dict(plan.recipe.choices()),
             text_only=TextOnlyOrigin(plan.text_only.source_model_type, plan.text_only.image_token,
                                      tuple(r.name for r in plan.text_only.dropped),
-                                     plan.text_only.audio_token) if plan.text_only else None,
+                                     plan.text_only.other_tokens) if plan.text_only else None,
         )
 
     @property
@@ -158,14 +159,16 @@ class PrecomputeBlock:
             check(isinstance(choice, str), key, "a string", choice)
         text_only = data.get("text_only")
         if text_only is not None:
-            token, dropped, audio = (text_only.get(k) if isinstance(text_only, Mapping) else None
-                                     for k in ("image_token_index", "dropped", "audio_token_index"))
+            token, dropped, other = (text_only.get(k) if isinstance(text_only, Mapping) else None
+                                     for k in ("image_token_index", "dropped", "other_tokens"))
+            other = {} if other is None else other
             check(isinstance(text_only, Mapping) and _is_name(text_only.get("source_model_type"))
-                  and all(t is None or (isinstance(t, int) and not isinstance(t, bool)) for t in (token, audio))
+                  and (token is None or _is_id(token)) and isinstance(other, Mapping)
+                  and all(_is_name(k) and _is_id(v) for k, v in other.items())
                   and isinstance(dropped, list) and all(_is_name(n) for n in dropped), "text_only",
-                  'an object {"source_model_type": ..., "image_token_index": an id or null, "dropped": [names]}',
-                  text_only)
-            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped), audio)
+                  'an object {"source_model_type": ..., "image_token_index": an id or null, "dropped": [names]} '
+                  '(and "other_tokens": {kind: id})', text_only)
+            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped), tuple(other.items()))
         return cls(block=kind, table=table, dtype=dtype, columns=columns, removed=tuple(removed),
                    source=source["id"], revision=revision, tool=tool["name"], version=tool["version"],
                    choices=choices, text_only=text_only)
@@ -195,6 +198,10 @@ def _is_int(value: Any) -> bool:
 
 def _is_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:

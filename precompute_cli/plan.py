@@ -73,7 +73,7 @@ class TextOnly:
     source_model_type: str
     image_token: int | None
     dropped: tuple[TensorRef, ...]
-    audio_token: int | None = None  # an audio placeholder token too (phi4_multimodal)
+    other_tokens: tuple[tuple[str, int], ...] = ()  # other placeholder tokens: (kind, id), audio or video
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
         tensors, dropped = _text_tensors(tensors, cfg.wrapper)
         headers, dropped_headers = _text_tensors(headers, cfg.wrapper) if headers is not None else (None, {})
         dropped_refs = tuple(TensorRef(n, t.dtype, t.shape) for n, t in {**dropped_headers, **dropped}.items())
-        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs, cfg.audio_token)
+        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs, cfg.other_tokens)
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
         raise InputError(f"{source.ref}: its safetensors files hold no tensors")

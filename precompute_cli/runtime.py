@@ -362,7 +362,7 @@ IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_gri
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
     """A text decoder cut out of a multimodal checkpoint (convert --text-only) has no vision model: an image, or
     the image token that stands for one, would be computed as text and give a wrong answer; refuse both."""
-    source, token, audio = text_only.source_model_type, text_only.image_token_index, text_only.audio_token_index
+    source, token, other = text_only.source_model_type, text_only.image_token_index, text_only.other_tokens
     why = (f"this precomputed checkpoint is the text decoder of a {source} model alone (convert --text-only); "
            "it takes text only")
 
@@ -373,8 +373,9 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
-        if audio is not None and isinstance(ids, torch.Tensor) and bool((ids == audio).any()):
-            raise InputError(f"{why}: input_ids hold the audio token {audio}, which stands for audio")
+        for kind, placeholder in other:
+            if isinstance(ids, torch.Tensor) and bool((ids == placeholder).any()):
+                raise InputError(f"{why}: input_ids hold the {kind} token {placeholder}, which stands for {kind}")
 
     model.register_forward_pre_hook(check, with_kwargs=True)
 

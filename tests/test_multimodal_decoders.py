@@ -1,8 +1,8 @@
 """The text decoders of multimodal and speech models. Those that are model types of their own (moshi's
-MoshiForCausalLM, minimax_m3_vl_text) fold as any text model; the multimodal checkpoints mllama, got_ocr2, fuyu,
-emu3 and phi4_multimodal convert to their text decoder alone behind --text-only (as test_multimodal.py's gemma3,
-mistral3, llama4), each built with a tiny vision tower (emu3: a tiny VQ-VAE; phi4_multimodal: vision and audio
-encoders) and compared with transformers' own multimodal model on text."""
+MoshiForCausalLM, minimax_m3_vl_text, dots3_note_text) fold as any text model; the multimodal checkpoints mllama,
+got_ocr2, fuyu, emu3, phi4_multimodal and dots3_note convert to their text decoder alone behind --text-only (as
+test_multimodal.py's gemma3, mistral3, llama4), each built with tiny vision (and audio) encoders (emu3: a tiny
+VQ-VAE) and compared with transformers' own multimodal model on text."""
 
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ TEXT = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IMAGE_TOKEN = 150
 AUDIO_TOKEN = 151
+VIDEO_TOKEN = 152
 EMU3_VISUAL = 180  # Emu3's VQ codes 0..15 are the vocabulary's ids 180..195, its end of line 199
 WRAPPED = {
     # layer 1 is a cross-attention layer (skipped on text); the image token is the first of the 8 rows past the vocab
@@ -140,15 +141,25 @@ WRAPPED["phi4_multimodal"] = dict(
                        patch_size=14, crop_size=28, image_token_id=IMAGE_TOKEN),
     audio_config=dict(hidden_size=32, intermediate_size=37, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
                       depthwise_separable_out_channel=32, nemo_conv_channels=32, audio_token_id=AUDIO_TOKEN))
+# dots3_note: dots.llm3's MLA decoder (DOTS3), a one-block MoE vision tower and a one-layer audio tower
+WRAPPED["dots3_note"] = dict(
+    text_config={**TEXT, **{k: v for k, v in DOTS3.items() if k != "model_type"}},
+    vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+                       moe_intermediate_size=16, num_local_experts=2, num_experts_per_tok=1, mlp_layer_types=["dense"],
+                       adapter_in_dim=32, adapter_out_dim=64),
+    audio_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                      downsample_hidden_size=16, feature_size=16, adapter_input_size=32, adapter_out_dim=64),
+    image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, audio_token_id=AUDIO_TOKEN)
 TEXT_TYPES = {"mllama": "mllama_text_model", "got_ocr2": "qwen2", "fuyu": "persimmon", "emu3": "emu3_text_model",
-              "phi4_multimodal": "phi3"}
+              "phi4_multimodal": "phi3", "dots3_note": "dots3_note_text"}
 AUTO = {"phi4_multimodal": AutoModelForCausalLM}  # the rest: AutoModelForImageTextToText
 # what transformers saves beside the text decoder
 VISION = {"mllama": ("vision_model.", "multi_modal_projector."),
           "got_ocr2": ("vision_tower.", "multi_modal_projector."), "fuyu": ("vision_embed_tokens.",),
-          "emu3": ("vqmodel.",), "phi4_multimodal": ("model.embed_tokens_extend.",)}
+          "emu3": ("vqmodel.",), "phi4_multimodal": ("model.embed_tokens_extend.",),
+          "dots3_note": ("vision_encoder.", "audio_encoder.")}
 IMAGE_TOKENS = {"mllama": 211, "got_ocr2": IMAGE_TOKEN, "fuyu": IMAGE_TOKEN, "emu3": IMAGE_TOKEN,
-                "phi4_multimodal": IMAGE_TOKEN}
+                "phi4_multimodal": IMAGE_TOKEN, "dots3_note": IMAGE_TOKEN}
 
 
 def build_wrapped(path, model_type: str, **overrides):
@@ -166,7 +177,7 @@ def build_wrapped(path, model_type: str, **overrides):
 def text_ids(model_type: str) -> torch.Tensor:
     """Probe ids with no image token; for mllama also ids from the 8 embedding rows past the vocabulary."""
     ids = probe_ids(TEXT["vocab_size"])
-    ids = torch.where((ids == IMAGE_TOKEN) | (ids == AUDIO_TOKEN), torch.zeros_like(ids), ids)
+    ids = torch.where((ids >= IMAGE_TOKEN) & (ids <= VIDEO_TOKEN), torch.zeros_like(ids), ids)
     if model_type == "mllama":
         ids[0, 5], ids[1, 6] = 213, 218
     return ids
@@ -209,7 +220,7 @@ def test_phi4_multimodal_refuses_its_image_and_audio_inputs(tmp_path):
     src = build_wrapped(tmp_path / "src", "phi4_multimodal")
     assert convert(src, tmp_path / "out", "--text-only") == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["precompute"]["text_only"][
-        "audio_token_index"] == AUDIO_TOKEN
+        "other_tokens"] == {"audio": AUDIO_TOKEN}
     converted = load_model(tmp_path / "out")
     ids = text_ids("phi4_multimodal")
     with torch.no_grad():
@@ -220,6 +231,26 @@ def test_phi4_multimodal_refuses_its_image_and_audio_inputs(tmp_path):
         audio[0, 3] = AUDIO_TOKEN
         with pytest.raises(InputError, match=f"audio token {AUDIO_TOKEN}"):
             converted(audio)
+
+
+def test_dots3_note_published_flat_config_and_other_tokens(tmp_path):
+    """dots.llm3's published config keeps the text decoder's keys at the top level (Dots3NoteConfig gathers them):
+    the conversion reads it so; the video and audio placeholder tokens are refused as the image token is."""
+    src = build_wrapped(tmp_path / "src", "dots3_note")
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.pop("text_config")
+    (src / "config.json").write_text(json.dumps({**{k: v for k, v in text.items() if k != "model_type"}, **cfg}))
+    assert convert(src, tmp_path / "out", "--text-only") == 0
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["model_type"] == "dots3_note_text" and "vision_config" not in out
+    assert out["precompute"]["text_only"]["other_tokens"] == {"video": VIDEO_TOKEN, "audio": AUDIO_TOKEN}
+    assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids("dots3_note"))
+    converted = load_model(tmp_path / "out")
+    for kind, token in (("video", VIDEO_TOKEN), ("audio", AUDIO_TOKEN)):
+        ids = text_ids("dots3_note")
+        ids[1, 4] = token
+        with pytest.raises(InputError, match=f"{kind} token {token}"), torch.no_grad():
+            converted(ids)
 
 
 def test_emu3_image_as_its_tokens_equals_the_original_with_pixels(tmp_path):

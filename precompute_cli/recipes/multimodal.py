@@ -1,7 +1,7 @@
 """Multimodal checkpoints whose text decoder folds: gemma3 (Gemma 3 4B/12B/27B), mistral3 (Mistral Small 3.1),
 llama4 (Llama 4 Scout, Maverick), mllama (Llama 3.2 Vision), got_ocr2 (GOT-OCR 2.0), fuyu (Fuyu-8B), emu3
-(Emu3-Chat/Gen) and phi4_multimodal (Phi-4-multimodal). They convert to a text-only checkpoint, and only behind
-`--text-only`.
+(Emu3-Chat/Gen), phi4_multimodal (Phi-4-multimodal) and dots3_note (dots.llm3). They convert to a text-only
+checkpoint, and only behind `--text-only`.
 
 At an image position layer 0 reads a vision feature, not a token's embedding, so the table cannot serve it. Keeping
 layer 0's norm and Q/K/V for those positions would leave the checkpoint no smaller than before (the table added on
@@ -28,6 +28,9 @@ the rest of the keys over Phi4MultimodalConfig's defaults, without model.embed_t
 encoders); the runtime refuses the image and the audio token and both encoders' inputs. transformers' model has no
 LoRA: the Hub's vision and speech LoRA adapters are PEFT adapters beside the checkpoint, loaded on request, so the
 text path the table folds is the base model's (an adapter merged into the weights would be folded as it is).
+dots3_note: published with the text decoder's keys at the top level beside vision_config and audio_config (as
+Dots3NoteConfig reads it), saved by transformers with text_config; its decoder is dots3_note_text (recipes/dots3.py);
+the image, video and audio tokens are refused.
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ class Wrapper:
     # when any of them is there (with `flat_extra` added), else these defaults (the config class's sub-config spec)
     defaults: dict[str, Any] | None = None
     flat_extra: dict[str, Any] | None = None
-    # a config that is the text decoder's itself, with these sub-configs beside its keys (phi4_multimodal): the
-    # text config is the rest, over `defaults` (the config class's own defaults for what the text model class reads)
+    # a config that is the text decoder's itself (no text_config), with these sub-configs beside its keys
+    # (phi4_multimodal, dots3_note as published): the text config is the rest, over `defaults` (the config class's
+    # own defaults for what the text model class reads)
     sub_configs: tuple[str, ...] = ()
-    audio_token_keys: tuple[str, ...] = ()  # where the config keeps its audio placeholder token, if it has one
-    audio_token: int | None = None  # ... and the config class's default for it
+    # other placeholder tokens (audio, video): (kind, where the config keeps its id, the config class's default)
+    other_tokens: tuple[tuple[str, tuple[str, ...], int | None], ...] = ()
 
 
 # Fuyu's text decoder: FuyuConfig's sub-config spec (init_kwargs), and what its __post_init__ adds to flat keys
@@ -100,9 +104,17 @@ WRAPPERS: dict[str, Wrapper] = {
     "phi4_multimodal": Wrapper("phi3", "Phi3ForCausalLM", tied=False, image_token=200_010,
                                image_token_keys=("vision_config.image_token_id",), defaults=PHI4_TEXT,
                                sub_configs=("vision_config", "audio_config"),
-                               audio_token_keys=("audio_config.audio_token_id",), audio_token=200_011,
+                               other_tokens=(("audio", ("audio_config.audio_token_id",), 200_011),),
                                prefixes=(("model.embed_tokens_extend.", None), ("model.", "model."),
                                          ("lm_head.", "lm_head."))),
+    # published as a flat config (the text decoder's keys at the top level), saved by transformers with text_config
+    "dots3_note": Wrapper("dots3_note_text", "Dots3NoteForCausalLM", tied=False, image_token=151_660,
+                          sub_configs=("vision_config", "audio_config"),
+                          other_tokens=(("video", ("video_token_id",), 151_680),
+                                        ("audio", ("audio_token_id",), 151_720)),
+                          prefixes=(("model.vision_tower.", None), ("model.audio_tower.", None),
+                                    ("model.language_model.", "model."), ("model.", "model."),
+                                    ("lm_head.", "lm_head."))),
 }
 
 
@@ -120,10 +132,10 @@ class TextConfig(Config):
         return None if token is None else int(token)
 
     @property
-    def audio_token(self) -> int | None:
-        keys = self.wrapper.audio_token_keys
-        token = self.outer.get(*keys, default=self.wrapper.audio_token) if keys else None
-        return None if token is None else int(token)
+    def other_tokens(self) -> tuple[tuple[str, int], ...]:
+        """The other placeholder tokens (kind, id) the output must refuse too."""
+        found = ((kind, self.outer.get(*keys, default=default)) for kind, keys, default in self.wrapper.other_tokens)
+        return tuple((kind, int(token)) for kind, token in found if token is not None)
 
 
 def is_multimodal(cfg: Config) -> bool:
@@ -139,14 +151,15 @@ def text_config(cfg: Config, text_only: bool) -> TextConfig:
                          "features, which a table of tokens cannot hold; convert its text decoder alone with "
                          f"--text-only (the output is a text-only {wrapper.text_type} checkpoint that refuses images)")
     text = cfg.data.get("text_config")
-    if wrapper.sub_configs:
+    flat = text is None and bool(wrapper.sub_configs)
+    if flat:
         text = {**(wrapper.defaults or {}),
                 **{k: v for k, v in cfg.data.items() if k not in (*wrapper.sub_configs, "architectures")}}
     elif text is None and wrapper.defaults is not None:
         text = _flat_text(cfg, wrapper)
     if not isinstance(text, dict):
         raise InputError(f"{cfg.path}: {cfg.model_type} config has no text_config object")
-    own_type = None if wrapper.sub_configs else text.get("model_type")  # a flat config's model_type is the outer one
+    own_type = None if flat else text.get("model_type")  # a flat config's model_type is the outer one
     data = {**text, "model_type": own_type or wrapper.text_type,
             "architectures": [wrapper.architecture],
             "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", default=wrapper.tied))}

@@ -62,7 +62,7 @@ NOT_WRITTEN: dict[str, str] = {
         "normed input (r_proj) feeds relative-position logits: r_proj would be a column beside q, k, v"),
     "bitnet": _NOT_WRITTEN.format("ternary weights with per-token activation quantisation"),
     **{t: _NOT_WRITTEN.format("multimodal; the text decoder's layer 0 is attention") for t in (
-        "dots3_note", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
+        "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant", "gemma4_assistant")},
     "hy_v4": _TOKEN_ONLY_BUT.format(
         "hyper-connections (hc_pre) build the attention's input from several residual streams with weights computed "
         "from them, and the attention is multi-head latent attention with a sparse indexer and a gate (linear_gate)"),
