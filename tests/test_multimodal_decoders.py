@@ -25,6 +25,11 @@ CASES = {
     "moshi": (MOSHI, ("serial", "GQA", 64, 32)),
     "moshi-mha-tied": ({**MOSHI, "num_key_value_heads": None, "tie_word_embeddings": True},
                        ("serial", "MHA", 64, 64)),
+    # the text decoders of Llama 3.2 Vision and Emu3 as checkpoints of their own (MllamaForCausalLM, Emu3ForCausalLM)
+    "mllama_text_model": (dict(model_type="mllama_text_model", cross_attention_layers=[1], pad_token_id=0,
+                               bos_token_id=1, eos_token_id=2), ("serial", "GQA", 64, 32)),
+    "emu3_text_model": (dict(model_type="emu3_text_model", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                        ("serial", "GQA", 64, 32)),
     "minimax_m3_vl_text": ({**MINIMAX_M3, "mlp_layer_types": ["dense", "sparse"]}, ("serial", "GQA", 64, 32)),
     # a sparse layer 1 keeps its indexer, which reads layer 1's own input, not the table
     "minimax_m3_vl_text-sparse-layer-1": ({**MINIMAX_M3, "layer_types": ["full_attention", "minimax_m3_sparse"],

@@ -80,12 +80,13 @@ def one_model_per_family() -> dict[str, dict]:
     import test_llama_family
     import test_mixer_families
     import test_mla
+    import test_multimodal_decoders
     import test_parallel_families
     import test_serial_families
 
     cases = {}
     for module in (test_llama_family, test_serial_families, test_parallel_families, test_falcon_bloom_mpt,
-                   test_attention_zoo, test_mixer_families):
+                   test_attention_zoo, test_mixer_families, test_multimodal_decoders):
         for case in module.CASES.values():
             kwargs = case[0] if isinstance(case, tuple) else case
             if isinstance(kwargs, dict) and "model_type" in kwargs:
@@ -93,6 +94,7 @@ def one_model_per_family() -> dict[str, dict]:
     cases["gpt_oss"] = dict(model_type="gpt_oss", **test_gpt_oss.OSS)
     cases["deepseek_v3"] = {**test_mla.MLA, **test_mla.CASES["deepseek_v3"]}
     cases["jetmoe"] = dict(model_type="jetmoe", **test_jetmoe.SIZES)
+    cases["dots3_note_text"] = test_multimodal_decoders.DOTS3
     chosen: dict[str, dict] = {}
     for model_type in supported():
         family = REGISTRY[model_type].__module__
