@@ -50,14 +50,15 @@ class TextOnlyOrigin:
     source_model_type: str
     image_token_index: int | None
     dropped: tuple[str, ...]  # the vision model's tensors, not written
-    media_tokens: tuple[int, ...] = ()  # other placeholders refused with the image token (Gemma 4's video, audio)
+    # placeholder tokens for other inputs the model took (audio, video): (kind, id); written only when there are any
+    other_tokens: tuple[tuple[str, int], ...] = ()
     multimodal_ids_from: int | None = None  # ids from here up stand for images or audio (gemma3n); written if set
 
     def as_dict(self) -> dict[str, Any]:
+        other = {"other_tokens": dict(self.other_tokens)} if self.other_tokens else {}
         ids_from = {} if self.multimodal_ids_from is None else {"multimodal_ids_from": self.multimodal_ids_from}
         return {"source_model_type": self.source_model_type, "image_token_index": self.image_token_index,
-                **ids_from, "dropped": list(self.dropped),
-                **({"media_tokens": list(self.media_tokens)} if self.media_tokens else {})}
+                **other, **ids_from, "dropped": list(self.dropped)}
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class PrecomputeBlock:
             source=plan.source.ref, revision=plan.source.revision, choices=dict(plan.recipe.choices()),
             text_only=TextOnlyOrigin(plan.text_only.source_model_type, plan.text_only.image_token,
                                      tuple(r.name for r in plan.text_only.dropped),
-                                     plan.text_only.media_tokens, plan.text_only.multimodal_ids_from)
+                                     plan.text_only.other_tokens, plan.text_only.multimodal_ids_from)
                      if plan.text_only else None,
         )
 
@@ -161,17 +162,18 @@ class PrecomputeBlock:
             check(isinstance(choice, str), key, "a string", choice)
         text_only = data.get("text_only")
         if text_only is not None:
-            token, dropped, media, ids_from = (
+            token, dropped, other, ids_from = (
                 text_only.get(k) if isinstance(text_only, Mapping) else None
-                for k in ("image_token_index", "dropped", "media_tokens", "multimodal_ids_from"))
+                for k in ("image_token_index", "dropped", "other_tokens", "multimodal_ids_from"))
+            other = {} if other is None else other
             check(isinstance(text_only, Mapping) and _is_name(text_only.get("source_model_type"))
-                  and (token is None or (isinstance(token, int) and not isinstance(token, bool)))
+                  and (token is None or _is_id(token)) and isinstance(other, Mapping)
+                  and all(_is_name(k) and _is_id(v) for k, v in other.items())
                   and isinstance(dropped, list) and all(_is_name(n) for n in dropped)
-                  and (media is None or (isinstance(media, list) and all(_is_int(t) for t in media)))
-                  and (ids_from is None or (_is_int(ids_from) and ids_from >= 0)), "text_only",
-                  'an object {"source_model_type": ..., "image_token_index": an id or null, "dropped": [names], '
-                  '"media_tokens" (optional): [ids], "multimodal_ids_from" (optional): an id}', text_only)
-            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped), tuple(media or ()),
+                  and (ids_from is None or _is_id(ids_from)), "text_only",
+                  'an object {"source_model_type": ..., "image_token_index": an id or null, "dropped": [names]} '
+                  '(and "other_tokens": {kind: id}, "multimodal_ids_from": an id)', text_only)
+            text_only = TextOnlyOrigin(text_only["source_model_type"], token, tuple(dropped), tuple(other.items()),
                                        ids_from)
         return cls(block=kind, table=table, dtype=dtype, columns=columns, removed=tuple(removed),
                    source=source["id"], revision=revision, tool=tool["name"], version=tool["version"],
@@ -202,6 +204,10 @@ def _is_int(value: Any) -> bool:
 
 def _is_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:

@@ -103,7 +103,8 @@ def convert(
                                               "latents (latent, the default) or also fold q_b_proj and kv_b_proj "
                                               "(full: a table about 27x wider); `inspect` compares both."),
     text_only: bool = typer.Option(False, "--text-only", help="Convert a multimodal checkpoint (gemma3, mistral3, "
-                                   "llama4) to its text decoder alone; the output refuses image inputs."),
+                                   "llama4, mllama, got_ocr2, fuyu, emu3, phi4_multimodal, dots3_note) to its text "
+                                   "decoder alone; the output refuses image inputs."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
     _be_quiet(quiet)

@@ -16,7 +16,7 @@ from precompute_cli.block import KEY, is_converted
 from precompute_cli.errors import InputError
 from precompute_cli.quant import SCALE_SUFFIX, Quantization, dequantize_fp8
 from precompute_cli.recipes import Recipe, recipe_for
-from precompute_cli.recipes.multimodal import TextConfig, is_multimodal, text_config, text_name
+from precompute_cli.recipes.multimodal import TextConfig, Wrapper, is_multimodal, text_config, text_name
 from precompute_cli.source import Source
 from precompute_cli.spec import Config
 from precompute_cli.st_io import FLOATS, NAME_TO_ST, TensorInfo, TensorRef, encode_header, read_array, read_tensor
@@ -71,9 +71,9 @@ class TextOnly:
     model's names, the vision tower and projector not written."""
 
     source_model_type: str
-    image_token: int
+    image_token: int | None
     dropped: tuple[TensorRef, ...]
-    media_tokens: tuple[int, ...] = ()  # video and audio placeholders (Gemma 4), refused as the image token is
+    other_tokens: tuple[tuple[str, int], ...] = ()  # other placeholder tokens: (kind, id), audio or video
     multimodal_ids_from: int | None = None  # ids from here up stand for images or audio (gemma3n)
 
 
@@ -220,10 +220,10 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     tensors = source.tensors() if source.shards else {}
     text_only = None
     if isinstance(cfg, TextConfig):
-        tensors, dropped = _text_tensors(tensors)
-        headers, dropped_headers = _text_tensors(headers) if headers is not None else (None, {})
+        tensors, dropped = _text_tensors(tensors, cfg.wrapper)
+        headers, dropped_headers = _text_tensors(headers, cfg.wrapper) if headers is not None else (None, {})
         dropped_refs = tuple(TensorRef(n, t.dtype, t.shape) for n, t in {**dropped_headers, **dropped}.items())
-        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs, cfg.media_tokens,
+        text_only = TextOnly(cfg.outer.model_type, cfg.image_token, dropped_refs, cfg.other_tokens,
                              cfg.multimodal_ids_from)
     known: dict[str, TensorRef | TensorInfo] = {n: i for n, (_, i) in tensors.items()} or dict(headers or {})
     if (source.shards or headers is not None) and not known:  # else it would pass for a plan from the config alone
@@ -285,12 +285,12 @@ def make_plan(source: Source, recipe: Recipe, table_dtype: str | None = None,
     )
 
 
-def _text_tensors(tensors: dict) -> tuple[dict, dict]:
+def _text_tensors(tensors: dict, wrapper: Wrapper) -> tuple[dict, dict]:
     """A multimodal checkpoint's tensors as the text model names them (values renamed too: what the output
     writes), and the ones it has no name for (vision tower, projector), which are not written."""
     kept, dropped = {}, {}
     for name, entry in tensors.items():
-        new = text_name(name)
+        new = text_name(name, wrapper)
         info = entry[1] if isinstance(entry, tuple) else entry
         if new is None:
             dropped[name] = info

@@ -438,13 +438,13 @@ def _set_attributes(layer: nn.Module, attributes: dict[str, int]) -> None:
 
 
 IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "inputs_embeds",
-                "input_features")
+                "image_pixel_values", "audio_input_features", "input_features")  # phi4_multimodal's, audio's
 
 
 def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
     """A text decoder cut out of a multimodal checkpoint (convert --text-only) has no vision model: an image, or
     the image token that stands for one, would be computed as text and give a wrong answer; refuse both."""
-    source, token = text_only.source_model_type, text_only.image_token_index
+    source, token, other = text_only.source_model_type, text_only.image_token_index, text_only.other_tokens
     why = (f"this precomputed checkpoint is the text decoder of a {source} model alone (convert --text-only); "
            "it takes text only")
 
@@ -455,10 +455,9 @@ def refuse_image_inputs(model: nn.Module, text_only: TextOnlyOrigin) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if token is not None and isinstance(ids, torch.Tensor) and bool((ids == token).any()):
             raise InputError(f"{why}: input_ids hold the image token {token}, which stands for an image")
-        media = [t for t in text_only.media_tokens if isinstance(ids, torch.Tensor) and bool((ids == t).any())]
-        if media:
-            raise InputError(f"{why}: input_ids hold the media token {media[0]}, which stands for a video or audio "
-                             "clip")
+        for kind, placeholder in other:
+            if isinstance(ids, torch.Tensor) and bool((ids == placeholder).any()):
+                raise InputError(f"{why}: input_ids hold the {kind} token {placeholder}, which stands for {kind}")
         start = text_only.multimodal_ids_from
         if start is not None and isinstance(ids, torch.Tensor) and bool((ids >= start).any()):
             raise InputError(f"{why}: input_ids hold {int(ids[ids >= start][0])}, and from {start} up ids stand for "

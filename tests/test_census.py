@@ -59,7 +59,6 @@ def test_inspect_supported_prints_the_census(capsys):
     ("bert", "cannot be precomputed: it is a BERT-style encoder"),
     ("whisper", "cannot be precomputed: it is an encoder-decoder's decoder"),
     ("rwkv", "cannot be precomputed: it mixes the previous token"),
-    (next(iter(NOT_WRITTEN)), "is not supported yet: no recipe written and tested yet"),
 ])
 def test_convert_refuses_an_unfolded_type_with_its_reason(capsys, tmp_path, model_type, words):
     src = tmp_path / "src"
@@ -67,6 +66,18 @@ def test_convert_refuses_an_unfolded_type_with_its_reason(capsys, tmp_path, mode
     (src / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 64, "vocab_size": 10}))
     code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
     assert code == 2 and words in err and model_type in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_not_written_type_with_its_reason(capsys, tmp_path, monkeypatch):
+    """NOT_WRITTEN is empty with transformers 5.24 (every token-only type has a recipe); a type listed there later is
+    refused as not supported yet, with its reason."""
+    monkeypatch.setitem(NOT_WRITTEN, "future_lm", "its layer 0 needs a recipe nobody has written")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "future_lm", "hidden_size": 64, "vocab_size": 10}))
+    code, _, err = run_cli(capsys, "convert", src, tmp_path / "out")
+    assert code == 2 and "'future_lm' is not supported yet: its layer 0 needs a recipe nobody has written" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -251,10 +251,10 @@ def test_gemma4_text_only_refuses_images(tmp_path):
         image_prompt[:, 2] = IMAGE_TOKEN
         with pytest.raises(InputError, match=f"image token {IMAGE_TOKEN}"):
             converted(image_prompt)
-        for media in (VIDEO_TOKEN, AUDIO_TOKEN):  # the original reads them as its pad token when no media comes
-            prompt = ids.clone()
+        for kind, media in (("video", VIDEO_TOKEN), ("audio", AUDIO_TOKEN)):  # the original reads them as its pad
+            prompt = ids.clone()                                                 # token when no media comes
             prompt[:, 3] = media
-            with pytest.raises(InputError, match=f"media token {media}"):
+            with pytest.raises(InputError, match=f"{kind} token {media}"):
                 converted(prompt)
 
 
@@ -313,7 +313,7 @@ def test_gemma4_unified_text_only(tmp_path):
     assert convert(src, tmp_path / "out", "--text-only") == 0
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == "gemma4_unified_text" and cfg["precompute"]["text_only"]["dropped"]
-    assert cfg["precompute"]["text_only"]["media_tokens"] == [VIDEO_TOKEN, AUDIO_TOKEN]
+    assert cfg["precompute"]["text_only"]["other_tokens"] == {"video": VIDEO_TOKEN, "audio": AUDIO_TOKEN}
     assert_equivalent(src, tmp_path / "out", auto_class=AutoModelForImageTextToText, ids=text_ids())
 
 

@@ -82,13 +82,14 @@ def one_model_per_family() -> dict[str, dict]:
     import test_llama_family
     import test_mixer_families
     import test_mla
+    import test_multimodal_decoders
     import test_odd_attention
     import test_parallel_families
     import test_serial_families
 
     cases = {}
     for module in (test_llama_family, test_serial_families, test_parallel_families, test_falcon_bloom_mpt,
-                   test_attention_zoo, test_mixer_families, test_odd_attention):
+                   test_attention_zoo, test_mixer_families, test_odd_attention, test_multimodal_decoders):
         for case in module.CASES.values():
             kwargs = case[0] if isinstance(case, tuple) else case
             if isinstance(kwargs, dict) and "model_type" in kwargs:
@@ -98,6 +99,7 @@ def one_model_per_family() -> dict[str, dict]:
     cases["jetmoe"] = dict(model_type="jetmoe", **test_jetmoe.SIZES)
     cases["gemma4_text"] = dict(test_gemma4.TEXT)  # with per-layer inputs: fold_tokens reads their rows
     cases["gemma3n_text"] = dict(model_type="gemma3n_text", **test_gemma3n.TEXT)  # AltUp, LAuReL, per-layer inputs
+    cases["dots3_note_text"] = test_multimodal_decoders.DOTS3
     chosen: dict[str, dict] = {}
     for model_type in supported():
         family = REGISTRY[model_type].__module__

@@ -45,7 +45,9 @@ def lm_class(model_type: str, architectures: list[str] | None = None) -> type:
         return AutoModelForCausalLM
     if architectures:
         return getattr(transformers, architectures[0])
-    return getattr(transformers, config_class.__name__.replace("Config", "ForCausalLM"))
+    name = config_class.__name__  # a text decoder's own config (MllamaTextConfig): its model's causal LM
+    return getattr(transformers, name.replace("Config", "ForCausalLM"), None) or getattr(
+        transformers, name.replace("TextConfig", "ForCausalLM"))
 
 
 def convert(src: Path, out: Path, *args: str) -> int:
