@@ -92,6 +92,7 @@ def one_model_per_family() -> dict[str, dict]:
                 cases.setdefault(kwargs["model_type"], kwargs)
     cases["gpt_oss"] = dict(model_type="gpt_oss", **test_gpt_oss.OSS)
     cases["deepseek_v3"] = {**test_mla.MLA, **test_mla.CASES["deepseek_v3"]}
+    cases["deepseek_v4"] = test_mla.CASES["deepseek_v4-compressed_sparse_attention"]
     cases["jetmoe"] = dict(model_type="jetmoe", **test_jetmoe.SIZES)
     chosen: dict[str, dict] = {}
     for model_type in supported():
