@@ -96,6 +96,7 @@ def one_model_per_family() -> dict[str, dict]:
                 cases.setdefault(kwargs["model_type"], kwargs)
     cases["gpt_oss"] = dict(model_type="gpt_oss", **test_gpt_oss.OSS)
     cases["deepseek_v3"] = {**test_mla.MLA, **test_mla.CASES["deepseek_v3"]}
+    cases["deepseek_v4"] = test_mla.CASES["deepseek_v4-compressed_sparse_attention"]
     cases["jetmoe"] = dict(model_type="jetmoe", **test_jetmoe.SIZES)
     cases["gemma4_text"] = dict(test_gemma4.TEXT)  # with per-layer inputs: fold_tokens reads their rows
     cases["gemma3n_text"] = dict(model_type="gemma3n_text", **test_gemma3n.TEXT)  # AltUp, LAuReL, per-layer inputs
