@@ -28,7 +28,7 @@ import numpy as np
 
 from precompute_cli.block import MLA_TABLE
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register, spans
+from precompute_cli.recipes.base import PaperCounts, RuntimePatch, Shape, Weights, register, spans
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
 from precompute_cli.recipes.mla import DEFAULT_TABLE, TABLES, HyperPre, check_table
 from precompute_cli.spec import Config
@@ -185,6 +185,13 @@ class DeepseekV4(Declared):
                 projections["index_q"] = i + "q_b_proj"
         return RuntimePatch(layer="model.layers.0", projections=projections, identities=tuple(identities),
                             contiguous=True)
+
+    def paper_counts(self) -> PaperCounts:
+        """The chosen table's widths and eliminated matrices (the q latent, the K=V head and the compressor's
+        projections, not q_dim + 2 kv_dim)."""
+        chosen = self.table_options()[self.table]
+        return PaperCounts("attention", chosen["eliminated_linear_params"] + self.parallel_ffn_weights(),
+                           chosen["new_columns"])
 
     # -- the two choices side by side (inspect) ------------------------------------------------------------------
     def table_options(self) -> dict[str, dict[str, int]]:
