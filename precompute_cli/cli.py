@@ -29,7 +29,7 @@ from precompute_cli.modelcard import CARD_NAME
 from precompute_cli.plan import load_recipe, make_plan, parse_size
 from precompute_cli.progress import STEPS, Progress
 from precompute_cli.recipes import supported
-from precompute_cli.recipes.multimodal import TextConfig
+from precompute_cli.recipes.multimodal import WRAPPERS, TextConfig
 from precompute_cli.report import analysis, refused, render_analysis, render_conversion, render_converted
 from precompute_cli.source import INDEX_NAME, peek, resolve
 from precompute_cli.spec import Config
@@ -102,9 +102,9 @@ def convert(
                                          help="MLA models (DeepSeek, Kimi-K2, GLM-lite, Mistral 4): store the normed "
                                               "latents (latent, the default) or also fold q_b_proj and kv_b_proj "
                                               "(full: a table about 27x wider); `inspect` compares both."),
-    text_only: bool = typer.Option(False, "--text-only", help="Convert a multimodal checkpoint (gemma3, mistral3, "
-                                   "llama4, mllama, got_ocr2, fuyu, emu3, phi4_multimodal, dots3_note) to its text "
-                                   "decoder alone; the output refuses image inputs."),
+    text_only: bool = typer.Option(False, "--text-only", help=f"Convert a multimodal checkpoint "
+                                   f"({', '.join(WRAPPERS)}) to its text decoder alone; the output refuses image "
+                                   "(and audio, video) inputs."),
 ) -> None:
     """Fold layer 0 into a table and write the converted checkpoint to OUT."""
     _be_quiet(quiet)
