@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from tiny import assert_equivalent, build, convert, probe_ids, run_cli
+from tiny import assert_equivalent, build, convert, probe_ids, run_cli, save_perturbed
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.models.gemma3n import modeling_gemma3n
@@ -148,10 +148,7 @@ def build_multimodal(path, dtype: torch.dtype = torch.float32):
     config = AutoConfig.for_model("gemma3n", **MULTIMODAL)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.to(dtype).save_pretrained(path)
+    save_perturbed(model, path, dtype)
     return path
 
 

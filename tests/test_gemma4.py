@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import assert_equivalent, build, convert, inspect_json, probe_ids, run_cli
+from tiny import assert_equivalent, build, convert, inspect_json, probe_ids, run_cli, save_perturbed
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from precompute_cli import load_model
@@ -199,10 +199,7 @@ def build_gemma4(path, dtype: torch.dtype = torch.float32, **text):
         boi_token_id=200, eoi_token_id=201, boa_token_id=204, eoa_token_index=205)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.to(dtype).save_pretrained(path)
+    save_perturbed(model, path, dtype)
     return path
 
 
@@ -305,11 +302,7 @@ def test_gemma4_unified_text_only(tmp_path):
         eoi_token_id=201, boa_token_id=204, eoa_token_index=205)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    src = tmp_path / "src"
-    model.save_pretrained(src)
+    src = save_perturbed(model, tmp_path / "src")
     assert convert(src, tmp_path / "out", "--text-only") == 0
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == "gemma4_unified_text" and cfg["precompute"]["text_only"]["dropped"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny import assert_equivalent, build, convert, run_cli
+from tiny import assert_equivalent, build, convert, run_cli, save_perturbed
 from tiny import tensors as _tensors
 
 MAMBA2 = dict(num_heads=8, head_dim=16, n_groups=2, state_size=16, chunk_size=4)
@@ -225,11 +225,7 @@ def test_multimodal_qwen3_5_text_decoder(tmp_path, model_type):
         depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64))
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    src = tmp_path / "src"
-    model.save_pretrained(src)
+    src = save_perturbed(model, tmp_path / "src")
     kept = {k: v for k, v in _tensors(src / "model.safetensors").items() if not k.startswith("model.visual.")}
     save_file(kept, src / "model.safetensors", metadata={"format": "pt"})
     assert convert(src, tmp_path / "out") == 0

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from tiny import assert_equivalent, convert, probe_ids, run_cli
+from tiny import assert_equivalent, convert, probe_ids, run_cli, save_perturbed
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from precompute_cli import load_model
@@ -41,10 +41,7 @@ def build_multimodal(path, model_type: str, dtype: torch.dtype = torch.float32, 
     config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.to(dtype).save_pretrained(path)
+    save_perturbed(model, path, dtype)
     return path
 
 

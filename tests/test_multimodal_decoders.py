@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from tiny import assert_case, assert_equivalent, build, convert, probe_ids, run_cli
+from tiny import assert_case, assert_equivalent, build, convert, probe_ids, run_cli, save_perturbed
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from precompute_cli import load_model
@@ -172,10 +172,7 @@ def build_wrapped(path, model_type: str, **overrides):
     config = AutoConfig.for_model(model_type, **{**WRAPPED[model_type], **overrides})
     torch.manual_seed(0)
     model = AUTO.get(model_type, AutoModelForImageTextToText).from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
+    save_perturbed(model, path)
     return path
 
 

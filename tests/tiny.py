@@ -25,10 +25,16 @@ def build(path: Path, model_type: str, dtype: torch.dtype = torch.float32, seed:
     torch.manual_seed(seed)
     cls = lm_class(model_type)
     model = cls.from_config(config) if cls is AutoModelForCausalLM else cls(config)
+    return save_perturbed(model, path, dtype)
+
+
+def save_perturbed(model, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """Perturb every weight of `model` (norms and biases too: a fold that misreads one then shows) and save it as
+    transformers saves it, in `dtype` if given."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model.to(dtype).save_pretrained(path)
+    (model if dtype is None else model.to(dtype)).save_pretrained(path)
     return path
 
 
