@@ -306,15 +306,16 @@ def oracle_covers(recipe: Recipe) -> bool:
     """Whether oracle_rows reads every column of this recipe's table off transformers' modules: the residual, and
     the outputs of the projections the runtime stands in for (RuntimePatch.projections and .masked: q/k/v or a
     fused qkv, an attention gate, MLA's latents, a mixer's in_proj), after the pass-through modules that read them.
-    A routed attention (jetmoe: experts and gates a router picks) it cannot: its table is checked against the
-    recipe's own float64 fold (fold_rows), which catches a damaged table but not a recipe bug; there the model
-    runs (and the equivalence tests) are the independent check."""
+    A routed attention (jetmoe: experts and gates a router picks), the per-layer inputs (gemma3n, gemma4) and a
+    column reached by tensor arithmetic between modules (Recipe.modules_give_columns) it cannot: those tables are
+    checked against the recipe's own float64 fold (fold_rows), which catches a damaged table but not a recipe bug;
+    there the model runs (and the equivalence tests) are the independent check."""
     patch = recipe.runtime_patch()
     read = set(patch.projections) | {c for m in patch.masked for c in m.columns}
     if "qkv" in read:
         read |= {"q", "k", "v"}
     needed = {name for name, span in recipe.columns().items() if span and name != "residual"}
-    return patch.routed is None and bool(needed) and needed <= read
+    return patch.routed is None and recipe.modules_give_columns() and bool(needed) and needed <= read
 
 
 def fold_rows(plan: Plan, rows: list[int]) -> dict[str, np.ndarray]:

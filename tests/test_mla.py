@@ -97,7 +97,8 @@ def test_kimi_k2_model_type(tmp_path, table):
 
 
 @pytest.mark.parametrize("case, table", [("deepseek_v32", "full"), ("mistral4", "latent"), ("axk2", "full"),
-                                         ("longcat_flash", "latent"), ("minicpm3-untied", "full"),
+                                         ("longcat_flash", "latent"), ("longcat_flash", "full"),
+                                         ("minicpm3-untied", "full"),
                                          ("hy_v4-eps", "latent"), ("deepseek_v4-compressed_sparse_attention", "full")])
 def test_convert_verify_reads_the_choice(tmp_path, capsys, case, table):
     """verify recomputes rows with the table the conversion chose (from the block), and loads mistral4, which

@@ -38,6 +38,9 @@ def test_oracle_agrees_with_the_fold(tmp_path, case):
     model = _original(src, overrides["model_type"])
     for table in ("latent", "full") if case.startswith("mla/") else (None,):
         recipe = load_recipe(resolve(str(src)), mla_table=table)
+        if not recipe.modules_give_columns():  # LongCat-Flash's full table: its rows are checked against the fold
+            assert case == "mla/longcat_flash" and table == "full" and not oracle_covers(recipe)
+            continue
         assert oracle_covers(recipe)
         plan = make_plan(resolve(str(src)), recipe)
         rows = list(range(0, recipe.spec.vocab_size, 7))

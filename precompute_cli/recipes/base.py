@@ -210,6 +210,13 @@ class Recipe:
         qkv = s.q_dim + s.kv_dim + s.v_dim
         return PaperCounts("attention", s.hidden_size * qkv + self.parallel_ffn_weights(), qkv)
 
+    def modules_give_columns(self) -> bool:
+        """Whether every table column is the output of a module of transformers' layer 0 (or of the pass-through
+        modules after it), which verify's oracle hooks. False where the model reaches a column through plain tensor
+        arithmetic between modules (LongCat-Flash's scaled latents before kv_b_proj): its rows are then checked
+        against the recipe's own fold."""
+        return True
+
     def routers(self) -> Routers:
         """Where the MoE routers are (verify): transformers' *Router classes, less layer 0's when its FFN folds
         (a parallel block's router is inside the table, and the converted model never runs it)."""

@@ -129,6 +129,9 @@ class Latents:
     hyper: HyperPre | None = None
     gate: str | None = None  # hy_v4: an output gate projection of h under the attention, heads * v_head_dim wide
     index_eps: Key | float = LATENT_EPS  # the indexer's k_norm (hy_v4: rms_norm_eps)
+    # LongCat-Flash: the normed latents are multiplied by sqrt(hidden / rank) (tensor arithmetic, no module) before
+    # q_b_proj and kv_b_proj read them
+    lora_scaled: bool = False
     # modules under the attention that transformers renames on loading: (on disk, in memory)
     memory: tuple[tuple[str, str], ...] = ()
 
@@ -277,7 +280,7 @@ class Mla(Declared):
         "glm_moe_dsa": Latents(2048, nope=Key("qk_nope_head_dim", default=192),
                                v_head_dim=Key("v_head_dim", default=256), indexer=_layer0_indexes,
                                index_heads=Key("index_n_heads", default=32), plain_q=False),
-        "longcat_flash": Latents(1536, attention="self_attn.0.", plain_q=False),
+        "longcat_flash": Latents(1536, attention="self_attn.0.", plain_q=False, lora_scaled=True),
         "axk2": Latents(384, kv_lora_rank=Key("kv_lora_rank", default=128), rope=Key("qk_rope_head_dim", default=32),
                         nope=Key("qk_nope_head_dim", default=64), v_head_dim=Key("v_head_dim", default=64),
                         indexer=True, index_heads=Key("index_n_heads", default=16), plain_q=False, q_gate=True,
@@ -488,6 +491,10 @@ class Mla(Declared):
         chosen = self.table_options()[self.table]
         return PaperCounts("attention", chosen["eliminated_linear_params"] + self.parallel_ffn_weights(),
                            chosen["new_columns"])
+
+    def modules_give_columns(self) -> bool:
+        """The full table's b-projections read LongCat's scaled latents, which no module outputs."""
+        return not (self.mla.lora_scaled and self.table == "full")
 
     def _kept_linear(self, table: str) -> int:
         d = self.dims
