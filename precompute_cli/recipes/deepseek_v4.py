@@ -28,9 +28,9 @@ import numpy as np
 
 from precompute_cli.block import MLA_TABLE
 from precompute_cli.recipes import ops
-from precompute_cli.recipes.base import PaperCounts, RuntimePatch, Shape, Weights, register, spans
+from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
-from precompute_cli.recipes.mla import DEFAULT_TABLE, TABLES, HyperPre, check_table
+from precompute_cli.recipes.mla import DEFAULT_TABLE, TABLES, ChosenTable, HyperPre, check_table
 from precompute_cli.spec import Config
 
 EPS = Key("rms_norm_eps", default=1e-6)
@@ -77,7 +77,7 @@ class V4Dims:
 
 
 @register
-class DeepseekV4(Declared):
+class DeepseekV4(ChosenTable, Declared):
     """DeepSeek-V4's layer 0: its own fold, columns and runtime patch; the table choice is MLA's."""
 
     layouts: ClassVar[dict[str, Layout]] = {"deepseek_v4": Layout(
@@ -164,11 +164,6 @@ class DeepseekV4(Declared):
                 out["index_q"] = ops.linear(qr, w(p + "indexer.wq_b.weight"))
         return out
 
-    def columns(self) -> dict[str, tuple[int, int] | None]:
-        """residual | q | kv (| compress_kv | compress_gate | index_kv | index_gate | index_w | index_q)."""
-        widths = {"residual": self.spec.hidden_size if self.stores_residual else 0, **self.dims.widths(self.table)}
-        return spans(list(widths.items()))
-
     def runtime_patch(self) -> RuntimePatch:
         d, full = self.dims, self.table == "full"
         a = "self_attn."
@@ -185,13 +180,6 @@ class DeepseekV4(Declared):
                 projections["index_q"] = i + "q_b_proj"
         return RuntimePatch(layer="model.layers.0", projections=projections, identities=tuple(identities),
                             contiguous=True)
-
-    def paper_counts(self) -> PaperCounts:
-        """The chosen table's widths and eliminated matrices (the q latent, the K=V head and the compressor's
-        projections, not q_dim + 2 kv_dim)."""
-        chosen = self.table_options()[self.table]
-        return PaperCounts("attention", chosen["eliminated_linear_params"] + self.parallel_ffn_weights(),
-                           chosen["new_columns"])
 
     # -- the two choices side by side (inspect) ------------------------------------------------------------------
     def table_options(self) -> dict[str, dict[str, int]]:

@@ -237,8 +237,25 @@ def _layer0_indexes(cfg: Config) -> bool:
     return max(1 - cfg.int("index_skip_topk_offset", default=2), 0) % freq == 0
 
 
+class ChosenTable:
+    """What a recipe with two tables to choose from (`--mla-table`: Mla, DeepseekV4) derives from the chosen one:
+    the table's columns and the paper's counts. The recipe gives `table`, `dims.widths(table)` (its column groups in
+    order) and `table_options()` (each table's widths and eliminated matrices, as inspect prints them)."""
+
+    def columns(self) -> dict[str, tuple[int, int] | None]:
+        """residual | the chosen table's column groups (q | kv | ...), in that order."""
+        widths = {"residual": self.spec.hidden_size if self.stores_residual else 0, **self.dims.widths(self.table)}
+        return spans(list(widths.items()))
+
+    def paper_counts(self) -> PaperCounts:
+        """The chosen table's widths and eliminated matrices (latents are not q_dim + 2 kv_dim wide)."""
+        chosen = self.table_options()[self.table]
+        return PaperCounts("attention", chosen["eliminated_linear_params"] + self.parallel_ffn_weights(),
+                           chosen["new_columns"])
+
+
 @register
-class Mla(Declared):
+class Mla(ChosenTable, Declared):
     """The MLA kind of layer 0: its own fold, columns and runtime patch; each type is a Layout and its Latents."""
 
     layouts = {
@@ -423,11 +440,6 @@ class Mla(Declared):
                 out["index_q"] = ops.linear(ql, w(p + "indexer.wq_b.weight"))
         return out
 
-    def columns(self) -> dict[str, tuple[int, int] | None]:
-        """residual | q | kv (| output_gate | index_k | index_w | index_q), in that order."""
-        widths = {"residual": self.spec.hidden_size if self.stores_residual else 0, **self.dims.widths(self.table)}
-        return spans(list(widths.items()))
-
     def runtime_patch(self) -> RuntimePatch:
         d, lat, full = self.dims, self.mla, self.table == "full"
 
@@ -485,12 +497,6 @@ class Mla(Declared):
                 "reads_per_token": d.hidden + new,  # x and the new columns, as the analysis counts them
             }
         return out
-
-    def paper_counts(self) -> PaperCounts:
-        """The chosen table's widths and eliminated matrices (the latents are not q_dim + 2 kv_dim wide)."""
-        chosen = self.table_options()[self.table]
-        return PaperCounts("attention", chosen["eliminated_linear_params"] + self.parallel_ffn_weights(),
-                           chosen["new_columns"])
 
     def modules_give_columns(self) -> bool:
         """The full table's b-projections read LongCat's scaled latents, which no module outputs."""
