@@ -26,11 +26,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from precompute_cli.block import MLA_TABLE
 from precompute_cli.recipes import ops
 from precompute_cli.recipes.base import RuntimePatch, Shape, Weights, register
 from precompute_cli.recipes.declare import Declared, Key, Layout, Sizes, rms
-from precompute_cli.recipes.mla import DEFAULT_TABLE, TABLES, ChosenTable, HyperPre, check_table
+from precompute_cli.recipes.mla import TABLES, ChosenTable, HyperPre
 from precompute_cli.spec import Config
 
 EPS = Key("rms_norm_eps", default=1e-6)
@@ -86,15 +85,6 @@ class DeepseekV4(ChosenTable, Declared):
                     intermediate_size=Key("moe_intermediate_size", default=2048)),
         input_norm=rms("attn_norm", eps=EPS),
     )}
-    table: str = DEFAULT_TABLE
-
-    def choices(self) -> dict[str, str]:
-        return {MLA_TABLE: self.table}
-
-    def choose(self, mla_table: str | None = None, **_: str | None) -> None:
-        if mla_table is not None:
-            self.table = check_table(mla_table)
-
     @property
     def dims(self) -> V4Dims:
         c = self.cfg

@@ -242,6 +242,15 @@ class ChosenTable:
     the table's columns and the paper's counts. The recipe gives `table`, `dims.widths(table)` (its column groups in
     order) and `table_options()` (each table's widths and eliminated matrices, as inspect prints them)."""
 
+    table: str = DEFAULT_TABLE  # "latent" | "full": chosen by convert's --mla-table, read back from the block
+
+    def choices(self) -> dict[str, str]:
+        return {MLA_TABLE: self.table}
+
+    def choose(self, mla_table: str | None = None, **_: str | None) -> None:
+        if mla_table is not None:
+            self.table = check_table(mla_table)
+
     def columns(self) -> dict[str, tuple[int, int] | None]:
         """residual | the chosen table's column groups (q | kv | ...), in that order."""
         widths = {"residual": self.spec.hidden_size if self.stores_residual else 0, **self.dims.widths(self.table)}
@@ -307,15 +316,6 @@ class Mla(ChosenTable, Declared):
                          hyper=HyperPre(), gate="linear_gate", index_eps=Key("rms_norm_eps", default=1e-5),
                          memory=(("linear_gate", "gate_proj"),)),
     }
-    table: str = DEFAULT_TABLE  # "latent" | "full": chosen by convert's --mla-table, read back from the block
-
-    def choices(self) -> dict[str, str]:
-        return {MLA_TABLE: self.table}
-
-    def choose(self, mla_table: str | None = None, **_: str | None) -> None:
-        if mla_table is not None:
-            self.table = check_table(mla_table)
-
     @property
     def mla(self) -> Latents:
         return self.latents[self.cfg.model_type]
